@@ -1,0 +1,552 @@
+//! The relay's TOML configuration: schema, presets and validation. Pure: the
+//! caller reads the file; errors carry line and column.
+
+use core::fmt;
+use core::net::{IpAddr, SocketAddr};
+use std::collections::HashSet;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::prefix::IpPrefix;
+use crate::route::RouteSpec;
+use crate::wire::MacAddr;
+
+/// A validated configuration with presets applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub runtime: Runtime,
+    pub pool: Pool,
+    pub interfaces: Vec<Interface>,
+    pub nat: Nat,
+    pub security: Security,
+    pub routes: Vec<RouteSpec>,
+    pub neighbors: Vec<StaticNeighbor>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Preset {
+    /// Busy polling, hugepages, no checksum verification: lowest latency, one core per queue spinning.
+    MaxThroughput,
+    /// Event-driven wakeups, checksum verification, smaller session caps.
+    Secure,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    Auto,
+    AfXdp,
+    Socket,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitMode {
+    /// Spin on the rings: lowest latency, a full core per worker.
+    BusyPoll,
+    /// Sleep in poll(2) on the socket fds until traffic arrives.
+    Event,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum XdpMode {
+    /// Native (driver) mode, falling back to generic when the driver cannot.
+    Auto,
+    Native,
+    Generic,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InterfaceRole {
+    /// Clients and upstreams both behind this interface (one-arm).
+    Both,
+    Client,
+    Upstream,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Runtime {
+    pub mode: Mode,
+    pub wait: WaitMode,
+    /// Cores to pin workers to, in queue order; empty means no pinning.
+    pub cores: Vec<usize>,
+    pub batch_size: usize,
+    pub stats_interval_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pool {
+    pub frames_per_worker: u32,
+    pub frame_size: u32,
+    pub hugepages: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Interface {
+    pub name: String,
+    pub queues: u32,
+    pub xdp_mode: XdpMode,
+    pub role: InterfaceRole,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Nat {
+    pub ports: (u16, u16),
+    pub idle_timeout_secs: u64,
+    pub max_sessions: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Security {
+    pub verify_checksums: bool,
+}
+
+/// A next-hop MAC the operator pins instead of asking the kernel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StaticNeighbor {
+    pub ip: IpAddr,
+    pub mac: MacAddr,
+}
+
+/// A configuration error with its position in the source, when it has one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.column) {
+            (Some(line), Some(column)) => write!(f, "line {line}, column {column}: {}", self.message),
+            _ => f.write_str(&self.message),
+        }
+    }
+}
+
+impl Config {
+    /// Parses and validates a configuration file's text.
+    pub fn from_toml(source: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(source).map_err(|e| {
+            let (line, column) = e.span().map(|s| line_column(source, s.start)).unzip();
+            ConfigError { line, column, message: e.message().to_owned() }
+        })?;
+        raw.resolve(source)
+    }
+
+    /// A one-route configuration for `oxidize-relay run --interface .. --listen .. --upstream ..`.
+    pub fn quick(interface: &str, listen: SocketAddr, upstreams: &[SocketAddr]) -> Result<Config, ConfigError> {
+        let upstreams = upstreams.iter().map(|u| format!("\"{u}\"")).collect::<Vec<_>>().join(", ");
+        Config::from_toml(&format!(
+            "[[interface]]\nname = \"{}\"\n\n[[route]]\nlisten = \"{listen}\"\nupstreams = [{upstreams}]\n",
+            interface.escape_default()
+        ))
+    }
+
+    /// Number of NAT ports shared out among the workers.
+    pub fn nat_port_count(&self) -> usize {
+        usize::from(self.nat.ports.1 - self.nat.ports.0) + 1
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    preset: Option<Preset>,
+    #[serde(default)]
+    runtime: RawRuntime,
+    #[serde(default)]
+    pool: RawPool,
+    #[serde(default)]
+    interface: Vec<RawInterface>,
+    #[serde(default)]
+    nat: RawNat,
+    #[serde(default)]
+    security: RawSecurity,
+    #[serde(default)]
+    route: Vec<RawRoute>,
+    #[serde(default)]
+    neighbor: Vec<RawNeighbor>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    mode: Option<Mode>,
+    wait: Option<WaitMode>,
+    #[serde(default)]
+    cores: Vec<usize>,
+    batch_size: Option<Spanned<usize>>,
+    stats_interval_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    frames_per_worker: Option<Spanned<u32>>,
+    frame_size: Option<Spanned<u32>>,
+    hugepages: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInterface {
+    name: Spanned<String>,
+    queues: Option<Spanned<u32>>,
+    xdp_mode: Option<XdpMode>,
+    role: Option<InterfaceRole>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNat {
+    ports: Option<Spanned<String>>,
+    idle_timeout_secs: Option<Spanned<u64>>,
+    max_sessions: Option<Spanned<usize>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecurity {
+    verify_checksums: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    listen: Spanned<SocketAddr>,
+    upstreams: Spanned<Vec<SocketAddr>>,
+    #[serde(default)]
+    allowed_clients: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNeighbor {
+    ip: IpAddr,
+    mac: Spanned<String>,
+}
+
+/// Defaults a preset sets; explicit keys override them.
+struct PresetDefaults {
+    wait: WaitMode,
+    hugepages: bool,
+    verify_checksums: bool,
+    max_sessions: usize,
+    idle_timeout_secs: u64,
+}
+
+fn preset_defaults(preset: Option<Preset>) -> PresetDefaults {
+    match preset {
+        Some(Preset::MaxThroughput) => PresetDefaults {
+            wait: WaitMode::BusyPoll,
+            hugepages: true,
+            verify_checksums: false,
+            max_sessions: 65_536,
+            idle_timeout_secs: 120,
+        },
+        Some(Preset::Secure) => PresetDefaults {
+            wait: WaitMode::Event,
+            hugepages: true,
+            verify_checksums: true,
+            max_sessions: 16_384,
+            idle_timeout_secs: 60,
+        },
+        None => PresetDefaults {
+            wait: WaitMode::Event,
+            hugepages: true,
+            verify_checksums: false,
+            max_sessions: 65_536,
+            idle_timeout_secs: 120,
+        },
+    }
+}
+
+const DEFAULT_NAT_PORTS: (u16, u16) = (20000, 29999);
+
+impl RawConfig {
+    fn resolve(self, source: &str) -> Result<Config, ConfigError> {
+        let defaults = preset_defaults(self.preset);
+        let at = |span: core::ops::Range<usize>, message: String| {
+            let (line, column) = line_column(source, span.start);
+            ConfigError { line: Some(line), column: Some(column), message }
+        };
+
+        let batch_size = match self.runtime.batch_size {
+            Some(b) if !(1..=256).contains(b.get_ref()) => {
+                return Err(at(b.span(), format!("batch_size must be between 1 and 256, not {}", b.get_ref())));
+            }
+            Some(b) => b.into_inner(),
+            None => 64,
+        };
+        let runtime = Runtime {
+            mode: self.runtime.mode.unwrap_or(Mode::AfXdp),
+            wait: self.runtime.wait.unwrap_or(defaults.wait),
+            cores: self.runtime.cores,
+            batch_size,
+            stats_interval_secs: self.runtime.stats_interval_secs.unwrap_or(10),
+        };
+
+        let frame_size = match self.pool.frame_size {
+            Some(s) if ![2048, 4096].contains(s.get_ref()) => {
+                return Err(at(s.span(), format!("frame_size must be 2048 or 4096, not {}", s.get_ref())));
+            }
+            Some(s) => s.into_inner(),
+            None => 2048,
+        };
+        let frames_per_worker = match self.pool.frames_per_worker {
+            Some(f) if !f.get_ref().is_power_of_two() || *f.get_ref() < 256 => {
+                return Err(at(f.span(), format!("frames_per_worker must be a power of two of at least 256, not {}", f.get_ref())));
+            }
+            Some(f) => f.into_inner(),
+            None => 4096,
+        };
+        let pool = Pool { frames_per_worker, frame_size, hugepages: self.pool.hugepages.unwrap_or(defaults.hugepages) };
+
+        if self.interface.is_empty() {
+            return Err(ConfigError { line: None, column: None, message: "no [[interface]] is configured".into() });
+        }
+        let mut seen = HashSet::new();
+        let mut interfaces = Vec::new();
+        for raw in self.interface {
+            let name = raw.name.get_ref();
+            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+                return Err(at(raw.name.span(), format!("`{name}` is not a valid interface name")));
+            }
+            if !seen.insert(name.clone()) {
+                return Err(at(raw.name.span(), format!("interface `{name}` is listed twice")));
+            }
+            let queues = match raw.queues {
+                Some(q) if *q.get_ref() == 0 || *q.get_ref() > 256 => {
+                    return Err(at(q.span(), format!("queues must be between 1 and 256, not {}", q.get_ref())));
+                }
+                Some(q) => q.into_inner(),
+                None => 1,
+            };
+            interfaces.push(Interface {
+                name: raw.name.into_inner(),
+                queues,
+                xdp_mode: raw.xdp_mode.unwrap_or(XdpMode::Auto),
+                role: raw.role.unwrap_or(InterfaceRole::Both),
+            });
+        }
+        let queue_counts: HashSet<u32> = interfaces.iter().map(|i| i.queues).collect();
+        if queue_counts.len() > 1 {
+            return Err(ConfigError {
+                line: None,
+                column: None,
+                message: "every interface must use the same number of queues (one worker serves queue N of each)".into(),
+            });
+        }
+        let has = |role: InterfaceRole| interfaces.iter().any(|i| i.role == role || i.role == InterfaceRole::Both);
+        if !has(InterfaceRole::Client) || !has(InterfaceRole::Upstream) {
+            return Err(ConfigError {
+                line: None,
+                column: None,
+                message: "interfaces need a client side and an upstream side (role = \"both\" is one-arm)".into(),
+            });
+        }
+
+        let ports = match &self.nat.ports {
+            Some(spec) => parse_port_range(spec.get_ref()).map_err(|m| at(spec.span(), m))?,
+            None => DEFAULT_NAT_PORTS,
+        };
+        let nat = Nat {
+            ports,
+            idle_timeout_secs: match self.nat.idle_timeout_secs {
+                Some(t) if *t.get_ref() == 0 => return Err(at(t.span(), "idle_timeout_secs must be at least 1".into())),
+                Some(t) => t.into_inner(),
+                None => defaults.idle_timeout_secs,
+            },
+            max_sessions: match self.nat.max_sessions {
+                Some(m) if *m.get_ref() == 0 => return Err(at(m.span(), "max_sessions must be at least 1".into())),
+                Some(m) => m.into_inner(),
+                None => defaults.max_sessions,
+            },
+        };
+
+        if self.route.is_empty() {
+            return Err(ConfigError { line: None, column: None, message: "no [[route]] is configured".into() });
+        }
+        let mut routes: Vec<RouteSpec> = Vec::new();
+        for raw in self.route {
+            let listen = *raw.listen.get_ref();
+            if listen.port() == 0 {
+                return Err(at(raw.listen.span(), format!("listen address {listen} has port 0")));
+            }
+            if (ports.0..=ports.1).contains(&listen.port()) {
+                return Err(at(
+                    raw.listen.span(),
+                    format!("listen port {} lies inside the NAT port range {}-{}", listen.port(), ports.0, ports.1),
+                ));
+            }
+            if let Some(other) = routes.iter().find(|r| overlaps(r.listen, listen)) {
+                return Err(at(raw.listen.span(), format!("listen address {listen} overlaps route listening on {}", other.listen)));
+            }
+            if raw.upstreams.get_ref().is_empty() {
+                return Err(at(raw.upstreams.span(), "a route needs at least one upstream".into()));
+            }
+            for upstream in raw.upstreams.get_ref() {
+                if upstream.is_ipv4() != listen.is_ipv4() {
+                    return Err(at(
+                        raw.upstreams.span(),
+                        format!("upstream {upstream} is not of the same address family as listen address {listen}"),
+                    ));
+                }
+                if upstream.port() == 0 || upstream.ip().is_unspecified() || crate::wire::is_martian(upstream.ip()) {
+                    return Err(at(raw.upstreams.span(), format!("upstream {upstream} is not a usable unicast address and port")));
+                }
+            }
+            let mut allowed_clients = Vec::new();
+            for prefix in &raw.allowed_clients {
+                allowed_clients.push(prefix.get_ref().parse::<IpPrefix>().map_err(|m| at(prefix.span(), m))?);
+            }
+            routes.push(RouteSpec { listen, upstreams: raw.upstreams.into_inner(), allowed_clients });
+        }
+
+        let mut neighbors = Vec::new();
+        for raw in self.neighbor {
+            let mac = parse_mac(raw.mac.get_ref()).ok_or_else(|| at(raw.mac.span(), format!("`{}` is not a MAC address", raw.mac.get_ref())))?;
+            neighbors.push(StaticNeighbor { ip: raw.ip, mac });
+        }
+
+        Ok(Config {
+            runtime,
+            pool,
+            interfaces,
+            nat,
+            security: Security { verify_checksums: self.security.verify_checksums.unwrap_or(defaults.verify_checksums) },
+            routes,
+            neighbors,
+        })
+    }
+}
+
+/// Two listen addresses overlap when they share family and port and either is a wildcard or both are equal.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.is_ipv4() == b.is_ipv4() && a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+fn parse_port_range(spec: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("NAT ports must look like \"20000-29999\" (1024..65535), not \"{spec}\"");
+    let (first, last) = spec.split_once('-').ok_or_else(bad)?;
+    let first: u16 = first.trim().parse().map_err(|_| bad())?;
+    let last: u16 = last.trim().parse().map_err(|_| bad())?;
+    if first < 1024 || first > last {
+        return Err(bad());
+    }
+    Ok((first, last))
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(text: &str) -> Option<MacAddr> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// 1-based line and column of byte `offset` in `source`.
+fn line_column(source: &str, offset: usize) -> (usize, usize) {
+    let before = &source[..offset.min(source.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[[interface]]
+name = "veth0"
+
+[[route]]
+listen = "10.0.0.1:5000"
+upstreams = ["10.1.0.2:7000"]
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = Config::from_toml(MINIMAL).expect("valid");
+        assert_eq!(config.runtime.wait, WaitMode::Event);
+        assert_eq!(config.runtime.batch_size, 64);
+        assert_eq!(config.nat.ports, DEFAULT_NAT_PORTS);
+        assert_eq!(config.interfaces[0].role, InterfaceRole::Both);
+        assert_eq!(config.routes[0].upstreams, vec!["10.1.0.2:7000".parse::<SocketAddr>().expect("addr")]);
+    }
+
+    #[test]
+    fn presets_set_defaults_that_keys_override() {
+        let fast = Config::from_toml(&format!("preset = \"max_throughput\"\n{MINIMAL}")).expect("valid");
+        assert_eq!(fast.runtime.wait, WaitMode::BusyPoll);
+        let secure = Config::from_toml(&format!("preset = \"secure\"\n[runtime]\nwait = \"busy_poll\"\n{MINIMAL}")).expect("valid");
+        assert!(secure.security.verify_checksums);
+        assert_eq!(secure.runtime.wait, WaitMode::BusyPoll);
+        assert_eq!(secure.nat.max_sessions, 16_384);
+    }
+
+    #[test]
+    fn quick_form_builds_a_one_arm_config() {
+        let config = Config::quick("eth0", "10.0.0.1:5000".parse().expect("addr"), &["10.1.0.2:7".parse().expect("addr")]).expect("valid");
+        assert_eq!(config.interfaces[0].name, "eth0");
+        assert_eq!(config.routes.len(), 1);
+    }
+
+    #[test]
+    fn errors_name_line_and_column() {
+        let cases = [
+            ("unknown key", format!("{MINIMAL}bogus = 1\n"), 8, "unknown field"),
+            ("wrong type", MINIMAL.replace("name = \"veth0\"", "name = 5"), 3, "invalid type"),
+            ("bad address", MINIMAL.replace("10.0.0.1:5000", "10.0.0.1"), 6, "invalid socket address"),
+            ("family mismatch", MINIMAL.replace("10.1.0.2:7000", "[fd00::2]:7000"), 7, "same address family"),
+            ("listen in NAT range", MINIMAL.replace("5000", "25000"), 6, "NAT port range"),
+            ("bad NAT range", format!("{MINIMAL}[nat]\nports = \"30000-20000\"\n"), 9, "NAT ports"),
+            ("bad batch", format!("[runtime]\nbatch_size = 1000\n{MINIMAL}"), 2, "batch_size"),
+            ("bad prefix", MINIMAL.replace("upstreams", "allowed_clients = [\"10.0.0.0/40\"]\nupstreams"), 7, "prefix length"),
+            ("bad mac", format!("{MINIMAL}[[neighbor]]\nip = \"10.1.0.2\"\nmac = \"zz:00\"\n"), 10, "MAC"),
+        ];
+        for (name, source, line, needle) in cases {
+            let error = Config::from_toml(&source).expect_err(name);
+            assert_eq!(error.line, Some(line), "{name}: {error}");
+            assert!(error.column.is_some(), "{name}");
+            assert!(error.message.contains(needle), "{name}: {}", error.message);
+        }
+    }
+
+    #[test]
+    fn overlapping_routes_are_refused() {
+        let source = format!("{MINIMAL}\n[[route]]\nlisten = \"0.0.0.0:5000\"\nupstreams = [\"10.1.0.3:7000\"]\n");
+        let error = Config::from_toml(&source).expect_err("overlap");
+        assert!(error.message.contains("overlaps"), "{error}");
+        assert_eq!(error.line, Some(10));
+    }
+
+    #[test]
+    fn structural_errors_without_position() {
+        let no_interface = "[[route]]\nlisten = \"10.0.0.1:5000\"\nupstreams = [\"10.1.0.2:7000\"]\n";
+        assert!(Config::from_toml(no_interface).expect_err("no interface").message.contains("interface"));
+        let only_client = MINIMAL.replace("name = \"veth0\"", "name = \"veth0\"\nrole = \"client\"");
+        assert!(Config::from_toml(&only_client).expect_err("one side").message.contains("upstream side"));
+    }
+
+    #[test]
+    fn mac_parsing() {
+        assert_eq!(parse_mac("02:00:0a:ff:00:01"), Some([2, 0, 10, 255, 0, 1]));
+        assert_eq!(parse_mac("02:00:0a:ff:00"), None);
+        assert_eq!(parse_mac("02:00:0a:ff:00:01:02"), None);
+        assert_eq!(parse_mac("2:00:0a:ff:00:01"), None);
+    }
+}

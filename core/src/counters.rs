@@ -1,0 +1,61 @@
+//! Per-worker counters: written by exactly one worker thread, read by the control thread.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::drop_reason::DropReason;
+
+/// A single-writer counter. The owning worker adds with a plain load+store
+/// (no locked instruction on the hot path); any thread may read it.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds `n`. Only the owning worker may call this; two writers would lose updates.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.store(self.0.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+    }
+
+    /// Sets a gauge value (owning worker only).
+    #[inline]
+    pub fn set(&self, value: u64) {
+        self.0.store(value, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Everything one worker counts.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub rx_packets: Counter,
+    pub rx_bytes: Counter,
+    pub tx_packets: Counter,
+    pub tx_bytes: Counter,
+    pub drops: [Counter; DropReason::COUNT],
+    pub sessions_created: Counter,
+    pub sessions_expired: Counter,
+    pub sessions_active: Counter,
+    /// Frames currently owned by the kernel or in flight (fill, RX, TX rings).
+    pub pool_in_use: Counter,
+    pub pool_capacity: Counter,
+    /// Wakeup syscalls (sendto/poll) issued by the worker.
+    pub wakeups: Counter,
+}
+
+impl Counters {
+    #[inline]
+    pub fn count_drop(&self, reason: DropReason) {
+        self.drops[reason as usize].add(1);
+    }
+
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drops[reason as usize].get()
+    }
+
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().map(Counter::get).sum()
+    }
+}

@@ -1,0 +1,119 @@
+//! Why a packet was not forwarded: one small `Copy` value per outcome, each a counter.
+
+/// Every way the relay can decline a packet. The discriminant indexes the
+/// per-worker drop counters, so the hot path never formats or allocates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum DropReason {
+    /// The frame ends before the header it claims to carry.
+    TooShort,
+    /// Not IPv4 or IPv6 (after at most one 802.1Q tag).
+    InvalidEthertype,
+    /// IPv4 version/IHL or IPv6 version field is wrong.
+    BadIpHeader,
+    /// IPv4 total length or IPv6 payload length disagrees with the frame.
+    BadIpLength,
+    /// IPv4 options are present; the relay does not forward them.
+    IpOptions,
+    /// An IPv6 extension header precedes UDP; the relay does not walk them.
+    Ipv6ExtensionHeader,
+    /// A fragment: the relay does not reassemble.
+    Fragment,
+    /// Not UDP.
+    NotUdp,
+    /// UDP length field is below 8 or beyond the IP payload.
+    BadUdpLength,
+    /// UDP or IPv4 header checksum is wrong (only checked when configured).
+    BadChecksum,
+    /// Source address is unspecified, broadcast, multicast, loopback or otherwise martian.
+    MartianSource,
+    /// TTL or hop limit is zero.
+    TtlExpired,
+    /// No route listens on the destination address and port.
+    NoRoute,
+    /// A packet to a NAT port that has no live session.
+    NoSession,
+    /// A packet to a NAT port from someone other than that session's upstream.
+    UnexpectedReplySource,
+    /// The session table is at capacity; existing sessions are unaffected.
+    SessionTableFull,
+    /// Every NAT port is in use.
+    NatPortsExhausted,
+    /// The upstream's next-hop MAC is not resolved yet (resolution was requested).
+    NeighborUnresolved,
+    /// The client address is not in the route's allowed prefixes.
+    ClientNotAllowed,
+    /// The egress TX ring or the frame pool had no room.
+    TxRingFull,
+}
+
+impl DropReason {
+    /// Number of variants, for sizing counter arrays.
+    pub const COUNT: usize = DropReason::TxRingFull as usize + 1;
+
+    /// All reasons in discriminant order.
+    pub const ALL: [DropReason; DropReason::COUNT] = [
+        DropReason::TooShort,
+        DropReason::InvalidEthertype,
+        DropReason::BadIpHeader,
+        DropReason::BadIpLength,
+        DropReason::IpOptions,
+        DropReason::Ipv6ExtensionHeader,
+        DropReason::Fragment,
+        DropReason::NotUdp,
+        DropReason::BadUdpLength,
+        DropReason::BadChecksum,
+        DropReason::MartianSource,
+        DropReason::TtlExpired,
+        DropReason::NoRoute,
+        DropReason::NoSession,
+        DropReason::UnexpectedReplySource,
+        DropReason::SessionTableFull,
+        DropReason::NatPortsExhausted,
+        DropReason::NeighborUnresolved,
+        DropReason::ClientNotAllowed,
+        DropReason::TxRingFull,
+    ];
+
+    /// Stable snake_case name used in logs, JSON stats and metric labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DropReason::TooShort => "too_short",
+            DropReason::InvalidEthertype => "invalid_ethertype",
+            DropReason::BadIpHeader => "bad_ip_header",
+            DropReason::BadIpLength => "bad_ip_length",
+            DropReason::IpOptions => "ip_options",
+            DropReason::Ipv6ExtensionHeader => "ipv6_extension_header",
+            DropReason::Fragment => "fragment",
+            DropReason::NotUdp => "not_udp",
+            DropReason::BadUdpLength => "bad_udp_length",
+            DropReason::BadChecksum => "bad_checksum",
+            DropReason::MartianSource => "martian_source",
+            DropReason::TtlExpired => "ttl_expired",
+            DropReason::NoRoute => "no_route",
+            DropReason::NoSession => "no_session",
+            DropReason::UnexpectedReplySource => "unexpected_reply_source",
+            DropReason::SessionTableFull => "session_table_full",
+            DropReason::NatPortsExhausted => "nat_ports_exhausted",
+            DropReason::NeighborUnresolved => "neighbor_unresolved",
+            DropReason::ClientNotAllowed => "client_not_allowed",
+            DropReason::TxRingFull => "tx_ring_full",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_is_in_discriminant_order_and_names_are_unique() {
+        for (index, reason) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, index);
+        }
+        let mut names: Vec<_> = DropReason::ALL.iter().map(|r| r.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), DropReason::COUNT);
+    }
+}

@@ -1,0 +1,20 @@
+//! Pure core of oxidize-relay: packet views, checksums, routes, NAT sessions
+//! and configuration. It never calls the OS and never reads a clock: time and
+//! buffers are passed in, decisions come out, so every behaviour here is
+//! testable without a kernel.
+#![forbid(unsafe_code)]
+
+pub mod checksum;
+pub mod config;
+pub mod counters;
+pub mod drop_reason;
+pub mod prefix;
+pub mod relay;
+pub mod route;
+pub mod session;
+pub mod time;
+pub mod wire;
+
+pub use drop_reason::DropReason;
+pub use relay::{NextHop, Relay, RelaySettings, Verdict};
+pub use session::IfaceId;
