@@ -1,1 +1,92 @@
-fn main() {}
+//! oxidize-relay: a kernel-bypass UDP relay.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use oxidize_relay::run;
+use oxidize_relay_core::config::Config;
+
+/// Exit code for configuration errors (nothing was attached).
+const EXIT_CONFIG: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(name = "oxidize-relay", version, about = "Kernel-bypass UDP relay (XDP + AF_XDP)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the relay, from a config file or the quick form.
+    Run {
+        #[arg(long, conflicts_with_all = ["interface", "listen", "upstream"])]
+        config: Option<PathBuf>,
+        /// Quick form: the one interface (one-arm).
+        #[arg(long, requires_all = ["listen", "upstream"])]
+        interface: Option<String>,
+        /// Quick form: address and port clients send to.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Quick form: upstream address and port (repeat for several).
+        #[arg(long)]
+        upstream: Vec<SocketAddr>,
+        /// Write the counters as JSON to this file every 200 ms and at exit.
+        #[arg(long)]
+        stats_file: Option<PathBuf>,
+    },
+    /// Validate a config file; exits 2 with line and column on error.
+    CheckConfig { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::CheckConfig { file } => match load_config(&file) {
+            Ok(config) => {
+                println!("{}: ok ({} interfaces, {} routes)", file.display(), config.interfaces.len(), config.routes.len());
+                ExitCode::SUCCESS
+            }
+            Err(message) => {
+                eprintln!("{message}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Run { config, interface, listen, upstream, stats_file } => {
+            let config = match (config, interface, listen) {
+                (Some(file), _, _) => load_config(&file),
+                (None, Some(interface), Some(listen)) => Config::quick(&interface, listen, &upstream).map_err(|e| e.to_string()),
+                _ => Err("give --config FILE, or --interface IF --listen ADDR:PORT --upstream ADDR:PORT".into()),
+            };
+            let config = match config {
+                Ok(config) => config,
+                Err(message) => {
+                    eprintln!("{message}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            match run::run(config, run::RunOptions { stats_file }).context("relay setup failed") {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("error: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// Reads and validates a config file; the message names the file, line and column.
+fn load_config(file: &PathBuf) -> Result<Config, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: cannot read: {e}", file.display()))?;
+    Config::from_toml(&text).map_err(|e| match (e.line, e.column) {
+        (Some(line), Some(column)) => format!("{}:{line}:{column}: {}", file.display(), e.message),
+        _ => format!("{}: {}", file.display(), e.message),
+    })
+}

@@ -1,0 +1,29 @@
+/* Constants shared by the XDP program and mirrored in src/sys/bpf_abi.rs. */
+#pragma once
+
+#define MAX_QUEUES 256
+#define MAX_LISTEN 1024
+#define MAX_NAT_ADDRS 64
+
+#define ADDR_FAMILY_IPV4 4
+#define ADDR_FAMILY_IPV6 6
+
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
+#define ETH_P_8021Q 0x8100
+#define IPPROTO_UDP_NUM 17
+
+/* Index of each counter in the xdp_stats map; order mirrored in Rust. */
+enum xdp_counter {
+	XDP_CNT_PASS_NOT_IP = 0,      /* ARP, LLDP, ...: kernel's business */
+	XDP_CNT_PASS_NOT_UDP,         /* TCP (SSH), ICMP, ... */
+	XDP_CNT_PASS_OTHER_PORT,      /* UDP not addressed to the relay */
+	XDP_CNT_PASS_UNPARSED,        /* truncated or non-first fragment: kernel decides */
+	XDP_CNT_REDIRECT_LISTEN,      /* client traffic handed to the AF_XDP socket */
+	XDP_CNT_REDIRECT_NAT,         /* upstream replies handed to the AF_XDP socket */
+	XDP_CNT_PASS_NO_SOCKET,       /* relay traffic, but no socket on this queue */
+	XDP_CNT_DROP_BAD_UDP_LENGTH,  /* relay-bound with a UDP length that lies */
+	XDP_CNT_DROP_IP_OPTIONS,      /* relay-bound with IPv4 options */
+	XDP_CNT_DROP_FRAGMENT,        /* relay-bound first fragment */
+	XDP_CNT_MAX,
+};

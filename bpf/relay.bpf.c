@@ -1,0 +1,134 @@
+/* XDP program: hand the relay's UDP traffic to AF_XDP sockets, pass everything else to the kernel. */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "consts.h"
+#include "structs.h"
+#include "maps.h"
+#include "parse.h"
+
+/* IPv4 flags/fragment offset: MF bit and the offset field (DF is fine). */
+#define IP_MF_AND_OFFSET 0x3fff
+#define IP_OFFSET 0x1fff
+
+static __always_inline void count(__u32 counter)
+{
+	__u64 *value = bpf_map_lookup_elem(&xdp_stats, &counter);
+	if (value)
+		*value += 1;
+}
+
+static __always_inline int pass(__u32 counter)
+{
+	count(counter);
+	return XDP_PASS;
+}
+
+static __always_inline int drop(__u32 counter)
+{
+	count(counter);
+	return XDP_DROP;
+}
+
+/* Is dst (family, addr, port) a listen endpoint, exact or wildcard? */
+static __always_inline int is_listen(struct endpoint_key *key)
+{
+	if (bpf_map_lookup_elem(&listen_map, key))
+		return 1;
+	__builtin_memset(key->addr, 0, sizeof(key->addr));
+	return bpf_map_lookup_elem(&listen_map, key) != NULL;
+}
+
+/* Is dst a NAT port on one of the relay's NAT addresses? */
+static __always_inline int is_nat(const struct endpoint_key *dst)
+{
+	__u32 zero = 0;
+	struct relay_config *config = bpf_map_lookup_elem(&relay_config_map, &zero);
+	if (!config)
+		return 0;
+	__u16 port = bpf_ntohs(dst->port);
+	if (port < config->nat_port_first || port > config->nat_port_last)
+		return 0;
+	struct addr_key addr = { .family = dst->family };
+	__builtin_memcpy(addr.addr, dst->addr, sizeof(addr.addr));
+	return bpf_map_lookup_elem(&nat_addrs, &addr) != NULL;
+}
+
+/* Redirect to this queue's socket; with no socket the kernel gets the packet (never black-holed). */
+static __always_inline int to_socket(struct xdp_md *ctx, __u32 redirect_counter)
+{
+	int action = bpf_redirect_map(&xsks_map, ctx->rx_queue_index, XDP_PASS);
+	count(action == XDP_REDIRECT ? redirect_counter : XDP_CNT_PASS_NO_SOCKET);
+	return action;
+}
+
+SEC("xdp")
+int oxidize_relay(struct xdp_md *ctx)
+{
+	struct cursor c = { .pos = (void *)(long)ctx->data, .end = (void *)(long)ctx->data_end };
+	struct endpoint_key dst = {};
+	__u16 ethertype;
+	__u32 ip_payload_len;
+	int ipv4_options = 0, first_fragment = 0;
+
+	if (!parse_ethhdr(&c, &ethertype))
+		return pass(XDP_CNT_PASS_UNPARSED);
+
+	if (ethertype == ETH_P_IP) {
+		struct iphdr *ip = parse_iphdr(&c);
+		if (!ip)
+			return pass(XDP_CNT_PASS_UNPARSED);
+		if (ip->protocol != IPPROTO_UDP_NUM)
+			return pass(XDP_CNT_PASS_NOT_UDP);
+		__u16 frag = bpf_ntohs(ip->frag_off);
+		/* Later fragments carry no UDP header: the kernel reassembles or discards them. */
+		if (frag & IP_OFFSET)
+			return pass(XDP_CNT_PASS_UNPARSED);
+		first_fragment = (frag & IP_MF_AND_OFFSET) != 0;
+		ipv4_options = ip->ihl != 5;
+		__u16 total = bpf_ntohs(ip->tot_len);
+		ip_payload_len = total > ip->ihl * 4 ? total - ip->ihl * 4 : 0;
+		dst.family = ADDR_FAMILY_IPV4;
+		__builtin_memcpy(dst.addr, &ip->daddr, 4);
+	} else if (ethertype == ETH_P_IPV6) {
+		struct ipv6hdr *ip6 = parse_ipv6hdr(&c);
+		if (!ip6)
+			return pass(XDP_CNT_PASS_UNPARSED);
+		/* Extension headers (including fragments) are not walked: not ours. */
+		if (ip6->nexthdr != IPPROTO_UDP_NUM)
+			return pass(XDP_CNT_PASS_NOT_UDP);
+		ip_payload_len = bpf_ntohs(ip6->payload_len);
+		dst.family = ADDR_FAMILY_IPV6;
+		__builtin_memcpy(dst.addr, &ip6->daddr, 16);
+	} else {
+		return pass(XDP_CNT_PASS_NOT_IP);
+	}
+
+	struct udphdr *udp = parse_udphdr(&c);
+	if (!udp)
+		return pass(XDP_CNT_PASS_UNPARSED);
+	dst.port = udp->dest;
+
+	__u32 redirect_counter;
+	if (is_nat(&dst))
+		redirect_counter = XDP_CNT_REDIRECT_NAT;
+	else if (is_listen(&dst))
+		redirect_counter = XDP_CNT_REDIRECT_LISTEN;
+	else
+		return pass(XDP_CNT_PASS_OTHER_PORT);
+
+	/* Relay-bound from here on: malformed packets stop here, counted by reason. */
+	if (first_fragment)
+		return drop(XDP_CNT_DROP_FRAGMENT);
+	if (ipv4_options)
+		return drop(XDP_CNT_DROP_IP_OPTIONS);
+	__u16 udp_len = bpf_ntohs(udp->len);
+	if (udp_len < sizeof(*udp) || udp_len > ip_payload_len ||
+	    (void *)udp + udp_len > c.end)
+		return drop(XDP_CNT_DROP_BAD_UDP_LENGTH);
+
+	return to_socket(ctx, redirect_counter);
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

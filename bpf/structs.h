@@ -1,0 +1,26 @@
+/* Map key and value layouts; each is mirrored by a #[repr(C)] struct in src/sys/bpf_abi.rs. */
+#pragma once
+
+#include <linux/types.h>
+
+/* An address and UDP port the relay answers on; addr all-zero means any address. */
+struct endpoint_key {
+	__u8 family;      /* ADDR_FAMILY_IPV4 or ADDR_FAMILY_IPV6 */
+	__u8 pad;
+	__be16 port;
+	__u8 addr[16];    /* IPv4 uses the first four bytes */
+};
+
+/* A local address the relay uses as the source toward upstreams (its NAT address). */
+struct addr_key {
+	__u8 family;
+	__u8 pad[3];
+	__u8 addr[16];
+};
+
+/* Relay-wide settings, one entry. */
+struct relay_config {
+	__u16 nat_port_first; /* host byte order */
+	__u16 nat_port_last;
+	__u32 pad;
+};

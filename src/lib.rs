@@ -1,0 +1,8 @@
+//! oxidize-relay: the I/O layer (`sys`, the only unsafe code), the AF_XDP
+//! workers and the control thread around the pure `oxidize-relay-core`.
+
+pub mod nexthop;
+pub mod run;
+pub mod stats;
+pub mod sys;
+pub mod worker;

@@ -1,0 +1,95 @@
+//! Keeps every upstream's next hop current from the kernel's routing and
+//! neighbour tables (or the config's static neighbours), on the control thread.
+
+use std::net::{IpAddr, SocketAddr};
+
+use oxidize_relay_core::config::StaticNeighbor;
+use oxidize_relay_core::route::UpstreamId;
+use oxidize_relay_core::{IfaceId, NextHop};
+
+use crate::sys::iface::IfaceInfo;
+use crate::sys::netlink::{self, RouteSocket};
+
+/// Why an upstream has no next hop right now (logged when it changes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Unreachable {
+    NoRoute(String),
+    ForeignInterface(u32),
+    NoSourceAddress,
+    NeighborPending(IpAddr),
+}
+
+/// Resolves the upstreams' next hops and reports changes.
+#[derive(Debug)]
+pub struct NextHopResolver {
+    socket: RouteSocket,
+    interfaces: Vec<IfaceInfo>,
+    statics: Vec<StaticNeighbor>,
+    upstreams: Vec<SocketAddr>,
+    current: Vec<Result<NextHop, Unreachable>>,
+}
+
+impl NextHopResolver {
+    pub fn new(socket: RouteSocket, interfaces: Vec<IfaceInfo>, statics: Vec<StaticNeighbor>, upstreams: Vec<SocketAddr>) -> Self {
+        let current = upstreams.iter().map(|u| Err(Unreachable::NeighborPending(u.ip()))).collect();
+        NextHopResolver { socket, interfaces, statics, upstreams, current }
+    }
+
+    /// Re-resolves every upstream; returns those whose next hop changed.
+    pub fn refresh(&mut self) -> Vec<(UpstreamId, Option<NextHop>)> {
+        let mut changes = Vec::new();
+        for index in 0..self.upstreams.len() {
+            let upstream = self.upstreams[index];
+            let resolved = self.resolve(upstream.ip());
+            if resolved == self.current[index] {
+                continue;
+            }
+            match &resolved {
+                Ok(hop) => tracing::info!(%upstream, iface = %self.interfaces[usize::from(hop.iface.0)].name, source = %hop.src_ip, mac = %format_mac(&hop.dst_mac), "upstream next hop resolved"),
+                Err(Unreachable::NeighborPending(ip)) => tracing::warn!(%upstream, neighbor = %ip, "neighbour not resolved yet; resolution requested, packets for it are counted as neighbor_unresolved"),
+                Err(Unreachable::NoRoute(error)) => tracing::warn!(%upstream, %error, "no route to upstream"),
+                Err(Unreachable::ForeignInterface(ifindex)) => tracing::warn!(%upstream, ifindex, "upstream is routed through an interface the relay does not serve"),
+                Err(Unreachable::NoSourceAddress) => tracing::warn!(%upstream, "route to upstream has no preferred source address"),
+            }
+            let was_reachable = self.current[index].is_ok();
+            let hop = resolved.as_ref().ok().copied();
+            self.current[index] = resolved;
+            if hop.is_some() || was_reachable {
+                changes.push((UpstreamId(index as u16), hop));
+            }
+        }
+        changes
+    }
+
+    /// Whether every upstream currently has a next hop.
+    pub fn all_resolved(&self) -> bool {
+        self.current.iter().all(Result::is_ok)
+    }
+
+    fn resolve(&mut self, upstream: IpAddr) -> Result<NextHop, Unreachable> {
+        let route = self.socket.route_to(upstream).map_err(|e| Unreachable::NoRoute(e.to_string()))?;
+        let iface = self
+            .interfaces
+            .iter()
+            .position(|i| i.index == route.ifindex)
+            .ok_or(Unreachable::ForeignInterface(route.ifindex))?;
+        let src_ip = route.preferred_source.ok_or(Unreachable::NoSourceAddress)?;
+        let mac = match self.statics.iter().find(|s| s.ip == route.next_hop) {
+            Some(pinned) => pinned.mac,
+            None => match self.socket.neighbor(route.ifindex, route.next_hop) {
+                Ok(Some(mac)) => mac,
+                Ok(None) | Err(_) => {
+                    if let Err(error) = netlink::nudge_neighbor(route.next_hop) {
+                        tracing::debug!(neighbor = %route.next_hop, %error, "neighbour resolution nudge failed");
+                    }
+                    return Err(Unreachable::NeighborPending(route.next_hop));
+                }
+            },
+        };
+        Ok(NextHop { iface: IfaceId(iface as u8), src_ip, dst_mac: mac })
+    }
+}
+
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}

@@ -1,0 +1,269 @@
+//! `oxidize-relay run`: set up the XDP programs and AF_XDP workers, run the
+//! control loop, and tear everything down on SIGTERM/SIGINT.
+
+use std::fs;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use oxidize_relay_core::config::Config;
+use oxidize_relay_core::counters::Counters;
+use oxidize_relay_core::route::{RouteTable, UpstreamId};
+use oxidize_relay_core::{NextHop, Relay, RelaySettings};
+use serde_json::{Map, Value, json};
+
+use crate::nexthop::NextHopResolver;
+use crate::stats::Totals;
+use crate::sys::iface::{IfaceError, IfaceInfo};
+use crate::sys::netlink::{NetlinkError, RouteSocket};
+use crate::sys::xdp::{AttachedMode, XdpError, XdpProgram};
+use crate::sys::xsk::{FramePool, QueueSocket, XskError};
+use crate::worker::{Worker, WorkerUpdate};
+
+/// How long start-up waits for upstream neighbours before declaring ready anyway.
+const RESOLVE_AT_START: Duration = Duration::from_secs(3);
+const CONTROL_TICK: Duration = Duration::from_millis(200);
+const NEXT_HOP_REFRESH: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Interface(#[from] IfaceError),
+    #[error(transparent)]
+    Xdp(#[from] XdpError),
+    #[error(transparent)]
+    Xsk(#[from] XskError),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error("interface {interface} has {available} RX queues but the config asks for {wanted}")]
+    Queues { interface: String, available: u32, wanted: u32 },
+    #[error("registering signal handlers failed: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error("spawning worker thread {worker} failed: {source}")]
+    Spawn {
+        worker: usize,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Options of `run` beyond the config file.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Written every control tick (and at exit) with the counters as JSON.
+    pub stats_file: Option<PathBuf>,
+}
+
+/// Attached XDP program per interface, with the mode it got.
+struct Attached {
+    info: IfaceInfo,
+    program: XdpProgram,
+    mode: AttachedMode,
+}
+
+pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, stop.clone()).map_err(SetupError::Signals)?;
+    }
+
+    let queues = config.interfaces[0].queues;
+    let mut attached = Vec::new();
+    for interface in &config.interfaces {
+        let info = IfaceInfo::lookup(&interface.name)?;
+        if interface.queues > info.rx_queues {
+            return Err(SetupError::Queues { interface: info.name, available: info.rx_queues, wanted: interface.queues });
+        }
+        let mut program = XdpProgram::load()?;
+        program.set_nat_ports(config.nat.ports.0, config.nat.ports.1)?;
+        for route in &config.routes {
+            program.add_listen(route.listen)?;
+        }
+        let mode = program.attach(info.index, interface.xdp_mode)?;
+        tracing::info!(interface = %info.name, driver = %info.driver, mode = mode.name(), "XDP program attached");
+        attached.push(Attached { info, program, mode });
+    }
+
+    let routes = Arc::new(RouteTable::new(&config.routes));
+    let iface_macs: Vec<_> = attached.iter().map(|a| a.info.mac).collect();
+    let ports_per_worker = config.nat_port_count() / queues as usize;
+    let epoch = Instant::now();
+    let (unresolved_tx, unresolved_rx) = mpsc::channel();
+    let mut update_senders = Vec::new();
+    let mut workers = Vec::new();
+    let mut counters = Vec::new();
+    for queue in 0..queues {
+        let pool = FramePool::new(config.pool.frames_per_worker, config.pool.frame_size, config.pool.hugepages)?;
+        if config.pool.hugepages && !pool.hugepages {
+            tracing::warn!(worker = queue, "no 2 MiB hugepages available for the UMEM; using normal pages (reserve with vm.nr_hugepages)");
+        }
+        let mut sockets = Vec::new();
+        for a in &attached {
+            let socket = QueueSocket::bind(&pool, &a.info.name, queue)?;
+            a.program.register_socket(queue, socket.fd())?;
+            tracing::info!(interface = %a.info.name, queue, zero_copy = socket.zero_copy, hugepages = pool.hugepages, "AF_XDP socket bound");
+            sockets.push(socket);
+        }
+        let first = config.nat.ports.0 + (queue as usize * ports_per_worker) as u16;
+        let last = first + ports_per_worker as u16 - 1;
+        let worker_counters = Arc::new(Counters::default());
+        let settings = RelaySettings {
+            iface_macs: iface_macs.clone(),
+            nat_ports: (first, last),
+            max_sessions: config.nat.max_sessions.div_ceil(queues as usize),
+            idle_timeout: config.nat.idle_timeout_secs * 1000,
+            verify_checksums: config.security.verify_checksums,
+        };
+        let (update_tx, update_rx) = mpsc::channel();
+        update_senders.push(update_tx);
+        counters.push(worker_counters.clone());
+        workers.push(Worker {
+            id: queue as usize,
+            relay: Relay::new(routes.clone(), settings, worker_counters.clone()),
+            pool,
+            sockets,
+            counters: worker_counters,
+            batch_size: config.runtime.batch_size,
+            wait: config.runtime.wait,
+            updates: update_rx,
+            unresolved: unresolved_tx.clone(),
+            stop: stop.clone(),
+            epoch,
+        });
+    }
+    drop(unresolved_tx);
+
+    let mut resolver = NextHopResolver::new(
+        RouteSocket::open()?,
+        attached.iter().map(|a| a.info.clone()).collect(),
+        config.neighbors.clone(),
+        routes.upstreams().to_vec(),
+    );
+    let start = Instant::now();
+    loop {
+        publish(&mut resolver, &attached, &update_senders)?;
+        if resolver.all_resolved() || start.elapsed() >= RESOLVE_AT_START || stop.load(Ordering::Relaxed) {
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+
+    let handles = spawn_workers(workers, &config.runtime.cores)?;
+    let context = StatsContext { attached: &attached, counters: &counters, stats_file: options.stats_file.as_ref() };
+    context.write(&Totals::collect(&counters), true);
+    tracing::info!(workers = handles.len(), backend = "af_xdp", routes = config.routes.len(), "relay ready");
+
+    control_loop(&config, &stop, &mut resolver, &unresolved_rx, &update_senders, &context)?;
+
+    tracing::info!("shutting down: stopping workers, detaching XDP");
+    for handle in handles {
+        if handle.join().is_err() {
+            tracing::error!("a worker thread panicked");
+        }
+    }
+    let totals = Totals::collect(&counters);
+    context.write(&totals, false);
+    println!("{}", context.json(&totals, false));
+    drop(attached);
+    Ok(())
+}
+
+struct StatsContext<'a> {
+    attached: &'a [Attached],
+    counters: &'a [Arc<Counters>],
+    stats_file: Option<&'a PathBuf>,
+}
+
+impl StatsContext<'_> {
+    fn json(&self, totals: &Totals, running: bool) -> Value {
+        let xdp: Vec<_> = self.attached.iter().map(|a| (a.info.name.clone(), a.mode.name(), a.program.counters().ok())).collect();
+        let mut extra = Map::new();
+        extra.insert("backend".into(), json!("af_xdp"));
+        extra.insert("workers".into(), json!(self.counters.len()));
+        extra.insert("running".into(), json!(running));
+        totals.to_json(&xdp, extra)
+    }
+
+    /// Writes the stats file atomically (write then rename) so readers never see half a file.
+    fn write(&self, totals: &Totals, running: bool) {
+        let Some(path) = self.stats_file else { return };
+        let temporary = path.with_extension("tmp");
+        let result = fs::write(&temporary, self.json(totals, running).to_string()).and_then(|()| fs::rename(&temporary, path));
+        if let Err(error) = result {
+            tracing::warn!(path = %path.display(), %error, "writing the stats file failed");
+        }
+    }
+}
+
+fn control_loop(
+    config: &Config,
+    stop: &AtomicBool,
+    resolver: &mut NextHopResolver,
+    unresolved: &Receiver<UpstreamId>,
+    updates: &[Sender<WorkerUpdate>],
+    stats: &StatsContext<'_>,
+) -> Result<(), SetupError> {
+    let interval = Duration::from_secs(config.runtime.stats_interval_secs.max(1));
+    let mut last_summary = (Instant::now(), Totals::collect(stats.counters));
+    let mut last_refresh = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        // A worker that met an unresolved upstream wakes us early.
+        let asked = unresolved.recv_timeout(CONTROL_TICK).is_ok();
+        while unresolved.try_recv().is_ok() {}
+        if asked || last_refresh.elapsed() >= NEXT_HOP_REFRESH {
+            publish(resolver, stats.attached, updates)?;
+            last_refresh = Instant::now();
+        }
+        let totals = Totals::collect(stats.counters);
+        stats.write(&totals, true);
+        if last_summary.0.elapsed() >= interval {
+            let seconds = last_summary.0.elapsed().as_secs_f64();
+            tracing::info!("{}", totals.summary(&last_summary.1, seconds, stats.counters.len(), "af_xdp"));
+            last_summary = (Instant::now(), totals);
+        }
+    }
+    Ok(())
+}
+
+/// Refreshes next hops; new NAT source addresses go into every XDP program before workers use them.
+fn publish(resolver: &mut NextHopResolver, attached: &[Attached], updates: &[Sender<WorkerUpdate>]) -> Result<(), SetupError> {
+    for (upstream, hop) in resolver.refresh() {
+        if let Some(NextHop { src_ip, .. }) = hop {
+            for a in attached {
+                a.program.add_nat_addr(src_ip)?;
+            }
+        }
+        for sender in updates {
+            let _ = sender.send(WorkerUpdate::NextHop(upstream, hop));
+        }
+    }
+    Ok(())
+}
+
+fn spawn_workers(workers: Vec<Worker>, cores: &[usize]) -> Result<Vec<JoinHandle<()>>, SetupError> {
+    let available = core_affinity::get_core_ids().unwrap_or_default();
+    workers
+        .into_iter()
+        .map(|worker| {
+            let id = worker.id;
+            let core = cores.get(id).and_then(|c| available.iter().find(|a| a.id == *c).copied());
+            if let Some(wanted) = cores.get(id).filter(|_| core.is_none()) {
+                tracing::warn!(worker = id, core = wanted, "configured core is not available; worker left unpinned");
+            }
+            thread::Builder::new()
+                .name(format!("oxr-worker-{id}"))
+                .spawn(move || {
+                    if let Some(core) = core {
+                        if core_affinity::set_for_current(core) {
+                            tracing::info!(worker = id, core = core.id, "worker pinned");
+                        }
+                    }
+                    worker.run();
+                })
+                .map_err(|source| SetupError::Spawn { worker: id, source })
+        })
+        .collect()
+}

@@ -1,0 +1,138 @@
+//! Aggregating worker and XDP counters into the periodic summary line and the stats JSON.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use oxidize_relay_core::DropReason;
+use oxidize_relay_core::counters::Counters;
+use serde_json::{Map, Value, json};
+
+use crate::sys::bpf_abi::XdpCounter;
+
+/// Totals over all workers at one instant.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub drops: Vec<u64>,
+    pub sessions_created: u64,
+    pub sessions_expired: u64,
+    pub sessions_active: u64,
+    pub pool_in_use: u64,
+    pub pool_capacity: u64,
+    pub wakeups: u64,
+}
+
+impl Totals {
+    pub fn collect(workers: &[Arc<Counters>]) -> Self {
+        let mut totals = Totals { drops: vec![0; DropReason::COUNT], ..Totals::default() };
+        for c in workers {
+            totals.rx_packets += c.rx_packets.get();
+            totals.rx_bytes += c.rx_bytes.get();
+            totals.tx_packets += c.tx_packets.get();
+            totals.tx_bytes += c.tx_bytes.get();
+            for (total, counter) in totals.drops.iter_mut().zip(&c.drops) {
+                *total += counter.get();
+            }
+            totals.sessions_created += c.sessions_created.get();
+            totals.sessions_expired += c.sessions_expired.get();
+            totals.sessions_active += c.sessions_active.get();
+            totals.pool_in_use += c.pool_in_use.get();
+            totals.pool_capacity += c.pool_capacity.get();
+            totals.wakeups += c.wakeups.get();
+        }
+        totals
+    }
+
+    /// `RX 1.2 Gbps (850.3K pps), TX ..., 2 workers, ...` over the interval since `before`.
+    pub fn summary(&self, before: &Totals, seconds: f64, workers: usize, backend: &str) -> String {
+        let rate = |now: u64, then: u64| now.saturating_sub(then) as f64 / seconds.max(1e-9);
+        let mut line = format!(
+            "RX {} ({} pps), TX {} ({} pps), {workers} workers, backend {backend}, sessions {}, drops {}",
+            bits_per_second(rate(self.rx_bytes, before.rx_bytes) * 8.0),
+            si(rate(self.rx_packets, before.rx_packets)),
+            bits_per_second(rate(self.tx_bytes, before.tx_bytes) * 8.0),
+            si(rate(self.tx_packets, before.tx_packets)),
+            self.sessions_active,
+            self.drops.iter().sum::<u64>() - before.drops.iter().sum::<u64>(),
+        );
+        let top: Vec<_> = DropReason::ALL
+            .iter()
+            .zip(self.drops.iter().zip(before.drops.iter().chain(std::iter::repeat(&0))))
+            .filter(|(_, (now, then))| now > then)
+            .map(|(reason, (now, then))| format!("{}={}", reason.name(), now - then))
+            .collect();
+        if !top.is_empty() {
+            let _ = write!(line, " ({})", top.join(" "));
+        }
+        line
+    }
+
+    /// The machine-readable form, with the XDP program's counters per interface.
+    pub fn to_json(&self, xdp: &[(String, &'static str, Option<[u64; XdpCounter::ALL.len()]>)], extra: Map<String, Value>) -> Value {
+        let drops: Map<String, Value> = DropReason::ALL.iter().zip(&self.drops).map(|(r, n)| (r.name().to_owned(), json!(n))).collect();
+        let interfaces: Map<String, Value> = xdp
+            .iter()
+            .map(|(name, mode, counters)| {
+                let counters: Map<String, Value> = counters
+                    .iter()
+                    .flat_map(|c| XdpCounter::ALL.iter().zip(c.iter()))
+                    .map(|(counter, n)| (counter.name().to_owned(), json!(n)))
+                    .collect();
+                (name.clone(), json!({ "xdp_mode": mode, "xdp_counters": counters }))
+            })
+            .collect();
+        let mut value = json!({
+            "rx_packets": self.rx_packets,
+            "rx_bytes": self.rx_bytes,
+            "tx_packets": self.tx_packets,
+            "tx_bytes": self.tx_bytes,
+            "drops": drops,
+            "sessions_created": self.sessions_created,
+            "sessions_expired": self.sessions_expired,
+            "sessions_active": self.sessions_active,
+            "pool_in_use": self.pool_in_use,
+            "pool_capacity": self.pool_capacity,
+            "wakeups": self.wakeups,
+            "interfaces": interfaces,
+        });
+        if let Value::Object(map) = &mut value {
+            map.extend(extra);
+        }
+        value
+    }
+}
+
+fn si(value: f64) -> String {
+    match value {
+        v if v >= 1e9 => format!("{:.1}G", v / 1e9),
+        v if v >= 1e6 => format!("{:.1}M", v / 1e6),
+        v if v >= 1e3 => format!("{:.1}K", v / 1e3),
+        v => format!("{v:.0}"),
+    }
+}
+
+fn bits_per_second(value: f64) -> String {
+    format!("{}bps", si(value)).replace("Mbps", " Mbps").replace("Gbps", " Gbps").replace("Kbps", " Kbps")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_reads_like_the_operator_expects() {
+        let counters = Arc::new(Counters::default());
+        let before = Totals::collect(&[counters.clone()]);
+        counters.rx_packets.add(850_300);
+        counters.rx_bytes.add(150_000_000);
+        counters.tx_packets.add(850_000);
+        counters.tx_bytes.add(149_000_000);
+        counters.count_drop(DropReason::NoSession);
+        let line = Totals::collect(&[counters]).summary(&before, 1.0, 2, "af_xdp");
+        assert!(line.starts_with("RX 1.2 Gbps (850.3K pps), TX 1.2 Gbps (850.0K pps), 2 workers"), "{line}");
+        assert!(line.ends_with("(no_session=1)"), "{line}");
+    }
+}

@@ -1,0 +1,9 @@
+//! Everything that talks to the kernel: the XDP program and its maps, AF_XDP
+//! sockets and rings, rtnetlink, and interface facts. The only unsafe code in
+//! the project lives under this module.
+
+pub mod bpf_abi;
+pub mod iface;
+pub mod netlink;
+pub mod xdp;
+pub mod xsk;

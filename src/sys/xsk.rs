@@ -1,0 +1,228 @@
+//! AF_XDP sockets through xsk-rs: one UMEM per worker shared by that worker's
+//! sockets on every interface, so a frame received on one interface is sent
+//! from another without a copy. Every unsafe ring call lives here.
+
+use std::io;
+use std::num::NonZeroU32;
+use std::os::fd::{AsRawFd, RawFd};
+
+use xsk_rs::config::{BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig};
+use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
+pub use xsk_rs::umem::frame::DataMut;
+
+/// Ring sizes: twice the largest burst keeps producers from stalling on consumers.
+const RING_SIZE: u32 = 2048;
+const SOL_XDP: libc::c_int = 283;
+const XDP_OPTIONS: libc::c_int = 8;
+const XDP_OPTIONS_ZEROCOPY: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum XskError {
+    #[error("invalid UMEM geometry: {0}")]
+    Geometry(String),
+    #[error("creating the UMEM ({frames} frames of {frame_size} bytes) failed: {source}; check `ulimit -l` (memlock)")]
+    Umem {
+        frames: u32,
+        frame_size: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("creating the AF_XDP socket on {interface} queue {queue} failed: {source}")]
+    Socket {
+        interface: String,
+        queue: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the AF_XDP socket on {interface} queue {queue} got no fill/completion rings (queue bound twice?)")]
+    MissingRings { interface: String, queue: u32 },
+}
+
+/// A worker's frames: the UMEM and the descriptors of frames userspace holds.
+#[derive(Debug)]
+pub struct FramePool {
+    umem: Umem,
+    free: Vec<FrameDesc>,
+    capacity: usize,
+    pub hugepages: bool,
+}
+
+impl FramePool {
+    /// Maps `frames` frames of `frame_size` bytes, on 2 MiB hugepages when asked
+    /// and available, otherwise on normal pages (the caller logs which).
+    pub fn new(frames: u32, frame_size: u32, hugepages: bool) -> Result<Self, XskError> {
+        let frame_size = FrameSize::new(frame_size).map_err(|e| XskError::Geometry(e.to_string()))?;
+        let ring = QueueSize::new(RING_SIZE).map_err(|e| XskError::Geometry(e.to_string()))?;
+        let config = UmemConfig::builder()
+            .frame_size(frame_size)
+            .fill_queue_size(ring)
+            .comp_queue_size(ring)
+            .build()
+            .map_err(|e| XskError::Geometry(e.to_string()))?;
+        let count = NonZeroU32::new(frames).ok_or_else(|| XskError::Geometry("zero frames".into()))?;
+        let create = |huge| {
+            Umem::new(config, count, huge).map_err(|e| XskError::Umem {
+                frames,
+                frame_size: frame_size.get(),
+                source: io::Error::other(e.to_string()),
+            })
+        };
+        let (umem, free, hugepages) = match hugepages.then(|| create(true)) {
+            Some(Ok((umem, free))) => (umem, free, true),
+            _ => {
+                let (umem, free) = create(false)?;
+                (umem, free, false)
+            }
+        };
+        Ok(FramePool { capacity: free.len(), umem, free, hugepages })
+    }
+
+    /// Frames owned by the kernel or in flight.
+    pub fn in_use(&self) -> usize {
+        self.capacity - self.free.len()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Returns a frame to the pool.
+    #[inline]
+    pub fn release(&mut self, desc: FrameDesc) {
+        self.free.push(desc);
+    }
+
+    /// The packet bytes of a received frame, for in-place rewriting.
+    #[inline]
+    pub fn packet_mut<'a>(&'a self, desc: &'a mut FrameDesc) -> DataMut<'a> {
+        // SAFETY: every FrameDesc the worker holds came from this pool's UMEM
+        // (Umem::new or a ring of a socket on it), and the worker holds each
+        // descriptor exactly once, so no other reference to this frame exists.
+        unsafe { self.umem.data_mut(desc) }
+    }
+}
+
+/// An AF_XDP socket bound to one (interface, queue), with its own rings on the shared UMEM.
+#[derive(Debug)]
+pub struct QueueSocket {
+    rx: RxQueue,
+    tx: TxQueue,
+    fill: FillQueue,
+    completion: CompQueue,
+    /// Frames handed to the TX ring and not yet completed. In copy mode one
+    /// wakeup sends at most 32 frames, so the worker keeps kicking while this is non-zero.
+    tx_in_flight: usize,
+    pub zero_copy: bool,
+}
+
+impl QueueSocket {
+    /// Binds a socket on `interface`/`queue` to `pool`'s UMEM. The relay's own
+    /// XDP program steers traffic, so libxdp's default program is never loaded.
+    pub fn bind(pool: &FramePool, interface: &str, queue: u32) -> Result<Self, XskError> {
+        let failed = |source| XskError::Socket { interface: interface.to_owned(), queue, source };
+        let name: Interface = interface.parse().map_err(|_| failed(io::Error::from(io::ErrorKind::InvalidInput)))?;
+        let ring = QueueSize::new(RING_SIZE).map_err(|e| XskError::Geometry(e.to_string()))?;
+        let config = SocketConfig::builder()
+            .rx_queue_size(ring)
+            .tx_queue_size(ring)
+            .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
+            .bind_flags(BindFlags::XDP_USE_NEED_WAKEUP)
+            .build();
+        // SAFETY: INHIBIT_PROG_LOAD is set, as Socket::new requires when a UMEM is shared.
+        let (tx, rx, rings) = unsafe { Socket::new(config, &pool.umem, &name, queue) }
+            .map_err(|e| failed(io::Error::other(e.to_string())))?;
+        let (fill, completion) = rings.ok_or_else(|| XskError::MissingRings { interface: interface.to_owned(), queue })?;
+        let zero_copy = xdp_options(rx.fd().as_raw_fd()).is_ok_and(|o| o & XDP_OPTIONS_ZEROCOPY != 0);
+        Ok(QueueSocket { rx, tx, fill, completion, tx_in_flight: 0, zero_copy })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.rx.fd().as_raw_fd()
+    }
+
+    /// Hands free frames to the kernel for receiving; returns how many.
+    pub fn refill(&mut self, pool: &mut FramePool, max: usize) -> usize {
+        let wanted = (self.fill.nb_free(max as u32) as usize).min(max).min(pool.free.len());
+        if wanted == 0 {
+            return 0;
+        }
+        let start = pool.free.len() - wanted;
+        // SAFETY: these descriptors belong to pool's UMEM (shared by this socket) and
+        // are owned by userspace; the ones produced become the kernel's.
+        let produced = unsafe { self.fill.produce(&pool.free[start..]) };
+        pool.free.truncate(pool.free.len() - produced);
+        produced
+    }
+
+    /// Whether the kernel asked to be woken to process the fill ring.
+    pub fn fill_needs_wakeup(&self) -> bool {
+        self.fill.needs_wakeup()
+    }
+
+    /// Receives up to `descs.len()` frames.
+    #[inline]
+    pub fn receive(&mut self, descs: &mut [FrameDesc]) -> usize {
+        // SAFETY: the RX ring only returns frames of the UMEM this socket is bound to.
+        unsafe { self.rx.consume(descs) }
+    }
+
+    /// Queues frames for transmission; returns how many the TX ring took (a prefix).
+    #[inline]
+    pub fn transmit(&mut self, descs: &[FrameDesc]) -> usize {
+        // SAFETY: these frames belong to the shared UMEM and are owned by
+        // userspace; those produced become the kernel's until completion.
+        let produced = unsafe { self.tx.produce(descs) };
+        self.tx_in_flight += produced;
+        produced
+    }
+
+    /// Whether frames wait in the TX ring or for completion.
+    pub fn tx_pending(&self) -> bool {
+        self.tx_in_flight > 0
+    }
+
+    /// Kicks the kernel to send if it asked for it; returns whether a syscall was made.
+    #[inline]
+    pub fn wake_tx_if_needed(&mut self) -> bool {
+        if !self.tx.needs_wakeup() {
+            return false;
+        }
+        // EAGAIN/EBUSY/ENOBUFS mean "try again next batch": nothing is lost, the frames stay queued.
+        let _ = self.tx.wakeup();
+        true
+    }
+
+    /// Returns frames whose transmission completed to `pool`; returns how many.
+    pub fn reclaim(&mut self, pool: &mut FramePool, scratch: &mut [FrameDesc]) -> usize {
+        // SAFETY: the completion ring only returns frames of this socket's UMEM.
+        let done = unsafe { self.completion.consume(scratch) };
+        pool.free.extend_from_slice(&scratch[..done]);
+        self.tx_in_flight -= done;
+        done
+    }
+}
+
+/// Sleeps until one of `fds` is readable or `timeout_ms` passes.
+pub fn wait_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<()> {
+    let mut polls: Vec<libc::pollfd> = fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+    // SAFETY: polls is a live array of pollfd of the length passed.
+    let ready = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, timeout_ms) };
+    if ready < 0 {
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    }
+    Ok(())
+}
+
+fn xdp_options(fd: RawFd) -> io::Result<u32> {
+    let mut options = 0u32;
+    let mut length = size_of::<u32>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `length` bytes into `options`.
+    let err = unsafe { libc::getsockopt(fd, SOL_XDP, XDP_OPTIONS, (&raw mut options).cast(), &mut length) };
+    if err != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(options)
+}

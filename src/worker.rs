@@ -1,0 +1,150 @@
+//! One worker per queue index: RX burst, relay core, TX burst, run to completion.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::time::Instant;
+
+use oxidize_relay_core::config::WaitMode;
+use oxidize_relay_core::counters::Counters;
+use oxidize_relay_core::route::UpstreamId;
+use oxidize_relay_core::{DropReason, IfaceId, NextHop, Relay, Verdict};
+use xsk_rs::FrameDesc;
+
+use crate::sys::xsk::{self, FramePool, QueueSocket};
+
+/// How long an idle worker in event mode sleeps before checking for shutdown and updates.
+const IDLE_POLL_MS: i32 = 100;
+/// Session slots examined per batch for expiry: a full sweep of 10,000 ports takes ~40 idle polls or batches.
+const EXPIRY_BUDGET: usize = 256;
+
+/// A change the control thread pushes to every worker.
+#[derive(Debug, Clone, Copy)]
+pub enum WorkerUpdate {
+    NextHop(UpstreamId, Option<NextHop>),
+}
+
+/// Everything a worker owns; moved onto its thread.
+#[derive(Debug)]
+pub struct Worker {
+    pub id: usize,
+    pub relay: Relay,
+    pub pool: FramePool,
+    /// Indexed by [`IfaceId`].
+    pub sockets: Vec<QueueSocket>,
+    pub counters: Arc<Counters>,
+    pub batch_size: usize,
+    pub wait: WaitMode,
+    pub updates: Receiver<WorkerUpdate>,
+    pub unresolved: Sender<UpstreamId>,
+    pub stop: Arc<AtomicBool>,
+    pub epoch: Instant,
+}
+
+impl Worker {
+    /// Runs until `stop` is set.
+    pub fn run(mut self) {
+        let mut rx_batch = vec![FrameDesc::default(); self.batch_size];
+        let mut tx_batches: Vec<Vec<FrameDesc>> = self.sockets.iter().map(|_| Vec::with_capacity(self.batch_size * self.sockets.len())).collect();
+        let fds: Vec<_> = self.sockets.iter().map(QueueSocket::fd).collect();
+        self.counters.pool_capacity.set(self.pool.capacity() as u64);
+        // Split the frames between the fill rings so every interface can receive from the start.
+        let share = self.pool.capacity() / (2 * self.sockets.len());
+        for socket in &mut self.sockets {
+            socket.refill(&mut self.pool, share);
+        }
+
+        while !self.stop.load(Ordering::Relaxed) {
+            self.apply_updates();
+            let now = self.epoch.elapsed().as_millis() as u64;
+            let received = self.poll_once(now, &mut rx_batch, &mut tx_batches);
+            self.relay.expire(now, EXPIRY_BUDGET);
+            for upstream in self.relay.take_unresolved() {
+                // The control thread may be gone during shutdown; nothing to do then.
+                let _ = self.unresolved.send(upstream);
+            }
+            self.counters.pool_in_use.set(self.pool.in_use() as u64);
+            if received == 0 {
+                self.idle(&fds);
+            }
+        }
+    }
+
+    /// One pass over every socket: reclaim, refill, receive, relay, transmit.
+    fn poll_once(&mut self, now: u64, rx_batch: &mut [FrameDesc], tx_batches: &mut [Vec<FrameDesc>]) -> usize {
+        let mut received_total = 0;
+        for socket in &mut self.sockets {
+            socket.reclaim(&mut self.pool, rx_batch);
+            socket.refill(&mut self.pool, rx_batch.len());
+        }
+        for (ingress, socket) in self.sockets.iter_mut().enumerate() {
+            let received = socket.receive(rx_batch);
+            received_total += received;
+            for desc in &mut rx_batch[..received] {
+                let mut frame = self.pool.packet_mut(desc);
+                let bytes = frame.contents_mut();
+                self.counters.rx_packets.add(1);
+                self.counters.rx_bytes.add(bytes.len() as u64);
+                match self.relay.handle(now, IfaceId(ingress as u8), bytes) {
+                    Verdict::Forward(egress) => tx_batches[usize::from(egress.0)].push(*desc),
+                    Verdict::Drop(_) => self.pool.release(*desc),
+                }
+            }
+        }
+        for (socket, batch) in self.sockets.iter_mut().zip(tx_batches.iter_mut()) {
+            if batch.is_empty() {
+                continue;
+            }
+            let sent = socket.transmit(batch);
+            let bytes: usize = batch[..sent].iter().map(|d| d.lengths().data()).sum();
+            self.counters.tx_packets.add(sent as u64);
+            self.counters.tx_bytes.add(bytes as u64);
+            for desc in batch.drain(sent..) {
+                self.counters.count_drop(DropReason::TxRingFull);
+                self.pool.release(desc);
+            }
+            batch.clear();
+            if socket.wake_tx_if_needed() {
+                self.counters.wakeups.add(1);
+            }
+        }
+        received_total
+    }
+
+    fn idle(&mut self, fds: &[i32]) {
+        // Unsent frames must not wait for the next received packet: kick TX instead of sleeping.
+        let mut kicked = false;
+        for socket in self.sockets.iter_mut().filter(|s| s.tx_pending()) {
+            if socket.wake_tx_if_needed() {
+                self.counters.wakeups.add(1);
+            }
+            kicked = true;
+        }
+        if kicked {
+            return;
+        }
+        match self.wait {
+            WaitMode::BusyPoll => {
+                if self.sockets.iter().any(QueueSocket::fill_needs_wakeup) {
+                    self.counters.wakeups.add(1);
+                    let _ = xsk::wait_readable(fds, 0);
+                }
+                std::hint::spin_loop();
+            }
+            WaitMode::Event => {
+                self.counters.wakeups.add(1);
+                if let Err(error) = xsk::wait_readable(fds, IDLE_POLL_MS) {
+                    tracing::warn!(worker = self.id, %error, "poll on AF_XDP sockets failed");
+                }
+            }
+        }
+    }
+
+    fn apply_updates(&mut self) {
+        while let Ok(update) = self.updates.try_recv() {
+            match update {
+                WorkerUpdate::NextHop(upstream, hop) => self.relay.set_next_hop(upstream, hop),
+            }
+        }
+    }
+}

@@ -1,0 +1,261 @@
+"""Network-namespace topologies and a relay handle for the end-to-end scenarios.
+
+Used by run.py natively (cargo test runs it as root) and inside the NixOS VM tests,
+so one scenario has two runners. Everything created here is deleted on exit,
+including after an exception or SIGTERM.
+"""
+import atexit
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PEER = os.path.join(HERE, "peer.py")
+LISTEN_PORT = 5000
+UPSTREAM_PORT = 7000
+NAT_PORTS = (20000, 29999)
+
+
+def sh(*cmd, check=True, capture=True):
+    result = subprocess.run(cmd, check=False, text=True, capture_output=capture)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr.strip()}")
+    return result.stdout if capture else ""
+
+
+class Topology:
+    """Client, relay and upstream namespaces over veth.
+
+    one_arm: client, upstream and the relay's single interface share a bridge (the `sw` namespace).
+    two_arm: client <-> relay (client side), relay (upstream side) <-> upstream.
+    """
+
+    def __init__(self, prefix, arm="two_arm", ipv6=False):
+        assert arm in ("one_arm", "two_arm")
+        self.prefix, self.arm, self.ipv6 = prefix, arm, ipv6
+        self.ns = {role: f"{prefix}-{role}" for role in ("client", "relay", "upstream", "sw")}
+        self.processes = []
+        self.workdir = tempfile.mkdtemp(prefix=f"{prefix}-")
+        self._up = False
+
+    # Addresses -----------------------------------------------------------------
+    def _addr(self, net, host):
+        return f"fd00:{net}::{host}" if self.ipv6 else f"10.{net}.0.{host}"
+
+    def _plen(self):
+        return 64 if self.ipv6 else 24
+
+    @property
+    def client_ip(self):
+        return self._addr(1, 2)
+
+    @property
+    def listen_ip(self):
+        return self._addr(1, 1)
+
+    @property
+    def relay_upstream_ip(self):
+        return self._addr(1, 1) if self.arm == "one_arm" else self._addr(2, 1)
+
+    @property
+    def upstream_ip(self):
+        return self._addr(1, 3) if self.arm == "one_arm" else self._addr(2, 2)
+
+    def endpoint(self, ip, port):
+        return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+    @property
+    def listen(self):
+        return self.endpoint(self.listen_ip, LISTEN_PORT)
+
+    @property
+    def upstream(self):
+        return self.endpoint(self.upstream_ip, UPSTREAM_PORT)
+
+    @property
+    def relay_interfaces(self):
+        return ["rc0"] if self.arm == "one_arm" else ["rc0", "ru0"]
+
+    # Lifecycle -----------------------------------------------------------------
+    def __enter__(self):
+        atexit.register(self.destroy)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, lambda *_: sys.exit(1))
+        try:
+            self._create()
+        except BaseException:
+            self.destroy()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self.destroy()
+        return False
+
+    def _create(self):
+        roles = ["client", "relay", "upstream"] + (["sw"] if self.arm == "one_arm" else [])
+        for role in roles:
+            sh("ip", "netns", "add", self.ns[role])
+            self.ip(role, "link", "set", "lo", "up")
+        self._up = True
+        plen = self._plen()
+        if self.arm == "one_arm":
+            self.ip("sw", "link", "add", "br0", "type", "bridge")
+            self.ip("sw", "link", "set", "br0", "up")
+            for role, dev, peer, host in (("client", "c0", "swc", 2), ("relay", "rc0", "swr", 1), ("upstream", "u0", "swu", 3)):
+                self.ip("sw", "link", "add", peer, "type", "veth", "peer", "name", dev, "netns", self.ns[role])
+                self.ip("sw", "link", "set", peer, "master", "br0", "up")
+                self._address(role, dev, self._addr(1, host), plen)
+        else:
+            self.ip("relay", "link", "add", "rc0", "type", "veth", "peer", "name", "c0", "netns", self.ns["client"])
+            self.ip("relay", "link", "add", "ru0", "type", "veth", "peer", "name", "u0", "netns", self.ns["upstream"])
+            self._address("client", "c0", self.client_ip, plen)
+            self._address("relay", "rc0", self.listen_ip, plen)
+            self._address("relay", "ru0", self.relay_upstream_ip, plen)
+            self._address("upstream", "u0", self.upstream_ip, plen)
+            self.ip("client", "route", "add", "default", "via", self.listen_ip)
+            self.ip("upstream", "route", "add", "default", "via", self.relay_upstream_ip)
+        # Peers compute full checksums in software: a partial (offloaded) checksum
+        # would reach the relay unfinished, as no real NIC would deliver it.
+        for role, dev in (("client", "c0"), ("upstream", "u0")):
+            self.exec(role, "ethtool", "-K", dev, "tx", "off", check=True)
+        # A fresh veth drops the first neighbour solicitation while the link settles
+        # (a 1 s stall, relay or not): settle links and neighbour caches before any test traffic.
+        self.settle("client", self.listen_ip)
+        self.settle("upstream", self.relay_upstream_ip)
+
+    def _address(self, role, dev, addr, plen):
+        extra = ["nodad"] if self.ipv6 else []
+        self.ip(role, "addr", "add", f"{addr}/{plen}", "dev", dev, *extra)
+        self.ip(role, "link", "set", dev, "up")
+
+    def destroy(self):
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self.processes.clear()
+        if self._up:
+            for name in self.ns.values():
+                sh("ip", "netns", "del", name, check=False)
+            self._up = False
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # Commands in namespaces ----------------------------------------------------
+    def ip(self, role, *args):
+        return sh("ip", "-n", self.ns[role], *args)
+
+    def exec(self, role, *cmd, check=True):
+        return sh("ip", "netns", "exec", self.ns[role], *cmd, check=check)
+
+    def spawn(self, role, *cmd, stdout=subprocess.PIPE, stderr=None):
+        proc = subprocess.Popen(["ip", "netns", "exec", self.ns[role], *cmd], stdout=stdout, stderr=stderr, text=True)
+        self.processes.append(proc)
+        return proc
+
+    def peer(self, role, *args):
+        """Runs a peer.py command to completion and returns its JSON report."""
+        out = self.exec(role, sys.executable, PEER, *args)
+        return json.loads(out.strip().splitlines()[-1])
+
+    def spawn_peer(self, role, *args):
+        proc = self.spawn(role, sys.executable, PEER, *args, stderr=subprocess.PIPE)
+        line = proc.stderr.readline()
+        if "ready" not in line:
+            raise RuntimeError(f"peer {args} did not start: {line}")
+        return proc
+
+    def xdp_attached(self, role, dev):
+        return "xdp" in self.ip(role, "-d", "link", "show", "dev", dev)
+
+    def settle(self, role, ip):
+        """Pings `ip` from `role` until it answers (at most 5 s)."""
+        flag = "-6" if ":" in ip else "-4"
+        for _ in range(5):
+            if subprocess.run(["ip", "netns", "exec", self.ns[role], "ping", flag, "-c", "1", "-W", "1", ip],
+                              capture_output=True).returncode == 0:
+                return
+        raise RuntimeError(f"{ip} does not answer pings from {role}")
+
+
+def stop_peer(proc, timeout=10):
+    """SIGTERM a long-running peer and return its JSON report."""
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=timeout)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+class Relay:
+    """The relay under test, running in the relay namespace."""
+
+    def __init__(self, topo, binary, config_text):
+        self.topo, self.binary = topo, binary
+        self.config = os.path.join(topo.workdir, "relay.toml")
+        self.stats_file = os.path.join(topo.workdir, "stats.json")
+        self.log = os.path.join(topo.workdir, "relay.log")
+        with open(self.config, "w") as f:
+            f.write(config_text)
+        self.proc = None
+
+    def start(self, timeout=15):
+        log = open(self.log, "w")
+        self.proc = self.topo.spawn("relay", self.binary, "run", "--config", self.config, "--stats-file", self.stats_file, stderr=log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"relay exited with {self.proc.returncode}:\n{self.log_text()}")
+            if "relay ready" in self.log_text():
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"relay not ready after {timeout}s:\n{self.log_text()}")
+
+    def log_text(self):
+        with open(self.log) as f:
+            return f.read()
+
+    def stats(self):
+        with open(self.stats_file) as f:
+            return json.load(f)
+
+    def wait_stats(self, predicate, timeout=10):
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.stats()
+            if predicate(stats) or time.monotonic() > deadline:
+                return stats
+            time.sleep(0.1)
+
+    def terminate(self, timeout=10):
+        """SIGTERM; returns (exit code, final stats printed on stdout)."""
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=timeout)
+        lines = [l for l in out.strip().splitlines() if l.startswith("{")]
+        return self.proc.returncode, (json.loads(lines[-1]) if lines else None)
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def relay_config(topo, idle_timeout_secs=120, extra=""):
+    if topo.arm == "one_arm":
+        interfaces = '[[interface]]\nname = "rc0"\nrole = "both"\n'
+    else:
+        interfaces = '[[interface]]\nname = "rc0"\nrole = "client"\n\n[[interface]]\nname = "ru0"\nrole = "upstream"\n'
+    return f"""{interfaces}
+[nat]
+ports = "{NAT_PORTS[0]}-{NAT_PORTS[1]}"
+idle_timeout_secs = {idle_timeout_secs}
+
+[runtime]
+stats_interval_secs = 2
+
+[[route]]
+listen = "{topo.listen}"
+upstreams = ["{topo.upstream}"]
+{extra}"""

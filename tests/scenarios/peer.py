@@ -1,0 +1,234 @@
+#!/usr/bin/env python3
+"""UDP/TCP peers for the relay scenarios; each runs inside a namespace via `ip netns exec`.
+
+Commands print one JSON object on stdout when done, so the scenario runner can check them.
+"""
+import argparse
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import time
+
+SIZES = [1, 18, 64, 200, 512, 1000, 1400]
+# The largest UDP payload that fits a 1500-byte MTU unfragmented (the relay does not reassemble).
+MAX_PAYLOAD = {socket.AF_INET: 1472, socket.AF_INET6: 1452}
+
+
+def family_of(host):
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def split(addr):
+    host, port = addr.rsplit(":", 1)
+    return host.strip("[]"), int(port)
+
+
+def payload(seq, size):
+    """Deterministic, seq-dependent content so any mix-up or corruption shows."""
+    head = seq.to_bytes(8, "big")
+    body = bytes((seq * 31 + i * 7) & 0xFF for i in range(max(0, size - 8)))
+    return (head + body)[:size] if size >= 8 else head[8 - size:]
+
+
+def echo(args):
+    """Echo every datagram back to its sender until SIGTERM; report who it saw."""
+    host, port = split(args.bind)
+    sock = socket.socket(family_of(host), socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.bind((host, port))
+    seen = set()
+    count = 0
+    running = True
+
+    def stop(*_):
+        nonlocal running
+        running = False
+
+    signal.signal(signal.SIGTERM, stop)
+    print("ready", file=sys.stderr, flush=True)
+    while running:
+        ready, _, _ = select.select([sock], [], [], 0.2)
+        if not ready:
+            continue
+        data, source = sock.recvfrom(65535)
+        count += 1
+        seen.add(f"{source[0]}:{source[1]}")
+        sock.sendto(data, source)
+    print(json.dumps({"received": count, "sources": sorted(seen)}), flush=True)
+
+
+def client(args):
+    """Send `count` datagrams of mixed sizes with a bounded window; check every echo byte for byte."""
+    host, port = split(args.to)
+    family = family_of(host)
+    sizes = SIZES + [MAX_PAYLOAD[family]]
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    if args.bind:
+        sock.bind(split(args.bind))
+    sock.connect((host, port))
+    sock.setblocking(False)
+    pending = {}
+    expected_total = args.count
+    next_seq = 0
+    received = corrupt = duplicates = first_try_lost = retransmits = 0
+    lost_examples = []
+    delivered = set()  # hashes of payloads already matched: a late original after a retransmit is a duplicate
+    attempts = {}
+    deadline = time.monotonic() + args.timeout
+    while (next_seq < expected_total or pending) and time.monotonic() < deadline:
+        while next_seq < expected_total and len(pending) < args.window:
+            data = payload(next_seq, sizes[next_seq % len(sizes)] if args.size == 0 else args.size)
+            pending[next_seq] = (data, time.monotonic())
+            attempts[next_seq] = 1
+            sock.send(data)
+            next_seq += 1
+        ready, _, _ = select.select([sock], [], [], 0.05)
+        if ready:
+            while True:
+                try:
+                    data = sock.recv(65535)
+                except BlockingIOError:
+                    break
+                except ConnectionRefusedError:
+                    continue
+                seq = int.from_bytes(data[:8], "big") if len(data) >= 8 else None
+                match = None
+                if seq is not None and seq in pending and pending[seq][0] == data:
+                    match = seq
+                else:
+                    # Short payloads carry only the low bytes of seq: find the pending one that matches.
+                    match = next((s for s, (d, _) in pending.items() if d == data), None)
+                if match is None:
+                    if hash(data) in delivered:
+                        duplicates += 1
+                    else:
+                        corrupt += 1
+                    continue
+                del pending[match]
+                delivered.add(hash(data))
+                received += 1
+        now = time.monotonic()
+        for seq, (data, sent) in list(pending.items()):
+            if now - sent > args.retry_after:
+                if attempts[seq] == 1:
+                    first_try_lost += 1
+                    lost_examples.append(seq)
+                if attempts[seq] > args.retries:
+                    continue
+                attempts[seq] += 1
+                retransmits += 1
+                pending[seq] = (data, now)
+                sock.send(data)
+    print(json.dumps({
+        "sent": expected_total, "received": received, "missing": len(pending),
+        "corrupt": corrupt, "duplicates": duplicates, "first_try_lost": first_try_lost, "retransmits": retransmits,
+        "local": "%s:%d" % sock.getsockname()[:2], "lost_examples": lost_examples[:8],
+    }), flush=True)
+
+
+def many_clients(args):
+    """Open `count` sockets on distinct ports; each sends its own token and must get only its own back."""
+    host, port = split(args.to)
+    socks = []
+    for i in range(args.count):
+        s = socket.socket(family_of(host), socket.SOCK_DGRAM)
+        s.bind(("", 0))
+        s.connect((host, port))
+        s.setblocking(False)
+        socks.append(s)
+    tokens = {s.fileno(): b"client-%05d-%s" % (i, os.urandom(6).hex().encode()) for i, s in enumerate(socks)}
+    got = {s.fileno(): 0 for s in socks}
+    wrong = 0
+    for round_ in range(args.rounds):
+        for s in socks:
+            s.send(tokens[s.fileno()])
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and any(got[s.fileno()] <= round_ for s in socks):
+            poller = select.poll()
+            for s in socks:
+                poller.register(s, select.POLLIN)
+            for fd, _ in poller.poll(100):
+                sock = next(s for s in socks if s.fileno() == fd)
+                while True:
+                    try:
+                        data = sock.recv(2048)
+                    except BlockingIOError:
+                        break
+                    if data == tokens[fd]:
+                        got[fd] += 1
+                    else:
+                        wrong += 1
+    ports = {s.getsockname()[1] for s in socks}
+    complete = sum(1 for n in got.values() if n >= args.rounds)
+    print(json.dumps({"clients": len(socks), "distinct_ports": len(ports), "complete": complete,
+                      "wrong": wrong, "replies": sum(got.values())}), flush=True)
+
+
+def send(args):
+    """Fire datagrams at an address without expecting anything back."""
+    host, port = split(args.to)
+    sock = socket.socket(family_of(host), socket.SOCK_DGRAM)
+    for i in range(args.count):
+        sock.sendto(b"unsolicited-%d" % i, (host, port))
+    print(json.dumps({"sent": args.count}), flush=True)
+
+
+def tcp_echo(args):
+    host, port = split(args.bind)
+    server = socket.socket(family_of(host), socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind((host, port))
+    server.listen(4)
+    print("ready", file=sys.stderr, flush=True)
+    conn, _ = server.accept()
+    with conn:
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                break
+            conn.sendall(data)
+    print(json.dumps({"served": 1}), flush=True)
+
+
+def tcp_client(args):
+    host, port = split(args.to)
+    blob = os.urandom(args.bytes)
+    with socket.create_connection((host, port), timeout=5) as conn:
+        conn.sendall(blob)
+        conn.shutdown(socket.SHUT_WR)
+        back = b""
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                break
+            back += data
+    print(json.dumps({"sent": len(blob), "echoed_intact": back == blob}), flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("echo"); p.add_argument("--bind", required=True); p.set_defaults(run=echo)
+    p = sub.add_parser("client"); p.add_argument("--to", required=True); p.add_argument("--bind")
+    p.add_argument("--count", type=int, default=1000); p.add_argument("--size", type=int, default=0)
+    p.add_argument("--window", type=int, default=32); p.add_argument("--retry-after", type=float, default=0.5)
+    p.add_argument("--retries", type=int, default=3); p.add_argument("--timeout", type=float, default=120)
+    p.set_defaults(run=client)
+    p = sub.add_parser("many-clients"); p.add_argument("--to", required=True)
+    p.add_argument("--count", type=int, default=1000); p.add_argument("--rounds", type=int, default=2)
+    p.set_defaults(run=many_clients)
+    p = sub.add_parser("send"); p.add_argument("--to", required=True); p.add_argument("--count", type=int, default=10)
+    p.set_defaults(run=send)
+    p = sub.add_parser("tcp-echo"); p.add_argument("--bind", required=True); p.set_defaults(run=tcp_echo)
+    p = sub.add_parser("tcp-client"); p.add_argument("--to", required=True); p.add_argument("--bytes", type=int, default=1 << 20)
+    p.set_defaults(run=tcp_client)
+    args = parser.parse_args()
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
