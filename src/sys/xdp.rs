@@ -170,8 +170,9 @@ impl XdpProgram {
         Ok(totals)
     }
 
-    /// Runs the program once over `frame` with BPF_PROG_TEST_RUN; returns the XDP action.
-    pub fn test_run(&self, frame: &[u8]) -> Result<u32, XdpError> {
+    /// Runs the program once over `frame` with BPF_PROG_TEST_RUN; returns the
+    /// XDP action and the frame as the program left it.
+    pub fn test_run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>), XdpError> {
         let mut out = vec![0u8; frame.len() + 256];
         let mut opts = bpf::bpf_test_run_opts {
             sz: size_of::<bpf::bpf_test_run_opts>() as _,
@@ -187,7 +188,8 @@ impl XdpProgram {
         if err != 0 {
             return Err(XdpError::TestRun(io::Error::from_raw_os_error(-err)));
         }
-        Ok(opts.retval)
+        out.truncate(opts.data_size_out as usize);
+        Ok((opts.retval, out))
     }
 
     fn link_create(&self, ifindex: u32, mode: AttachedMode) -> Result<OwnedFd, XdpError> {

@@ -1,0 +1,87 @@
+//! Privileged end-to-end scenarios: each runs `tests/scenarios/run.py` (the
+//! same script the NixOS VM tests run) against the real binary, in network
+//! namespaces over veth with real AF_XDP sockets and real UDP peers.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Scenarios are CPU-bound on a small machine: run one at a time so timing-sensitive checks are fair.
+static SERIAL: Mutex<()> = Mutex::new(());
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// Deletes every namespace of one scenario on drop, even when the scenario or the test panicked.
+struct NamespaceGuard {
+    prefix: String,
+}
+
+impl Drop for NamespaceGuard {
+    fn drop(&mut self) {
+        let Ok(output) = Command::new("ip").args(["netns", "list"]).output() else { return };
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            if name.starts_with(&format!("{}-", self.prefix)) {
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
+    }
+}
+
+fn scenario(name: &str) {
+    if !common::privileged(name) {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let guard = NamespaceGuard { prefix: format!("oxt{}x{}", std::process::id() % 100_000, NEXT.fetch_add(1, Ordering::Relaxed)) };
+    let output = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scenarios/run.py"))
+        .args(["--relay", env!("CARGO_BIN_EXE_oxidize-relay"), "--prefix", &guard.prefix, name])
+        .output()
+        .expect("python3 runs the scenario");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}");
+    assert!(output.status.success(), "scenario {name} failed ({}):\n{stdout}\n{stderr}", output.status);
+}
+
+#[test]
+fn ipv4_one_arm_100k_datagrams() {
+    scenario("ipv4-one-arm");
+}
+
+#[test]
+fn ipv6_one_arm() {
+    scenario("ipv6-one-arm");
+}
+
+#[test]
+fn ipv4_two_arm() {
+    scenario("ipv4-two-arm");
+}
+
+#[test]
+fn ipv6_two_arm_100k_datagrams() {
+    scenario("ipv6-two-arm");
+}
+
+#[test]
+fn thousand_clients_get_only_their_own_replies() {
+    scenario("many-clients");
+}
+
+#[test]
+fn idle_sessions_expire() {
+    scenario("session-expiry");
+}
+
+#[test]
+fn tcp_to_the_relay_host_works_while_attached() {
+    scenario("tcp-coexistence");
+}
+
+#[test]
+fn sigkill_leaves_traffic_to_the_kernel() {
+    scenario("sigkill-fallback");
+}
