@@ -13,7 +13,11 @@ use oxidize_relay_core::config::Config;
 const EXIT_CONFIG: u8 = 2;
 
 #[derive(Debug, Parser)]
-#[command(name = "oxidize-relay", version, about = "Kernel-bypass UDP relay (XDP + AF_XDP)")]
+#[command(
+    name = "oxidize-relay",
+    version,
+    about = "Kernel-bypass UDP relay (XDP + AF_XDP)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -44,13 +48,20 @@ enum Command {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
         Command::CheckConfig { file } => match load_config(&file) {
             Ok(config) => {
-                println!("{}: ok ({} interfaces, {} routes)", file.display(), config.interfaces.len(), config.routes.len());
+                println!(
+                    "{}: ok ({} interfaces, {} routes)",
+                    file.display(),
+                    config.interfaces.len(),
+                    config.routes.len()
+                );
                 ExitCode::SUCCESS
             }
             Err(message) => {
@@ -58,11 +69,22 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Run { config, interface, listen, upstream, stats_file } => {
+        Command::Run {
+            config,
+            interface,
+            listen,
+            upstream,
+            stats_file,
+        } => {
             let config = match (config, interface, listen) {
                 (Some(file), _, _) => load_config(&file),
-                (None, Some(interface), Some(listen)) => Config::quick(&interface, listen, &upstream).map_err(|e| e.to_string()),
-                _ => Err("give --config FILE, or --interface IF --listen ADDR:PORT --upstream ADDR:PORT".into()),
+                (None, Some(interface), Some(listen)) => {
+                    Config::quick(&interface, listen, &upstream).map_err(|e| e.to_string())
+                }
+                _ => Err(
+                    "give --config FILE, or --interface IF --listen ADDR:PORT --upstream ADDR:PORT"
+                        .into(),
+                ),
             };
             let config = match config {
                 Ok(config) => config,
@@ -84,7 +106,8 @@ fn main() -> ExitCode {
 
 /// Reads and validates a config file; the message names the file, line and column.
 fn load_config(file: &PathBuf) -> Result<Config, String> {
-    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: cannot read: {e}", file.display()))?;
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("{}: cannot read: {e}", file.display()))?;
     Config::from_toml(&text).map_err(|e| match (e.line, e.column) {
         (Some(line), Some(column)) => format!("{}:{line}:{column}: {}", file.display(), e.message),
         _ => format!("{}: {}", file.display(), e.message),

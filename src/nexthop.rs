@@ -30,9 +30,23 @@ pub struct NextHopResolver {
 }
 
 impl NextHopResolver {
-    pub fn new(socket: RouteSocket, interfaces: Vec<IfaceInfo>, statics: Vec<StaticNeighbor>, upstreams: Vec<SocketAddr>) -> Self {
-        let current = upstreams.iter().map(|u| Err(Unreachable::NeighborPending(u.ip()))).collect();
-        NextHopResolver { socket, interfaces, statics, upstreams, current }
+    pub fn new(
+        socket: RouteSocket,
+        interfaces: Vec<IfaceInfo>,
+        statics: Vec<StaticNeighbor>,
+        upstreams: Vec<SocketAddr>,
+    ) -> Self {
+        let current = upstreams
+            .iter()
+            .map(|u| Err(Unreachable::NeighborPending(u.ip())))
+            .collect();
+        NextHopResolver {
+            socket,
+            interfaces,
+            statics,
+            upstreams,
+            current,
+        }
     }
 
     /// Re-resolves every upstream; returns those whose next hop changed.
@@ -45,11 +59,21 @@ impl NextHopResolver {
                 continue;
             }
             match &resolved {
-                Ok(hop) => tracing::info!(%upstream, iface = %self.interfaces[usize::from(hop.iface.0)].name, source = %hop.src_ip, mac = %format_mac(&hop.dst_mac), "upstream next hop resolved"),
-                Err(Unreachable::NeighborPending(ip)) => tracing::warn!(%upstream, neighbor = %ip, "neighbour not resolved yet; resolution requested, packets for it are counted as neighbor_unresolved"),
-                Err(Unreachable::NoRoute(error)) => tracing::warn!(%upstream, %error, "no route to upstream"),
-                Err(Unreachable::ForeignInterface(ifindex)) => tracing::warn!(%upstream, ifindex, "upstream is routed through an interface the relay does not serve"),
-                Err(Unreachable::NoSourceAddress) => tracing::warn!(%upstream, "route to upstream has no preferred source address"),
+                Ok(hop) => {
+                    tracing::info!(%upstream, iface = %self.interfaces[usize::from(hop.iface.0)].name, source = %hop.src_ip, mac = %format_mac(&hop.dst_mac), "upstream next hop resolved")
+                }
+                Err(Unreachable::NeighborPending(ip)) => {
+                    tracing::warn!(%upstream, neighbor = %ip, "neighbour not resolved yet; resolution requested, packets for it are counted as neighbor_unresolved")
+                }
+                Err(Unreachable::NoRoute(error)) => {
+                    tracing::warn!(%upstream, %error, "no route to upstream")
+                }
+                Err(Unreachable::ForeignInterface(ifindex)) => {
+                    tracing::warn!(%upstream, ifindex, "upstream is routed through an interface the relay does not serve")
+                }
+                Err(Unreachable::NoSourceAddress) => {
+                    tracing::warn!(%upstream, "route to upstream has no preferred source address")
+                }
             }
             let was_reachable = self.current[index].is_ok();
             let hop = resolved.as_ref().ok().copied();
@@ -67,7 +91,10 @@ impl NextHopResolver {
     }
 
     fn resolve(&mut self, upstream: IpAddr) -> Result<NextHop, Unreachable> {
-        let route = self.socket.route_to(upstream).map_err(|e| Unreachable::NoRoute(e.to_string()))?;
+        let route = self
+            .socket
+            .route_to(upstream)
+            .map_err(|e| Unreachable::NoRoute(e.to_string()))?;
         let iface = self
             .interfaces
             .iter()
@@ -86,10 +113,17 @@ impl NextHopResolver {
                 }
             },
         };
-        Ok(NextHop { iface: IfaceId(iface as u8), src_ip, dst_mac: mac })
+        Ok(NextHop {
+            iface: IfaceId(iface as u8),
+            src_ip,
+            dst_mac: mac,
+        })
     }
 }
 
 pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }

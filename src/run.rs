@@ -39,7 +39,11 @@ pub enum SetupError {
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
     #[error("interface {interface} has {available} RX queues but the config asks for {wanted}")]
-    Queues { interface: String, available: u32, wanted: u32 },
+    Queues {
+        interface: String,
+        available: u32,
+        wanted: u32,
+    },
     #[error("registering signal handlers failed: {0}")]
     Signals(#[source] std::io::Error),
     #[error("spawning worker thread {worker} failed: {source}")]
@@ -75,7 +79,11 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
     for interface in &config.interfaces {
         let info = IfaceInfo::lookup(&interface.name)?;
         if interface.queues > info.rx_queues {
-            return Err(SetupError::Queues { interface: info.name, available: info.rx_queues, wanted: interface.queues });
+            return Err(SetupError::Queues {
+                interface: info.name,
+                available: info.rx_queues,
+                wanted: interface.queues,
+            });
         }
         let mut program = XdpProgram::load()?;
         program.set_nat_ports(config.nat.ports.0, config.nat.ports.1)?;
@@ -84,7 +92,11 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
         }
         let mode = program.attach(info.index, interface.xdp_mode)?;
         tracing::info!(interface = %info.name, driver = %info.driver, mode = mode.name(), "XDP program attached");
-        attached.push(Attached { info, program, mode });
+        attached.push(Attached {
+            info,
+            program,
+            mode,
+        });
     }
 
     let routes = Arc::new(RouteTable::new(&config.routes));
@@ -96,9 +108,16 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
     let mut workers = Vec::new();
     let mut counters = Vec::new();
     for queue in 0..queues {
-        let pool = FramePool::new(config.pool.frames_per_worker, config.pool.frame_size, config.pool.hugepages)?;
+        let pool = FramePool::new(
+            config.pool.frames_per_worker,
+            config.pool.frame_size,
+            config.pool.hugepages,
+        )?;
         if config.pool.hugepages && !pool.hugepages {
-            tracing::warn!(worker = queue, "no 2 MiB hugepages available for the UMEM; using normal pages (reserve with vm.nr_hugepages)");
+            tracing::warn!(
+                worker = queue,
+                "no 2 MiB hugepages available for the UMEM; using normal pages (reserve with vm.nr_hugepages)"
+            );
         }
         let mut sockets = Vec::new();
         for a in &attached {
@@ -145,18 +164,37 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
     let start = Instant::now();
     loop {
         publish(&mut resolver, &attached, &update_senders)?;
-        if resolver.all_resolved() || start.elapsed() >= RESOLVE_AT_START || stop.load(Ordering::Relaxed) {
+        if resolver.all_resolved()
+            || start.elapsed() >= RESOLVE_AT_START
+            || stop.load(Ordering::Relaxed)
+        {
             break;
         }
         thread::sleep(Duration::from_millis(50));
     }
 
     let handles = spawn_workers(workers, &config.runtime.cores)?;
-    let context = StatsContext { attached: &attached, counters: &counters, stats_file: options.stats_file.as_ref() };
+    let context = StatsContext {
+        attached: &attached,
+        counters: &counters,
+        stats_file: options.stats_file.as_ref(),
+    };
     context.write(&Totals::collect(&counters), true);
-    tracing::info!(workers = handles.len(), backend = "af_xdp", routes = config.routes.len(), "relay ready");
+    tracing::info!(
+        workers = handles.len(),
+        backend = "af_xdp",
+        routes = config.routes.len(),
+        "relay ready"
+    );
 
-    control_loop(&config, &stop, &mut resolver, &unresolved_rx, &update_senders, &context)?;
+    control_loop(
+        &config,
+        &stop,
+        &mut resolver,
+        &unresolved_rx,
+        &update_senders,
+        &context,
+    )?;
 
     tracing::info!("shutting down: stopping workers, detaching XDP");
     for handle in handles {
@@ -179,7 +217,17 @@ struct StatsContext<'a> {
 
 impl StatsContext<'_> {
     fn json(&self, totals: &Totals, running: bool) -> Value {
-        let xdp: Vec<_> = self.attached.iter().map(|a| (a.info.name.clone(), a.mode.name(), a.program.counters().ok())).collect();
+        let xdp: Vec<_> = self
+            .attached
+            .iter()
+            .map(|a| {
+                (
+                    a.info.name.clone(),
+                    a.mode.name(),
+                    a.program.counters().ok(),
+                )
+            })
+            .collect();
         let mut extra = Map::new();
         extra.insert("backend".into(), json!("af_xdp"));
         extra.insert("workers".into(), json!(self.counters.len()));
@@ -191,7 +239,8 @@ impl StatsContext<'_> {
     fn write(&self, totals: &Totals, running: bool) {
         let Some(path) = self.stats_file else { return };
         let temporary = path.with_extension("tmp");
-        let result = fs::write(&temporary, self.json(totals, running).to_string()).and_then(|()| fs::rename(&temporary, path));
+        let result = fs::write(&temporary, self.json(totals, running).to_string())
+            .and_then(|()| fs::rename(&temporary, path));
         if let Err(error) = result {
             tracing::warn!(path = %path.display(), %error, "writing the stats file failed");
         }
@@ -221,7 +270,10 @@ fn control_loop(
         stats.write(&totals, true);
         if last_summary.0.elapsed() >= interval {
             let seconds = last_summary.0.elapsed().as_secs_f64();
-            tracing::info!("{}", totals.summary(&last_summary.1, seconds, stats.counters.len(), "af_xdp"));
+            tracing::info!(
+                "{}",
+                totals.summary(&last_summary.1, seconds, stats.counters.len(), "af_xdp")
+            );
             last_summary = (Instant::now(), totals);
         }
     }
@@ -229,7 +281,11 @@ fn control_loop(
 }
 
 /// Refreshes next hops; new NAT source addresses go into every XDP program before workers use them.
-fn publish(resolver: &mut NextHopResolver, attached: &[Attached], updates: &[Sender<WorkerUpdate>]) -> Result<(), SetupError> {
+fn publish(
+    resolver: &mut NextHopResolver,
+    attached: &[Attached],
+    updates: &[Sender<WorkerUpdate>],
+) -> Result<(), SetupError> {
     for (upstream, hop) in resolver.refresh() {
         if let Some(NextHop { src_ip, .. }) = hop {
             for a in attached {
@@ -249,9 +305,15 @@ fn spawn_workers(workers: Vec<Worker>, cores: &[usize]) -> Result<Vec<JoinHandle
         .into_iter()
         .map(|worker| {
             let id = worker.id;
-            let core = cores.get(id).and_then(|c| available.iter().find(|a| a.id == *c).copied());
+            let core = cores
+                .get(id)
+                .and_then(|c| available.iter().find(|a| a.id == *c).copied());
             if let Some(wanted) = cores.get(id).filter(|_| core.is_none()) {
-                tracing::warn!(worker = id, core = wanted, "configured core is not available; worker left unpinned");
+                tracing::warn!(
+                    worker = id,
+                    core = wanted,
+                    "configured core is not available; worker left unpinned"
+                );
             }
             thread::Builder::new()
                 .name(format!("oxr-worker-{id}"))

@@ -19,7 +19,9 @@ struct NamespaceGuard {
 
 impl Drop for NamespaceGuard {
     fn drop(&mut self) {
-        let Ok(output) = Command::new("ip").args(["netns", "list"]).output() else { return };
+        let Ok(output) = Command::new("ip").args(["netns", "list"]).output() else {
+            return;
+        };
         for line in String::from_utf8_lossy(&output.stdout).lines() {
             let name = line.split_whitespace().next().unwrap_or_default();
             if name.starts_with(&format!("{}-", self.prefix)) {
@@ -33,17 +35,38 @@ fn scenario(name: &str) {
     if !common::privileged(name) {
         return;
     }
-    let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let guard = NamespaceGuard { prefix: format!("oxt{}x{}", std::process::id() % 100_000, NEXT.fetch_add(1, Ordering::Relaxed)) };
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let guard = NamespaceGuard {
+        prefix: format!(
+            "oxt{}x{}",
+            std::process::id() % 100_000,
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ),
+    };
     let output = Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scenarios/run.py"))
-        .args(["--relay", env!("CARGO_BIN_EXE_oxidize-relay"), "--prefix", &guard.prefix, name])
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/scenarios/run.py"
+        ))
+        .args([
+            "--relay",
+            env!("CARGO_BIN_EXE_oxidize-relay"),
+            "--prefix",
+            &guard.prefix,
+            name,
+        ])
         .output()
         .expect("python3 runs the scenario");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     println!("{stdout}");
-    assert!(output.status.success(), "scenario {name} failed ({}):\n{stdout}\n{stderr}", output.status);
+    assert!(
+        output.status.success(),
+        "scenario {name} failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
 }
 
 #[test]

@@ -60,7 +60,11 @@ impl Relay {
     pub fn new(routes: Arc<RouteTable>, settings: RelaySettings, counters: Arc<Counters>) -> Self {
         let upstreams = routes.upstreams().len();
         Relay {
-            sessions: SessionTable::new(settings.nat_ports, settings.max_sessions, settings.idle_timeout),
+            sessions: SessionTable::new(
+                settings.nat_ports,
+                settings.max_sessions,
+                settings.idle_timeout,
+            ),
             next_hops: vec![None; upstreams],
             unresolved: vec![false; upstreams],
             routes,
@@ -103,7 +107,9 @@ impl Relay {
         let expired = self.sessions.expire(now, budget);
         if expired > 0 {
             self.counters.sessions_expired.add(expired as u64);
-            self.counters.sessions_active.set(self.sessions.len() as u64);
+            self.counters
+                .sessions_active
+                .set(self.sessions.len() as u64);
         }
     }
 
@@ -120,20 +126,30 @@ impl Relay {
         self.sessions.port_count()
     }
 
-    fn relay(&mut self, now: Millis, ingress: IfaceId, packet: &mut UdpFrame<&mut [u8]>) -> Verdict {
+    fn relay(
+        &mut self,
+        now: Millis,
+        ingress: IfaceId,
+        packet: &mut UdpFrame<&mut [u8]>,
+    ) -> Verdict {
         if self.verify_checksums && !packet.checksums_valid() {
             return Verdict::Drop(DropReason::BadChecksum);
         }
         let dst = packet.dst();
         // Config keeps listen ports out of the NAT range, so the port alone tells the direction.
         if self.sessions.owns_port(dst.port()) {
-            return self.to_client(now, packet, dst);
+            return self.reply_to_client(now, packet, dst);
         }
-        self.to_upstream(now, ingress, packet, dst)
+        self.forward_to_upstream(now, ingress, packet, dst)
     }
 
     /// A reply from an upstream to one of our NAT ports.
-    fn to_client(&mut self, now: Millis, packet: &mut UdpFrame<&mut [u8]>, dst: SocketAddr) -> Verdict {
+    fn reply_to_client(
+        &mut self,
+        now: Millis,
+        packet: &mut UdpFrame<&mut [u8]>,
+        dst: SocketAddr,
+    ) -> Verdict {
         let src = packet.src();
         let Some(session) = self.sessions.by_port_mut(dst.port()) else {
             return Verdict::Drop(DropReason::NoSession);
@@ -153,11 +169,20 @@ impl Relay {
     }
 
     /// A client packet to a listen address.
-    fn to_upstream(&mut self, now: Millis, ingress: IfaceId, packet: &mut UdpFrame<&mut [u8]>, dst: SocketAddr) -> Verdict {
+    fn forward_to_upstream(
+        &mut self,
+        now: Millis,
+        ingress: IfaceId,
+        packet: &mut UdpFrame<&mut [u8]>,
+        dst: SocketAddr,
+    ) -> Verdict {
         let Some(route_id) = self.routes.lookup(dst) else {
             return Verdict::Drop(DropReason::NoRoute);
         };
-        let flow = FlowKey { client: packet.src(), listen: dst };
+        let flow = FlowKey {
+            client: packet.src(),
+            listen: dst,
+        };
         let session = match self.sessions.touch_flow(&flow, now) {
             Some(session) => *session,
             None => match self.admit(now, ingress, packet, flow, route_id) {
@@ -211,7 +236,9 @@ impl Relay {
             AdmitError::PortsExhausted => DropReason::NatPortsExhausted,
         })?;
         self.counters.sessions_created.add(1);
-        self.counters.sessions_active.set(self.sessions.len() as u64);
+        self.counters
+            .sessions_active
+            .set(self.sessions.len() as u64);
         Ok(session)
     }
 }
@@ -255,21 +282,58 @@ mod tests {
             verify_checksums: true,
         };
         let mut relay = Relay::new(routes, settings, counters.clone());
-        relay.set_next_hop(UpstreamId(0), Some(NextHop { iface: IfaceId(1), src_ip: nat_ip.parse().expect("ip"), dst_mac: UPSTREAM_MAC }));
+        relay.set_next_hop(
+            UpstreamId(0),
+            Some(NextHop {
+                iface: IfaceId(1),
+                src_ip: nat_ip.parse().expect("ip"),
+                dst_mac: UPSTREAM_MAC,
+            }),
+        );
         (relay, counters)
     }
 
     #[test]
     fn round_trip_ipv4_two_arm() {
         let (mut relay, counters) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
-        let mut request = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"), b"ping");
-        assert_eq!(relay.handle(1, IfaceId(0), &mut request), Verdict::Forward(IfaceId(1)));
-        let expected = udp_frame(RELAY_UPSTREAM_SIDE, UPSTREAM_MAC, addr("10.1.0.1:20000"), addr("10.1.0.2:7000"), b"ping");
+        let mut request = udp_frame(
+            CLIENT_MAC,
+            RELAY_CLIENT_SIDE,
+            addr("10.0.0.2:40000"),
+            addr("10.0.0.1:5000"),
+            b"ping",
+        );
+        assert_eq!(
+            relay.handle(1, IfaceId(0), &mut request),
+            Verdict::Forward(IfaceId(1))
+        );
+        let expected = udp_frame(
+            RELAY_UPSTREAM_SIDE,
+            UPSTREAM_MAC,
+            addr("10.1.0.1:20000"),
+            addr("10.1.0.2:7000"),
+            b"ping",
+        );
         assert_eq!(request, expected);
 
-        let mut reply = udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.2:7000"), addr("10.1.0.1:20000"), b"pong");
-        assert_eq!(relay.handle(2, IfaceId(1), &mut reply), Verdict::Forward(IfaceId(0)));
-        let expected = udp_frame(RELAY_CLIENT_SIDE, CLIENT_MAC, addr("10.0.0.1:5000"), addr("10.0.0.2:40000"), b"pong");
+        let mut reply = udp_frame(
+            UPSTREAM_MAC,
+            RELAY_UPSTREAM_SIDE,
+            addr("10.1.0.2:7000"),
+            addr("10.1.0.1:20000"),
+            b"pong",
+        );
+        assert_eq!(
+            relay.handle(2, IfaceId(1), &mut reply),
+            Verdict::Forward(IfaceId(0))
+        );
+        let expected = udp_frame(
+            RELAY_CLIENT_SIDE,
+            CLIENT_MAC,
+            addr("10.0.0.1:5000"),
+            addr("10.0.0.2:40000"),
+            b"pong",
+        );
         assert_eq!(reply, expected);
         assert_eq!(counters.sessions_created.get(), 1);
         assert_eq!(counters.total_drops(), 0);
@@ -278,12 +342,39 @@ mod tests {
     #[test]
     fn round_trip_ipv6_wildcard_listen() {
         let (mut relay, _) = two_arm_relay("[::]:5000", "[fd01::2]:7000", "fd01::1");
-        let mut request = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("[fd00::2]:40000"), addr("[fd00::1]:5000"), b"ping6");
-        assert_eq!(relay.handle(1, IfaceId(0), &mut request), Verdict::Forward(IfaceId(1)));
-        let mut reply = udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("[fd01::2]:7000"), addr("[fd01::1]:20000"), b"pong6");
-        assert_eq!(relay.handle(2, IfaceId(1), &mut reply), Verdict::Forward(IfaceId(0)));
-        let expected = udp_frame(RELAY_CLIENT_SIDE, CLIENT_MAC, addr("[fd00::1]:5000"), addr("[fd00::2]:40000"), b"pong6");
-        assert_eq!(reply, expected, "the reply comes from the exact address the client used");
+        let mut request = udp_frame(
+            CLIENT_MAC,
+            RELAY_CLIENT_SIDE,
+            addr("[fd00::2]:40000"),
+            addr("[fd00::1]:5000"),
+            b"ping6",
+        );
+        assert_eq!(
+            relay.handle(1, IfaceId(0), &mut request),
+            Verdict::Forward(IfaceId(1))
+        );
+        let mut reply = udp_frame(
+            UPSTREAM_MAC,
+            RELAY_UPSTREAM_SIDE,
+            addr("[fd01::2]:7000"),
+            addr("[fd01::1]:20000"),
+            b"pong6",
+        );
+        assert_eq!(
+            relay.handle(2, IfaceId(1), &mut reply),
+            Verdict::Forward(IfaceId(0))
+        );
+        let expected = udp_frame(
+            RELAY_CLIENT_SIDE,
+            CLIENT_MAC,
+            addr("[fd00::1]:5000"),
+            addr("[fd00::2]:40000"),
+            b"pong6",
+        );
+        assert_eq!(
+            reply, expected,
+            "the reply comes from the exact address the client used"
+        );
     }
 
     #[test]
@@ -291,15 +382,39 @@ mod tests {
         let (mut relay, _) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
         let mut nat_port_of = Vec::new();
         for port in 1000..1500u16 {
-            let mut request = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, SocketAddr::new("10.0.0.2".parse().expect("ip"), port), addr("10.0.0.1:5000"), &port.to_be_bytes());
-            assert_eq!(relay.handle(1, IfaceId(0), &mut request), Verdict::Forward(IfaceId(1)));
+            let mut request = udp_frame(
+                CLIENT_MAC,
+                RELAY_CLIENT_SIDE,
+                SocketAddr::new("10.0.0.2".parse().expect("ip"), port),
+                addr("10.0.0.1:5000"),
+                &port.to_be_bytes(),
+            );
+            assert_eq!(
+                relay.handle(1, IfaceId(0), &mut request),
+                Verdict::Forward(IfaceId(1))
+            );
             let view = UdpFrame::new_checked(&request[..]).expect("valid");
             nat_port_of.push((port, view.src().port()));
         }
         for (client_port, nat_port) in nat_port_of.into_iter().rev() {
-            let mut reply = udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.2:7000"), SocketAddr::new("10.1.0.1".parse().expect("ip"), nat_port), b"r");
-            assert_eq!(relay.handle(2, IfaceId(1), &mut reply), Verdict::Forward(IfaceId(0)));
-            assert_eq!(UdpFrame::new_checked(&reply[..]).expect("valid").dst().port(), client_port);
+            let mut reply = udp_frame(
+                UPSTREAM_MAC,
+                RELAY_UPSTREAM_SIDE,
+                addr("10.1.0.2:7000"),
+                SocketAddr::new("10.1.0.1".parse().expect("ip"), nat_port),
+                b"r",
+            );
+            assert_eq!(
+                relay.handle(2, IfaceId(1), &mut reply),
+                Verdict::Forward(IfaceId(0))
+            );
+            assert_eq!(
+                UdpFrame::new_checked(&reply[..])
+                    .expect("valid")
+                    .dst()
+                    .port(),
+                client_port
+            );
         }
         assert_eq!(relay.session_count(), 500);
     }
@@ -307,18 +422,51 @@ mod tests {
     #[test]
     fn replies_are_refused_from_strangers_and_after_expiry() {
         let (mut relay, counters) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
-        let mut request = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"), b"x");
+        let mut request = udp_frame(
+            CLIENT_MAC,
+            RELAY_CLIENT_SIDE,
+            addr("10.0.0.2:40000"),
+            addr("10.0.0.1:5000"),
+            b"x",
+        );
         relay.handle(0, IfaceId(0), &mut request);
 
-        let mut stranger = udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.66:7000"), addr("10.1.0.1:20000"), b"evil");
-        assert_eq!(relay.handle(1, IfaceId(1), &mut stranger), Verdict::Drop(DropReason::UnexpectedReplySource));
-        let mut unknown_port = udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.2:7000"), addr("10.1.0.1:20001"), b"?");
-        assert_eq!(relay.handle(1, IfaceId(1), &mut unknown_port), Verdict::Drop(DropReason::NoSession));
+        let mut stranger = udp_frame(
+            UPSTREAM_MAC,
+            RELAY_UPSTREAM_SIDE,
+            addr("10.1.0.66:7000"),
+            addr("10.1.0.1:20000"),
+            b"evil",
+        );
+        assert_eq!(
+            relay.handle(1, IfaceId(1), &mut stranger),
+            Verdict::Drop(DropReason::UnexpectedReplySource)
+        );
+        let mut unknown_port = udp_frame(
+            UPSTREAM_MAC,
+            RELAY_UPSTREAM_SIDE,
+            addr("10.1.0.2:7000"),
+            addr("10.1.0.1:20001"),
+            b"?",
+        );
+        assert_eq!(
+            relay.handle(1, IfaceId(1), &mut unknown_port),
+            Verdict::Drop(DropReason::NoSession)
+        );
 
         relay.expire(30_000, usize::MAX);
         assert_eq!(relay.session_count(), 0);
-        let mut late = udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.2:7000"), addr("10.1.0.1:20000"), b"late");
-        assert_eq!(relay.handle(30_001, IfaceId(1), &mut late), Verdict::Drop(DropReason::NoSession));
+        let mut late = udp_frame(
+            UPSTREAM_MAC,
+            RELAY_UPSTREAM_SIDE,
+            addr("10.1.0.2:7000"),
+            addr("10.1.0.1:20000"),
+            b"late",
+        );
+        assert_eq!(
+            relay.handle(30_001, IfaceId(1), &mut late),
+            Verdict::Drop(DropReason::NoSession)
+        );
         assert_eq!(counters.sessions_expired.get(), 1);
         assert_eq!(counters.dropped(DropReason::NoSession), 2);
         assert_eq!(counters.dropped(DropReason::UnexpectedReplySource), 1);
@@ -329,10 +477,22 @@ mod tests {
         let (mut relay, counters) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
         relay.set_next_hop(UpstreamId(0), None);
         for _ in 0..3 {
-            let mut request = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"), b"x");
-            assert_eq!(relay.handle(0, IfaceId(0), &mut request), Verdict::Drop(DropReason::NeighborUnresolved));
+            let mut request = udp_frame(
+                CLIENT_MAC,
+                RELAY_CLIENT_SIDE,
+                addr("10.0.0.2:40000"),
+                addr("10.0.0.1:5000"),
+                b"x",
+            );
+            assert_eq!(
+                relay.handle(0, IfaceId(0), &mut request),
+                Verdict::Drop(DropReason::NeighborUnresolved)
+            );
         }
-        assert_eq!(relay.take_unresolved().collect::<Vec<_>>(), vec![UpstreamId(0)]);
+        assert_eq!(
+            relay.take_unresolved().collect::<Vec<_>>(),
+            vec![UpstreamId(0)]
+        );
         assert_eq!(relay.take_unresolved().count(), 0);
         assert_eq!(counters.dropped(DropReason::NeighborUnresolved), 3);
     }
@@ -340,14 +500,35 @@ mod tests {
     #[test]
     fn bad_checksum_and_unrouted_traffic_are_dropped_by_reason() {
         let (mut relay, counters) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
-        let mut corrupt = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"), b"abcd");
+        let mut corrupt = udp_frame(
+            CLIENT_MAC,
+            RELAY_CLIENT_SIDE,
+            addr("10.0.0.2:40000"),
+            addr("10.0.0.1:5000"),
+            b"abcd",
+        );
         let last = corrupt.len() - 1;
         corrupt[last] ^= 1;
-        assert_eq!(relay.handle(0, IfaceId(0), &mut corrupt), Verdict::Drop(DropReason::BadChecksum));
-        let mut other_port = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:40000"), addr("10.0.0.1:5001"), b"abcd");
-        assert_eq!(relay.handle(0, IfaceId(0), &mut other_port), Verdict::Drop(DropReason::NoRoute));
+        assert_eq!(
+            relay.handle(0, IfaceId(0), &mut corrupt),
+            Verdict::Drop(DropReason::BadChecksum)
+        );
+        let mut other_port = udp_frame(
+            CLIENT_MAC,
+            RELAY_CLIENT_SIDE,
+            addr("10.0.0.2:40000"),
+            addr("10.0.0.1:5001"),
+            b"abcd",
+        );
+        assert_eq!(
+            relay.handle(0, IfaceId(0), &mut other_port),
+            Verdict::Drop(DropReason::NoRoute)
+        );
         let mut runt = vec![0u8; 10];
-        assert_eq!(relay.handle(0, IfaceId(0), &mut runt), Verdict::Drop(DropReason::TooShort));
+        assert_eq!(
+            relay.handle(0, IfaceId(0), &mut runt),
+            Verdict::Drop(DropReason::TooShort)
+        );
         assert_eq!(counters.total_drops(), 3);
     }
 }

@@ -27,7 +27,10 @@ pub struct IfaceInfo {
 
 impl IfaceInfo {
     pub fn lookup(name: &str) -> Result<Self, IfaceError> {
-        let error = |what: String| IfaceError { name: name.to_owned(), what };
+        let error = |what: String| IfaceError {
+            name: name.to_owned(),
+            what,
+        };
         let c_name = CString::new(name).map_err(|_| error("name contains NUL".into()))?;
         // SAFETY: c_name is a valid NUL-terminated string.
         let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
@@ -35,10 +38,17 @@ impl IfaceInfo {
             return Err(error(format!("not found ({})", io::Error::last_os_error())));
         }
         let sysfs = format!("/sys/class/net/{name}");
-        let address = fs::read_to_string(format!("{sysfs}/address")).map_err(|e| error(format!("reading its MAC failed: {e}")))?;
-        let mac = parse_mac(address.trim()).ok_or_else(|| error(format!("has no Ethernet MAC (`{}`)", address.trim())))?;
+        let address = fs::read_to_string(format!("{sysfs}/address"))
+            .map_err(|e| error(format!("reading its MAC failed: {e}")))?;
+        let mac = parse_mac(address.trim())
+            .ok_or_else(|| error(format!("has no Ethernet MAC (`{}`)", address.trim())))?;
         let rx_queues = fs::read_dir(format!("{sysfs}/queues"))
-            .map(|entries| entries.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().starts_with("rx-")).count() as u32)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
+                    .count() as u32
+            })
             .unwrap_or(1)
             .max(1);
         let driver = fs::read_link(format!("{sysfs}/device/driver"))
@@ -52,6 +62,12 @@ impl IfaceInfo {
                     .find_map(|l| l.strip_prefix("DEVTYPE=").map(str::to_owned))
             })
             .unwrap_or_else(|| "unknown".into());
-        Ok(IfaceInfo { name: name.to_owned(), index, mac, rx_queues, driver })
+        Ok(IfaceInfo {
+            name: name.to_owned(),
+            index,
+            mac,
+            rx_queues,
+            driver,
+        })
     }
 }
