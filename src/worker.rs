@@ -62,7 +62,7 @@ impl Worker {
             self.apply_updates();
             let now = self.epoch.elapsed().as_millis() as u64;
             let received = self.poll_once(now, &mut rx_batch, &mut tx_batches);
-            self.relay.expire(now, EXPIRY_BUDGET);
+            self.relay.expire(now, EXPIRY_BUDGET, |_| {});
             for upstream in self.relay.take_unresolved() {
                 // The control thread may be gone during shutdown; nothing to do then.
                 let _ = self.unresolved.send(upstream);

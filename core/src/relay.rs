@@ -102,15 +102,54 @@ impl Relay {
             .filter_map(|(index, flag)| core::mem::take(flag).then_some(UpstreamId(index as u16)))
     }
 
-    /// Expires idle sessions, examining at most `budget` slots.
-    pub fn expire(&mut self, now: Millis, budget: usize) {
-        let expired = self.sessions.expire(now, budget);
+    /// Expires idle sessions, examining at most `budget` slots; `on_expired`
+    /// sees each one removed (the socket backend closes its socket).
+    pub fn expire(&mut self, now: Millis, budget: usize, on_expired: impl FnMut(&Session)) {
+        let expired = self.sessions.expire(now, budget, on_expired);
         if expired > 0 {
             self.counters.sessions_expired.add(expired as u64);
             self.counters
                 .sessions_active
                 .set(self.sessions.len() as u64);
         }
+    }
+
+    /// The session of a client datagram to `listen`, created on first sight.
+    /// Drops are counted. Used directly by the socket backend.
+    pub fn client_session(
+        &mut self,
+        now: Millis,
+        ingress: IfaceId,
+        client: SocketAddr,
+        listen: SocketAddr,
+        client_mac: MacAddr,
+    ) -> Result<Session, DropReason> {
+        let result = self.find_or_admit(now, ingress, FlowKey { client, listen }, client_mac);
+        self.count_error(result)
+    }
+
+    /// The session a datagram from `from` to NAT address `to` answers. Drops are counted.
+    pub fn reply_session(
+        &mut self,
+        now: Millis,
+        from: SocketAddr,
+        to: SocketAddr,
+    ) -> Result<Session, DropReason> {
+        let result = self.find_reply(now, from, to);
+        self.count_error(result)
+    }
+
+    /// Whether `port` is one of this relay's NAT ports.
+    pub fn is_nat_port(&self, port: u16) -> bool {
+        self.sessions.owns_port(port)
+    }
+
+    /// The current next hop toward `upstream`, if resolved.
+    pub fn next_hop(&self, upstream: UpstreamId) -> Option<NextHop> {
+        self.next_hops
+            .get(usize::from(upstream.0))
+            .copied()
+            .flatten()
     }
 
     pub fn routes(&self) -> &RouteTable {
@@ -121,9 +160,11 @@ impl Relay {
         self.sessions.len()
     }
 
-    /// Session-table slots: one full expiry sweep is this many budget units.
-    pub fn nat_port_count(&self) -> usize {
-        self.sessions.port_count()
+    fn count_error(&self, result: Result<Session, DropReason>) -> Result<Session, DropReason> {
+        if let Err(reason) = result {
+            self.counters.count_drop(reason);
+        }
+        result
     }
 
     fn relay(
@@ -135,92 +176,81 @@ impl Relay {
         if self.verify_checksums && !packet.checksums_valid() {
             return Verdict::Drop(DropReason::BadChecksum);
         }
-        let dst = packet.dst();
+        let (src, dst) = (packet.src(), packet.dst());
         // Config keeps listen ports out of the NAT range, so the port alone tells the direction.
         if self.sessions.owns_port(dst.port()) {
-            return self.reply_to_client(now, packet, dst);
-        }
-        self.forward_to_upstream(now, ingress, packet, dst)
-    }
-
-    /// A reply from an upstream to one of our NAT ports.
-    fn reply_to_client(
-        &mut self,
-        now: Millis,
-        packet: &mut UdpFrame<&mut [u8]>,
-        dst: SocketAddr,
-    ) -> Verdict {
-        let src = packet.src();
-        let Some(session) = self.sessions.by_port_mut(dst.port()) else {
-            return Verdict::Drop(DropReason::NoSession);
-        };
-        if session.nat_ip != dst.ip() || self.routes.upstream(session.upstream) != src {
-            return Verdict::Drop(DropReason::UnexpectedReplySource);
-        }
-        session.last_seen = now;
-        let to = Rewrite {
-            src_mac: self.iface_macs[usize::from(session.client_iface.0)],
-            dst_mac: session.client_mac,
-            src: session.flow.listen,
-            dst: session.flow.client,
-        };
-        let iface = session.client_iface;
-        forward_rewritten(packet, &to, iface)
-    }
-
-    /// A client packet to a listen address.
-    fn forward_to_upstream(
-        &mut self,
-        now: Millis,
-        ingress: IfaceId,
-        packet: &mut UdpFrame<&mut [u8]>,
-        dst: SocketAddr,
-    ) -> Verdict {
-        let Some(route_id) = self.routes.lookup(dst) else {
-            return Verdict::Drop(DropReason::NoRoute);
-        };
-        let flow = FlowKey {
-            client: packet.src(),
-            listen: dst,
-        };
-        let session = match self.sessions.touch_flow(&flow, now) {
-            Some(session) => *session,
-            None => match self.admit(now, ingress, packet, flow, route_id) {
+            let session = match self.find_reply(now, src, dst) {
                 Ok(session) => session,
                 Err(reason) => return Verdict::Drop(reason),
+            };
+            let to = Rewrite {
+                src_mac: self.iface_macs[usize::from(session.client_iface.0)],
+                dst_mac: session.client_mac,
+                src: session.flow.listen,
+                dst: session.flow.client,
+            };
+            return forward_rewritten(packet, &to, session.client_iface);
+        }
+        let session = match self.find_or_admit(
+            now,
+            ingress,
+            FlowKey {
+                client: src,
+                listen: dst,
             },
+            packet.src_mac(),
+        ) {
+            Ok(session) => session,
+            Err(reason) => return Verdict::Drop(reason),
         };
-        let upstream = session.upstream;
-        let Some(hop) = self.next_hops[usize::from(upstream.0)] else {
-            self.unresolved[usize::from(upstream.0)] = true;
+        let Some(hop) = self.resolved_hop(session.upstream) else {
             return Verdict::Drop(DropReason::NeighborUnresolved);
         };
         let to = Rewrite {
             src_mac: self.iface_macs[usize::from(hop.iface.0)],
             dst_mac: hop.dst_mac,
             src: SocketAddr::new(session.nat_ip, session.nat_port),
-            dst: self.routes.upstream(upstream),
+            dst: self.routes.upstream(session.upstream),
         };
         forward_rewritten(packet, &to, hop.iface)
     }
 
-    fn admit(
+    fn find_reply(
+        &mut self,
+        now: Millis,
+        from: SocketAddr,
+        to: SocketAddr,
+    ) -> Result<Session, DropReason> {
+        let session = self
+            .sessions
+            .by_port_mut(to.port())
+            .ok_or(DropReason::NoSession)?;
+        if session.nat_ip != to.ip() || self.routes.upstream(session.upstream) != from {
+            return Err(DropReason::UnexpectedReplySource);
+        }
+        session.last_seen = now;
+        Ok(*session)
+    }
+
+    fn find_or_admit(
         &mut self,
         now: Millis,
         ingress: IfaceId,
-        packet: &UdpFrame<&mut [u8]>,
         flow: FlowKey,
-        route_id: route::RouteId,
+        client_mac: MacAddr,
     ) -> Result<Session, DropReason> {
+        if let Some(session) = self.sessions.touch_flow(&flow, now) {
+            return Ok(*session);
+        }
+        let route_id = self.routes.lookup(flow.listen).ok_or(DropReason::NoRoute)?;
         if !route::client_allowed(self.routes.route(route_id), flow.client) {
             return Err(DropReason::ClientNotAllowed);
         }
         let upstream = self.routes.choose_upstream(route_id, flow.client);
         // The NAT address must be known before the session exists: it is what the upstream replies to.
-        let Some(hop) = self.next_hops[usize::from(upstream.0)] else {
-            self.unresolved[usize::from(upstream.0)] = true;
-            return Err(DropReason::NeighborUnresolved);
-        };
+        let hop = self
+            .resolved_hop(upstream)
+            .ok_or(DropReason::NeighborUnresolved)?;
         let template = Session {
             flow,
             route: route_id,
@@ -228,7 +258,7 @@ impl Relay {
             nat_ip: hop.src_ip,
             nat_port: 0,
             client_iface: ingress,
-            client_mac: packet.src_mac(),
+            client_mac,
             last_seen: now,
         };
         let session = *self.sessions.admit(template).map_err(|e| match e {
@@ -240,6 +270,15 @@ impl Relay {
             .sessions_active
             .set(self.sessions.len() as u64);
         Ok(session)
+    }
+
+    /// The next hop of `upstream`; when missing, flags it for the control thread.
+    fn resolved_hop(&mut self, upstream: UpstreamId) -> Option<NextHop> {
+        let hop = self.next_hops[usize::from(upstream.0)];
+        if hop.is_none() {
+            self.unresolved[usize::from(upstream.0)] = true;
+        }
+        hop
     }
 }
 
@@ -454,7 +493,7 @@ mod tests {
             Verdict::Drop(DropReason::NoSession)
         );
 
-        relay.expire(30_000, usize::MAX);
+        relay.expire(30_000, usize::MAX, |_| {});
         assert_eq!(relay.session_count(), 0);
         let mut late = udp_frame(
             UPSTREAM_MAC,

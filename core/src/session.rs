@@ -113,8 +113,14 @@ impl SessionTable {
     }
 
     /// Removes sessions idle for at least the timeout, examining at most
-    /// `budget` slots from where the previous call stopped. Returns how many expired.
-    pub fn expire(&mut self, now: Millis, budget: usize) -> usize {
+    /// `budget` slots from where the previous call stopped; `on_expired` sees
+    /// each removed session. Returns how many expired.
+    pub fn expire(
+        &mut self,
+        now: Millis,
+        budget: usize,
+        mut on_expired: impl FnMut(&Session),
+    ) -> usize {
         let mut expired = 0;
         for _ in 0..budget.min(self.slots.len()) {
             let slot = self.sweep_cursor;
@@ -125,17 +131,13 @@ impl SessionTable {
             if now.saturating_sub(session.last_seen) < self.idle_timeout {
                 continue;
             }
+            on_expired(session);
             self.by_flow.remove(&session.flow);
             self.slots[slot] = None;
             self.free.push_back(slot as u16);
             expired += 1;
         }
         expired
-    }
-
-    /// Slots in the port range (a full sweep takes this many `expire` budget units).
-    pub fn port_count(&self) -> usize {
-        self.slots.len()
     }
 
     pub fn len(&self) -> usize {
@@ -190,26 +192,26 @@ mod tests {
         let busy = table.admit(session("10.0.0.7:2")).expect("room").flow;
         table.touch_flow(&busy, 900);
         assert_eq!(
-            table.expire(999, 10),
+            table.expire(999, 10, |_| {}),
             0,
             "nothing is idle for a full timeout yet"
         );
-        assert_eq!(table.expire(1000, 10), 1);
+        assert_eq!(table.expire(1000, 10, |_| {}), 1);
         assert!(table.touch_flow(&idle, 1000).is_none());
         assert!(table.touch_flow(&busy, 1000).is_some());
         assert_eq!(
-            table.expire(1999, 10),
+            table.expire(1999, 10, |_| {}),
             0,
             "touched at 1000: not idle for a full timeout until 2000"
         );
-        assert_eq!(table.expire(2000, 10), 1);
+        assert_eq!(table.expire(2000, 10, |_| {}), 1);
     }
 
     #[test]
     fn freed_ports_are_reused_last() {
         let mut table = SessionTable::new((20000, 20002), 10, 10);
         let first = table.admit(session("10.0.0.7:1")).expect("room").nat_port;
-        table.expire(100, 3);
+        table.expire(100, 3, |_| {});
         let next = table.admit(session("10.0.0.7:2")).expect("room").nat_port;
         assert_ne!(
             first, next,
