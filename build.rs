@@ -19,36 +19,20 @@ fn main() {
     let mut command = Command::new(&clang);
     command
         .args(["-O2", "-g", "-Wall", "-Werror", "-target", "bpf"])
-        .arg(format!(
-            "-D__TARGET_ARCH_{}",
-            if arch == "x86_64" { "x86" } else { &arch }
-        ))
+        .arg(format!("-D__TARGET_ARCH_{}", if arch == "x86_64" { "x86" } else { &arch }))
         .arg(format!("-I{libbpf_include}"))
         .arg(format!("-I{multiarch}"));
     if let Ok(extra) = env::var("BPF_EXTRA_CFLAGS") {
         command.args(extra.split_whitespace());
     }
-    command
-        .arg("-c")
-        .arg("bpf/relay.bpf.c")
-        .arg("-o")
-        .arg(&object);
+    command.arg("-c").arg("bpf/relay.bpf.c").arg("-o").arg(&object);
 
-    let status = command
-        .status()
-        .unwrap_or_else(|e| panic!("running `{clang}` to build bpf/relay.bpf.c failed: {e}; install clang (apt-get install clang)"));
-    assert!(
-        status.success(),
-        "`{clang}` failed to compile bpf/relay.bpf.c ({status})"
-    );
+    let status = command.status().unwrap_or_else(|e| {
+        panic!("running `{clang}` to build bpf/relay.bpf.c failed: {e}; install clang (apt-get install clang)")
+    });
+    assert!(status.success(), "`{clang}` failed to compile bpf/relay.bpf.c ({status})");
 
-    for file in [
-        "bpf/relay.bpf.c",
-        "bpf/consts.h",
-        "bpf/structs.h",
-        "bpf/maps.h",
-        "bpf/parse.h",
-    ] {
+    for file in ["bpf/relay.bpf.c", "bpf/consts.h", "bpf/structs.h", "bpf/maps.h", "bpf/parse.h"] {
         println!("cargo:rerun-if-changed={file}");
     }
     println!("cargo:rerun-if-env-changed=CLANG");

@@ -2,7 +2,9 @@
 //! workers and the control thread around the pure `oxidize-relay-core`.
 
 pub mod nexthop;
+pub mod probe;
 pub mod run;
+pub mod socket_worker;
 pub mod stats;
 pub mod sys;
 pub mod worker;

@@ -6,18 +6,15 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use oxidize_relay::probe::HostReport;
 use oxidize_relay::run;
-use oxidize_relay_core::config::Config;
+use oxidize_relay_core::config::{Config, Mode};
 
 /// Exit code for configuration errors (nothing was attached).
 const EXIT_CONFIG: u8 = 2;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "oxidize-relay",
-    version,
-    about = "Kernel-bypass UDP relay (XDP + AF_XDP)"
-)]
+#[command(name = "oxidize-relay", version, about = "Kernel-bypass UDP relay (XDP + AF_XDP)")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -41,6 +38,18 @@ enum Command {
         /// Write the counters as JSON to this file every 200 ms and at exit.
         #[arg(long)]
         stats_file: Option<PathBuf>,
+        /// Override `runtime.mode`: auto, af_xdp or socket.
+        #[arg(long, value_parser = ["auto", "af_xdp", "socket"])]
+        mode: Option<String>,
+    },
+    /// Show what this host supports and which backend `mode = "auto"` would choose.
+    Probe {
+        /// Interfaces to examine (repeat for several).
+        #[arg(long)]
+        interface: Vec<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Validate a config file; exits 2 with line and column on error.
     CheckConfig { file: PathBuf },
@@ -48,9 +57,7 @@ enum Command {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
@@ -69,25 +76,33 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Run {
-            config,
-            interface,
-            listen,
-            upstream,
-            stats_file,
-        } => {
+        Command::Probe { interface, json } => {
+            let report = HostReport::gather(&interface);
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.to_table());
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Run { config, interface, listen, upstream, stats_file, mode } => {
             let config = match (config, interface, listen) {
                 (Some(file), _, _) => load_config(&file),
                 (None, Some(interface), Some(listen)) => {
                     Config::quick(&interface, listen, &upstream).map_err(|e| e.to_string())
                 }
-                _ => Err(
-                    "give --config FILE, or --interface IF --listen ADDR:PORT --upstream ADDR:PORT"
-                        .into(),
-                ),
+                _ => Err("give --config FILE, or --interface IF --listen ADDR:PORT --upstream ADDR:PORT".into()),
             };
             let config = match config {
-                Ok(config) => config,
+                Ok(mut config) => {
+                    config.runtime.mode = match mode.as_deref() {
+                        Some("auto") => Mode::Auto,
+                        Some("af_xdp") => Mode::AfXdp,
+                        Some("socket") => Mode::Socket,
+                        _ => config.runtime.mode,
+                    };
+                    config
+                }
                 Err(message) => {
                     eprintln!("{message}");
                     return ExitCode::from(EXIT_CONFIG);
@@ -106,8 +121,7 @@ fn main() -> ExitCode {
 
 /// Reads and validates a config file; the message names the file, line and column.
 fn load_config(file: &PathBuf) -> Result<Config, String> {
-    let text = std::fs::read_to_string(file)
-        .map_err(|e| format!("{}: cannot read: {e}", file.display()))?;
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: cannot read: {e}", file.display()))?;
     Config::from_toml(&text).map_err(|e| match (e.line, e.column) {
         (Some(line), Some(column)) => format!("{}:{line}:{column}: {}", file.display(), e.message),
         _ => format!("{}: {}", file.display(), e.message),

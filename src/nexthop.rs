@@ -23,6 +23,9 @@ enum Unreachable {
 #[derive(Debug)]
 pub struct NextHopResolver {
     socket: RouteSocket,
+    /// AF_XDP writes Ethernet headers itself and needs the neighbour's MAC;
+    /// the socket backend lets the kernel route and needs only the source address.
+    link_layer: bool,
     interfaces: Vec<IfaceInfo>,
     statics: Vec<StaticNeighbor>,
     upstreams: Vec<SocketAddr>,
@@ -30,23 +33,16 @@ pub struct NextHopResolver {
 }
 
 impl NextHopResolver {
+    /// A resolver for the AF_XDP backend (`interfaces` are the ones it serves),
+    /// or, with `interfaces` empty, a routing-only one for the socket backend.
     pub fn new(
         socket: RouteSocket,
         interfaces: Vec<IfaceInfo>,
         statics: Vec<StaticNeighbor>,
         upstreams: Vec<SocketAddr>,
     ) -> Self {
-        let current = upstreams
-            .iter()
-            .map(|u| Err(Unreachable::NeighborPending(u.ip())))
-            .collect();
-        NextHopResolver {
-            socket,
-            interfaces,
-            statics,
-            upstreams,
-            current,
-        }
+        let current = upstreams.iter().map(|u| Err(Unreachable::NeighborPending(u.ip()))).collect();
+        NextHopResolver { socket, link_layer: !interfaces.is_empty(), interfaces, statics, upstreams, current }
     }
 
     /// Re-resolves every upstream; returns those whose next hop changed.
@@ -59,6 +55,9 @@ impl NextHopResolver {
                 continue;
             }
             match &resolved {
+                Ok(hop) if !self.link_layer => {
+                    tracing::info!(%upstream, source = %hop.src_ip, "upstream route resolved")
+                }
                 Ok(hop) => {
                     tracing::info!(%upstream, iface = %self.interfaces[usize::from(hop.iface.0)].name, source = %hop.src_ip, mac = %format_mac(&hop.dst_mac), "upstream next hop resolved")
                 }
@@ -91,10 +90,11 @@ impl NextHopResolver {
     }
 
     fn resolve(&mut self, upstream: IpAddr) -> Result<NextHop, Unreachable> {
-        let route = self
-            .socket
-            .route_to(upstream)
-            .map_err(|e| Unreachable::NoRoute(e.to_string()))?;
+        let route = self.socket.route_to(upstream).map_err(|e| Unreachable::NoRoute(e.to_string()))?;
+        if !self.link_layer {
+            let src_ip = route.preferred_source.ok_or(Unreachable::NoSourceAddress)?;
+            return Ok(NextHop { iface: IfaceId(0), src_ip, dst_mac: [0; 6] });
+        }
         let iface = self
             .interfaces
             .iter()
@@ -113,17 +113,10 @@ impl NextHopResolver {
                 }
             },
         };
-        Ok(NextHop {
-            iface: IfaceId(iface as u8),
-            src_ip,
-            dst_mac: mac,
-        })
+        Ok(NextHop { iface: IfaceId(iface as u8), src_ip, dst_mac: mac })
     }
 }
 
 pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }

@@ -1,5 +1,5 @@
-//! `oxidize-relay run`: set up the XDP programs and AF_XDP workers, run the
-//! control loop, and tear everything down on SIGTERM/SIGINT.
+//! `oxidize-relay run`: pick the backend, set it up, run the control loop,
+//! and tear everything down on SIGTERM/SIGINT.
 
 use std::fs;
 use std::path::PathBuf;
@@ -9,13 +9,15 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use oxidize_relay_core::config::Config;
+use oxidize_relay_core::config::{Config, Mode};
 use oxidize_relay_core::counters::Counters;
 use oxidize_relay_core::route::{RouteTable, UpstreamId};
 use oxidize_relay_core::{NextHop, Relay, RelaySettings};
 use serde_json::{Map, Value, json};
 
 use crate::nexthop::NextHopResolver;
+use crate::probe::{self, HostReport};
+use crate::socket_worker::{SocketSetupError, SocketWorker, SocketWorkerParts};
 use crate::stats::Totals;
 use crate::sys::iface::{IfaceError, IfaceInfo};
 use crate::sys::netlink::{NetlinkError, RouteSocket};
@@ -23,13 +25,15 @@ use crate::sys::xdp::{AttachedMode, XdpError, XdpProgram};
 use crate::sys::xsk::{FramePool, QueueSocket, XskError};
 use crate::worker::{Worker, WorkerUpdate};
 
-/// How long start-up waits for upstream neighbours before declaring ready anyway.
+/// How long start-up waits for upstream next hops before declaring ready anyway.
 const RESOLVE_AT_START: Duration = Duration::from_secs(3);
 const CONTROL_TICK: Duration = Duration::from_millis(200);
 const NEXT_HOP_REFRESH: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
+    #[error("{0}")]
+    Mode(String),
     #[error(transparent)]
     Interface(#[from] IfaceError),
     #[error(transparent)]
@@ -37,13 +41,11 @@ pub enum SetupError {
     #[error(transparent)]
     Xsk(#[from] XskError),
     #[error(transparent)]
+    Socket(#[from] SocketSetupError),
+    #[error(transparent)]
     Netlink(#[from] NetlinkError),
     #[error("interface {interface} has {available} RX queues but the config asks for {wanted}")]
-    Queues {
-        interface: String,
-        available: u32,
-        wanted: u32,
-    },
+    Queues { interface: String, available: u32, wanted: u32 },
     #[error("registering signal handlers failed: {0}")]
     Signals(#[source] std::io::Error),
     #[error("spawning worker thread {worker} failed: {source}")]
@@ -61,11 +63,34 @@ pub struct RunOptions {
     pub stats_file: Option<PathBuf>,
 }
 
-/// Attached XDP program per interface, with the mode it got.
+/// An XDP program attached to one interface, with the mode it got.
 struct Attached {
     info: IfaceInfo,
     program: XdpProgram,
     mode: AttachedMode,
+}
+
+/// A worker of either backend, ready to move onto its thread.
+enum AnyWorker {
+    AfXdp(Worker),
+    Socket(SocketWorker),
+}
+
+/// What both backends hand the control thread.
+struct Backend {
+    name: &'static str,
+    attached: Vec<Attached>,
+    workers: Vec<AnyWorker>,
+    counters: Vec<Arc<Counters>>,
+    updates: Vec<Sender<WorkerUpdate>>,
+}
+
+/// Per-worker pieces both backends build the same way.
+struct WorkerShared {
+    routes: Arc<RouteTable>,
+    stop: Arc<AtomicBool>,
+    unresolved: Sender<UpstreamId>,
+    epoch: Instant,
 }
 
 pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
@@ -73,7 +98,79 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone()).map_err(SetupError::Signals)?;
     }
+    let (mode, report) = probe::resolve_mode(&config).map_err(SetupError::Mode)?;
+    let routes = Arc::new(RouteTable::new(&config.routes));
+    let (unresolved_tx, unresolved_rx) = mpsc::channel();
+    let shared =
+        WorkerShared { routes: routes.clone(), stop: stop.clone(), unresolved: unresolved_tx, epoch: Instant::now() };
+    let backend = match mode {
+        Mode::Socket => socket_backend(&config, &shared)?,
+        Mode::AfXdp | Mode::Auto => af_xdp_backend(&config, &report, &shared)?,
+    };
+    drop(shared);
 
+    let mut resolver = NextHopResolver::new(
+        RouteSocket::open()?,
+        backend.attached.iter().map(|a| a.info.clone()).collect(),
+        config.neighbors.clone(),
+        routes.upstreams().to_vec(),
+    );
+    let start = Instant::now();
+    loop {
+        publish(&mut resolver, &backend.attached, &backend.updates)?;
+        if resolver.all_resolved() || start.elapsed() >= RESOLVE_AT_START || stop.load(Ordering::Relaxed) {
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+
+    let Backend { name, attached, workers, counters, updates } = backend;
+    let handles = spawn_workers(workers, &config.runtime.cores)?;
+    let context = StatsContext {
+        backend: name,
+        attached: &attached,
+        counters: &counters,
+        stats_file: options.stats_file.as_ref(),
+    };
+    context.write(&Totals::collect(&counters), true);
+    tracing::info!(workers = handles.len(), backend = name, routes = config.routes.len(), "relay ready");
+
+    control_loop(&config, &stop, &mut resolver, &unresolved_rx, &updates, &context)?;
+
+    tracing::info!("shutting down: stopping workers, detaching XDP");
+    for handle in handles {
+        if handle.join().is_err() {
+            tracing::error!("a worker thread panicked");
+        }
+    }
+    let totals = Totals::collect(&counters);
+    context.write(&totals, false);
+    println!("{}", context.json(&totals, false));
+    drop(attached);
+    Ok(())
+}
+
+fn relay_for_worker(
+    config: &Config,
+    shared: &WorkerShared,
+    worker: u32,
+    workers: u32,
+    iface_macs: Vec<[u8; 6]>,
+) -> (Relay, Arc<Counters>) {
+    let per_worker = config.nat_port_count() / workers as usize;
+    let first = config.nat.ports.0 + (worker as usize * per_worker) as u16;
+    let settings = RelaySettings {
+        iface_macs,
+        nat_ports: (first, first + per_worker as u16 - 1),
+        max_sessions: config.nat.max_sessions.div_ceil(workers as usize),
+        idle_timeout: config.nat.idle_timeout_secs * 1000,
+        verify_checksums: config.security.verify_checksums,
+    };
+    let counters = Arc::new(Counters::default());
+    (Relay::new(shared.routes.clone(), settings, counters.clone()), counters)
+}
+
+fn af_xdp_backend(config: &Config, report: &HostReport, shared: &WorkerShared) -> Result<Backend, SetupError> {
     let queues = config.interfaces[0].queues;
     let mut attached = Vec::new();
     for interface in &config.interfaces {
@@ -90,29 +187,21 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
         for route in &config.routes {
             program.add_listen(route.listen)?;
         }
-        let mode = program.attach(info.index, interface.xdp_mode)?;
+        let mode = program.attach(info.index, report.xdp_mode_for(&info.name, interface.xdp_mode))?;
         tracing::info!(interface = %info.name, driver = %info.driver, mode = mode.name(), "XDP program attached");
-        attached.push(Attached {
-            info,
-            program,
-            mode,
-        });
+        attached.push(Attached { info, program, mode });
     }
 
-    let routes = Arc::new(RouteTable::new(&config.routes));
     let iface_macs: Vec<_> = attached.iter().map(|a| a.info.mac).collect();
-    let ports_per_worker = config.nat_port_count() / queues as usize;
-    let epoch = Instant::now();
-    let (unresolved_tx, unresolved_rx) = mpsc::channel();
-    let mut update_senders = Vec::new();
-    let mut workers = Vec::new();
-    let mut counters = Vec::new();
+    let mut backend = Backend {
+        name: "af_xdp",
+        attached: Vec::new(),
+        workers: Vec::new(),
+        counters: Vec::new(),
+        updates: Vec::new(),
+    };
     for queue in 0..queues {
-        let pool = FramePool::new(
-            config.pool.frames_per_worker,
-            config.pool.frame_size,
-            config.pool.hugepages,
-        )?;
+        let pool = FramePool::new(config.pool.frames_per_worker, config.pool.frame_size, config.pool.hugepages)?;
         if config.pool.hugepages && !pool.hugepages {
             tracing::warn!(
                 worker = queue,
@@ -126,90 +215,61 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
             tracing::info!(interface = %a.info.name, queue, zero_copy = socket.zero_copy, hugepages = pool.hugepages, "AF_XDP socket bound");
             sockets.push(socket);
         }
-        let first = config.nat.ports.0 + (queue as usize * ports_per_worker) as u16;
-        let last = first + ports_per_worker as u16 - 1;
-        let worker_counters = Arc::new(Counters::default());
-        let settings = RelaySettings {
-            iface_macs: iface_macs.clone(),
-            nat_ports: (first, last),
-            max_sessions: config.nat.max_sessions.div_ceil(queues as usize),
-            idle_timeout: config.nat.idle_timeout_secs * 1000,
-            verify_checksums: config.security.verify_checksums,
-        };
+        let (relay, counters) = relay_for_worker(config, shared, queue, queues, iface_macs.clone());
         let (update_tx, update_rx) = mpsc::channel();
-        update_senders.push(update_tx);
-        counters.push(worker_counters.clone());
-        workers.push(Worker {
+        backend.updates.push(update_tx);
+        backend.counters.push(counters.clone());
+        backend.workers.push(AnyWorker::AfXdp(Worker {
             id: queue as usize,
-            relay: Relay::new(routes.clone(), settings, worker_counters.clone()),
+            relay,
             pool,
             sockets,
-            counters: worker_counters,
+            counters,
             batch_size: config.runtime.batch_size,
             wait: config.runtime.wait,
             updates: update_rx,
-            unresolved: unresolved_tx.clone(),
-            stop: stop.clone(),
-            epoch,
-        });
+            unresolved: shared.unresolved.clone(),
+            stop: shared.stop.clone(),
+            epoch: shared.epoch,
+        }));
     }
-    drop(unresolved_tx);
+    backend.attached = attached;
+    Ok(backend)
+}
 
-    let mut resolver = NextHopResolver::new(
-        RouteSocket::open()?,
-        attached.iter().map(|a| a.info.clone()).collect(),
-        config.neighbors.clone(),
-        routes.upstreams().to_vec(),
-    );
-    let start = Instant::now();
-    loop {
-        publish(&mut resolver, &attached, &update_senders)?;
-        if resolver.all_resolved()
-            || start.elapsed() >= RESOLVE_AT_START
-            || stop.load(Ordering::Relaxed)
-        {
-            break;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-
-    let handles = spawn_workers(workers, &config.runtime.cores)?;
-    let context = StatsContext {
-        attached: &attached,
-        counters: &counters,
-        stats_file: options.stats_file.as_ref(),
+fn socket_backend(config: &Config, shared: &WorkerShared) -> Result<Backend, SetupError> {
+    // One worker per configured queue keeps the core count the operator chose.
+    let workers = config.interfaces[0].queues;
+    let mut backend = Backend {
+        name: "socket",
+        attached: Vec::new(),
+        workers: Vec::new(),
+        counters: Vec::new(),
+        updates: Vec::new(),
     };
-    context.write(&Totals::collect(&counters), true);
-    tracing::info!(
-        workers = handles.len(),
-        backend = "af_xdp",
-        routes = config.routes.len(),
-        "relay ready"
-    );
-
-    control_loop(
-        &config,
-        &stop,
-        &mut resolver,
-        &unresolved_rx,
-        &update_senders,
-        &context,
-    )?;
-
-    tracing::info!("shutting down: stopping workers, detaching XDP");
-    for handle in handles {
-        if handle.join().is_err() {
-            tracing::error!("a worker thread panicked");
-        }
+    for id in 0..workers {
+        let (relay, counters) = relay_for_worker(config, shared, id, workers, vec![[0; 6]]);
+        let (update_tx, update_rx) = mpsc::channel();
+        backend.updates.push(update_tx);
+        backend.counters.push(counters.clone());
+        backend.workers.push(AnyWorker::Socket(SocketWorker::new(SocketWorkerParts {
+            id: id as usize,
+            relay,
+            counters,
+            batch_size: config.runtime.batch_size,
+            wait: config.runtime.wait,
+            updates: update_rx,
+            unresolved: shared.unresolved.clone(),
+            stop: shared.stop.clone(),
+            epoch: shared.epoch,
+        })?));
     }
-    let totals = Totals::collect(&counters);
-    context.write(&totals, false);
-    println!("{}", context.json(&totals, false));
-    drop(attached);
-    Ok(())
+    tracing::info!(workers, "socket backend bound its listen sockets (SO_REUSEPORT)");
+    Ok(backend)
 }
 
 struct StatsContext<'a> {
+    backend: &'static str,
     attached: &'a [Attached],
     counters: &'a [Arc<Counters>],
     stats_file: Option<&'a PathBuf>,
@@ -217,19 +277,10 @@ struct StatsContext<'a> {
 
 impl StatsContext<'_> {
     fn json(&self, totals: &Totals, running: bool) -> Value {
-        let xdp: Vec<_> = self
-            .attached
-            .iter()
-            .map(|a| {
-                (
-                    a.info.name.clone(),
-                    a.mode.name(),
-                    a.program.counters().ok(),
-                )
-            })
-            .collect();
+        let xdp: Vec<_> =
+            self.attached.iter().map(|a| (a.info.name.clone(), a.mode.name(), a.program.counters().ok())).collect();
         let mut extra = Map::new();
-        extra.insert("backend".into(), json!("af_xdp"));
+        extra.insert("backend".into(), json!(self.backend));
         extra.insert("workers".into(), json!(self.counters.len()));
         extra.insert("running".into(), json!(running));
         totals.to_json(&xdp, extra)
@@ -239,8 +290,8 @@ impl StatsContext<'_> {
     fn write(&self, totals: &Totals, running: bool) {
         let Some(path) = self.stats_file else { return };
         let temporary = path.with_extension("tmp");
-        let result = fs::write(&temporary, self.json(totals, running).to_string())
-            .and_then(|()| fs::rename(&temporary, path));
+        let result =
+            fs::write(&temporary, self.json(totals, running).to_string()).and_then(|()| fs::rename(&temporary, path));
         if let Err(error) = result {
             tracing::warn!(path = %path.display(), %error, "writing the stats file failed");
         }
@@ -270,10 +321,7 @@ fn control_loop(
         stats.write(&totals, true);
         if last_summary.0.elapsed() >= interval {
             let seconds = last_summary.0.elapsed().as_secs_f64();
-            tracing::info!(
-                "{}",
-                totals.summary(&last_summary.1, seconds, stats.counters.len(), "af_xdp")
-            );
+            tracing::info!("{}", totals.summary(&last_summary.1, seconds, stats.counters.len(), stats.backend));
             last_summary = (Instant::now(), totals);
         }
     }
@@ -299,31 +347,28 @@ fn publish(
     Ok(())
 }
 
-fn spawn_workers(workers: Vec<Worker>, cores: &[usize]) -> Result<Vec<JoinHandle<()>>, SetupError> {
+fn spawn_workers(workers: Vec<AnyWorker>, cores: &[usize]) -> Result<Vec<JoinHandle<()>>, SetupError> {
     let available = core_affinity::get_core_ids().unwrap_or_default();
     workers
         .into_iter()
-        .map(|worker| {
-            let id = worker.id;
-            let core = cores
-                .get(id)
-                .and_then(|c| available.iter().find(|a| a.id == *c).copied());
+        .enumerate()
+        .map(|(id, worker)| {
+            let core = cores.get(id).and_then(|c| available.iter().find(|a| a.id == *c).copied());
             if let Some(wanted) = cores.get(id).filter(|_| core.is_none()) {
-                tracing::warn!(
-                    worker = id,
-                    core = wanted,
-                    "configured core is not available; worker left unpinned"
-                );
+                tracing::warn!(worker = id, core = wanted, "configured core is not available; worker left unpinned");
             }
             thread::Builder::new()
                 .name(format!("oxr-worker-{id}"))
                 .spawn(move || {
-                    if let Some(core) = core {
-                        if core_affinity::set_for_current(core) {
-                            tracing::info!(worker = id, core = core.id, "worker pinned");
-                        }
+                    if let Some(core) = core
+                        && core_affinity::set_for_current(core)
+                    {
+                        tracing::info!(worker = id, core = core.id, "worker pinned");
                     }
-                    worker.run();
+                    match worker {
+                        AnyWorker::AfXdp(worker) => worker.run(),
+                        AnyWorker::Socket(worker) => worker.run(),
+                    }
                 })
                 .map_err(|source| SetupError::Spawn { worker: id, source })
         })

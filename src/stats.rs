@@ -27,10 +27,7 @@ pub struct Totals {
 
 impl Totals {
     pub fn collect(workers: &[Arc<Counters>]) -> Self {
-        let mut totals = Totals {
-            drops: vec![0; DropReason::COUNT],
-            ..Totals::default()
-        };
+        let mut totals = Totals { drops: vec![0; DropReason::COUNT], ..Totals::default() };
         for c in workers {
             totals.rx_packets += c.rx_packets.get();
             totals.rx_bytes += c.rx_bytes.get();
@@ -63,11 +60,7 @@ impl Totals {
         );
         let top: Vec<_> = DropReason::ALL
             .iter()
-            .zip(
-                self.drops
-                    .iter()
-                    .zip(before.drops.iter().chain(std::iter::repeat(&0))),
-            )
+            .zip(self.drops.iter().zip(before.drops.iter().chain(std::iter::repeat(&0))))
             .filter(|(_, (now, then))| now > then)
             .map(|(reason, (now, then))| format!("{}={}", reason.name(), now - then))
             .collect();
@@ -83,11 +76,8 @@ impl Totals {
         xdp: &[(String, &'static str, Option<[u64; XdpCounter::ALL.len()]>)],
         extra: Map<String, Value>,
     ) -> Value {
-        let drops: Map<String, Value> = DropReason::ALL
-            .iter()
-            .zip(&self.drops)
-            .map(|(r, n)| (r.name().to_owned(), json!(n)))
-            .collect();
+        let drops: Map<String, Value> =
+            DropReason::ALL.iter().zip(&self.drops).map(|(r, n)| (r.name().to_owned(), json!(n))).collect();
         let interfaces: Map<String, Value> = xdp
             .iter()
             .map(|(name, mode, counters)| {
@@ -96,10 +86,7 @@ impl Totals {
                     .flat_map(|c| XdpCounter::ALL.iter().zip(c.iter()))
                     .map(|(counter, n)| (counter.name().to_owned(), json!(n)))
                     .collect();
-                (
-                    name.clone(),
-                    json!({ "xdp_mode": mode, "xdp_counters": counters }),
-                )
+                (name.clone(), json!({ "xdp_mode": mode, "xdp_counters": counters }))
             })
             .collect();
         let mut value = json!({
@@ -133,10 +120,7 @@ fn si(value: f64) -> String {
 }
 
 fn bits_per_second(value: f64) -> String {
-    format!("{}bps", si(value))
-        .replace("Mbps", " Mbps")
-        .replace("Gbps", " Gbps")
-        .replace("Kbps", " Kbps")
+    format!("{}bps", si(value)).replace("Mbps", " Mbps").replace("Gbps", " Gbps").replace("Kbps", " Kbps")
 }
 
 #[cfg(test)]
@@ -153,10 +137,7 @@ mod tests {
         counters.tx_bytes.add(149_000_000);
         counters.count_drop(DropReason::NoSession);
         let line = Totals::collect(&[counters]).summary(&before, 1.0, 2, "af_xdp");
-        assert!(
-            line.starts_with("RX 1.2 Gbps (850.3K pps), TX 1.2 Gbps (850.0K pps), 2 workers"),
-            "{line}"
-        );
+        assert!(line.starts_with("RX 1.2 Gbps (850.3K pps), TX 1.2 Gbps (850.0K pps), 2 workers"), "{line}");
         assert!(line.ends_with("(no_session=1)"), "{line}");
     }
 }

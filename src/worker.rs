@@ -45,11 +45,8 @@ impl Worker {
     /// Runs until `stop` is set.
     pub fn run(mut self) {
         let mut rx_batch = vec![FrameDesc::default(); self.batch_size];
-        let mut tx_batches: Vec<Vec<FrameDesc>> = self
-            .sockets
-            .iter()
-            .map(|_| Vec::with_capacity(self.batch_size * self.sockets.len()))
-            .collect();
+        let mut tx_batches: Vec<Vec<FrameDesc>> =
+            self.sockets.iter().map(|_| Vec::with_capacity(self.batch_size * self.sockets.len())).collect();
         let fds: Vec<_> = self.sockets.iter().map(QueueSocket::fd).collect();
         self.counters.pool_capacity.set(self.pool.capacity() as u64);
         // Split the frames between the fill rings so every interface can receive from the start.
@@ -75,12 +72,7 @@ impl Worker {
     }
 
     /// One pass over every socket: reclaim, refill, receive, relay, transmit.
-    fn poll_once(
-        &mut self,
-        now: u64,
-        rx_batch: &mut [FrameDesc],
-        tx_batches: &mut [Vec<FrameDesc>],
-    ) -> usize {
+    fn poll_once(&mut self, now: u64, rx_batch: &mut [FrameDesc], tx_batches: &mut [Vec<FrameDesc>]) -> usize {
         let mut received_total = 0;
         for socket in &mut self.sockets {
             socket.reclaim(&mut self.pool, rx_batch);

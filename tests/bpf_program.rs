@@ -41,12 +41,7 @@ fn with_ipv4_header(mutate: impl Fn(&mut Vec<u8>)) -> Vec<u8> {
 }
 
 fn fixtures() -> Vec<Fixture> {
-    let redirected = |counter| {
-        (
-            (XDP_REDIRECT, counter),
-            (XDP_PASS, XdpCounter::PassNoSocket),
-        )
-    };
+    let redirected = |counter| ((XDP_REDIRECT, counter), (XDP_PASS, XdpCounter::PassNoSocket));
     let same = |action, counter| ((action, counter), (action, counter));
     let mut tcp = udp("10.0.0.2:40000", "10.0.0.1:22", b"ssh");
     tcp[23] = 6;
@@ -76,11 +71,7 @@ fn fixtures() -> Vec<Fixture> {
             udp("[fd00::2]:40000", "[fd00::1]:5000", b"hi6"),
             redirected(XdpCounter::RedirectListen),
         ),
-        (
-            "802.1Q-tagged client datagram",
-            vlan,
-            redirected(XdpCounter::RedirectListen),
-        ),
+        ("802.1Q-tagged client datagram", vlan, redirected(XdpCounter::RedirectListen)),
         (
             "upstream reply to a NAT port on the NAT address",
             udp("10.1.0.2:7000", "10.1.0.1:20000", b"re"),
@@ -111,17 +102,9 @@ fn fixtures() -> Vec<Fixture> {
             udp("10.0.0.2:40000", "10.0.0.7:5000", b"x"),
             same(XDP_PASS, XdpCounter::PassOtherPort),
         ),
-        (
-            "TCP (SSH) to the relay host",
-            tcp,
-            same(XDP_PASS, XdpCounter::PassNotUdp),
-        ),
+        ("TCP (SSH) to the relay host", tcp, same(XDP_PASS, XdpCounter::PassNotUdp)),
         ("ARP", arp, same(XDP_PASS, XdpCounter::PassNotIp)),
-        (
-            "ICMPv6 neighbour discovery",
-            icmpv6,
-            same(XDP_PASS, XdpCounter::PassNotUdp),
-        ),
+        ("ICMPv6 neighbour discovery", icmpv6, same(XDP_PASS, XdpCounter::PassNotUdp)),
         (
             "relay-bound frame cut inside the UDP header",
             with_ipv4_header(|f| f.truncate(38)),
@@ -144,11 +127,7 @@ fn fixtures() -> Vec<Fixture> {
             }),
             same(XDP_DROP, XdpCounter::DropBadUdpLength),
         ),
-        (
-            "relay-bound IPv4 with options",
-            ipv4_options,
-            same(XDP_DROP, XdpCounter::DropIpOptions),
-        ),
+        ("relay-bound IPv4 with options", ipv4_options, same(XDP_DROP, XdpCounter::DropIpOptions)),
         (
             "relay-bound first fragment (MF set)",
             with_ipv4_header(|f| f[20] = 0x20),
@@ -168,32 +147,22 @@ fn fixtures() -> Vec<Fixture> {
     ];
     table
         .into_iter()
-        .map(
-            |(description, frame, (with_socket, without_socket))| Fixture {
-                description,
-                frame,
-                with_socket,
-                without_socket,
-            },
-        )
+        .map(|(description, frame, (with_socket, without_socket))| Fixture {
+            description,
+            frame,
+            with_socket,
+            without_socket,
+        })
         .collect()
 }
 
 fn loaded_program() -> XdpProgram {
     let program = XdpProgram::load().expect("load the XDP program");
     program.set_nat_ports(20000, 29999).expect("NAT ports");
-    program
-        .add_listen(addr("10.0.0.1:5000"))
-        .expect("IPv4 listen");
-    program
-        .add_listen(addr("[::]:5000"))
-        .expect("IPv6 wildcard listen");
-    program
-        .add_nat_addr("10.1.0.1".parse().expect("ip"))
-        .expect("NAT address");
-    program
-        .add_nat_addr("fd01::1".parse().expect("ip"))
-        .expect("NAT address");
+    program.add_listen(addr("10.0.0.1:5000")).expect("IPv4 listen");
+    program.add_listen(addr("[::]:5000")).expect("IPv6 wildcard listen");
+    program.add_nat_addr("10.1.0.1".parse().expect("ip")).expect("NAT address");
+    program.add_nat_addr("fd01::1".parse().expect("ip")).expect("NAT address");
     program
 }
 
@@ -203,26 +172,12 @@ fn check(program: &XdpProgram, fixture: &Fixture, expected: (u32, XdpCounter), p
         .test_run(&fixture.frame)
         .unwrap_or_else(|e| panic!("{phase}: {}: BPF_PROG_TEST_RUN: {e}", fixture.description));
     let after = program.counters().expect("read counters");
-    assert_eq!(
-        action, expected.0,
-        "{phase}: {}: action",
-        fixture.description
-    );
-    assert_eq!(
-        output, fixture.frame,
-        "{phase}: {}: the program must not modify the frame",
-        fixture.description
-    );
+    assert_eq!(action, expected.0, "{phase}: {}: action", fixture.description);
+    assert_eq!(output, fixture.frame, "{phase}: {}: the program must not modify the frame", fixture.description);
     for counter in XdpCounter::ALL {
         let moved = after[counter as usize] - before[counter as usize];
         let wanted = u64::from(counter == expected.1);
-        assert_eq!(
-            moved,
-            wanted,
-            "{phase}: {}: counter {}",
-            fixture.description,
-            counter.name()
-        );
+        assert_eq!(moved, wanted, "{phase}: {}: counter {}", fixture.description, counter.name());
     }
 }
 
@@ -246,9 +201,7 @@ fn fixtures_with_a_socket_redirect_only_relay_traffic() {
     // A real AF_XDP socket in slot 0 (bound to loopback; no program is attached anywhere).
     let pool = FramePool::new(256, 2048, false).expect("UMEM");
     let socket = QueueSocket::bind(&pool, "lo", 0).expect("AF_XDP socket on lo");
-    program
-        .register_socket(0, socket.fd())
-        .expect("register socket");
+    program.register_socket(0, socket.fd()).expect("register socket");
     for fixture in fixtures() {
         check(&program, &fixture, fixture.with_socket, "socket on queue 0");
     }

@@ -4,10 +4,7 @@
 use std::process::{Command, Output};
 
 fn relay(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_oxidize-relay"))
-        .args(args)
-        .output()
-        .expect("run oxidize-relay")
+    Command::new(env!("CARGO_BIN_EXE_oxidize-relay")).args(args).output().expect("run oxidize-relay")
 }
 
 fn write_temp(name: &str, text: &str) -> std::path::PathBuf {
@@ -18,31 +15,16 @@ fn write_temp(name: &str, text: &str) -> std::path::PathBuf {
 
 #[test]
 fn example_config_checks_out() {
-    let output = relay(&[
-        "check-config",
-        concat!(env!("CARGO_MANIFEST_DIR"), "/examples/two-arm.toml"),
-    ]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = relay(&["check-config", concat!(env!("CARGO_MANIFEST_DIR"), "/examples/two-arm.toml")]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(String::from_utf8_lossy(&output.stdout).contains("ok (2 interfaces, 2 routes)"));
 }
 
 #[test]
 fn bad_configs_exit_2_with_file_line_and_column() {
     let cases = [
-        (
-            "wrong-type",
-            "[[interface]]\nname = 7\n",
-            ":2:8: invalid type",
-        ),
-        (
-            "unknown-key",
-            "[runtime]\nturbo = true\n",
-            ":2:1: unknown field `turbo`",
-        ),
+        ("wrong-type", "[[interface]]\nname = 7\n", ":2:8: invalid type"),
+        ("unknown-key", "[runtime]\nturbo = true\n", ":2:1: unknown field `turbo`"),
         (
             "port-range",
             "[[interface]]\nname = \"eth0\"\n[nat]\nports = \"70000-80000\"\n[[route]]\nlisten = \"10.0.0.1:53\"\nupstreams = [\"10.1.0.1:53\"]\n",
@@ -63,10 +45,7 @@ fn bad_configs_exit_2_with_file_line_and_column() {
             let output = relay(&args);
             let stderr = String::from_utf8_lossy(&output.stderr);
             assert_eq!(output.status.code(), Some(2), "{name} {args:?}: {stderr}");
-            assert!(
-                stderr.contains(expected),
-                "{name} {args:?}: wanted `{expected}` in: {stderr}"
-            );
+            assert!(stderr.contains(expected), "{name} {args:?}: wanted `{expected}` in: {stderr}");
         }
         let _ = std::fs::remove_file(path);
     }
@@ -81,15 +60,8 @@ fn unreadable_config_exits_2() {
 
 #[test]
 fn missing_interface_fails_with_its_name() {
-    let output = relay(&[
-        "run",
-        "--interface",
-        "oxrnothere0",
-        "--listen",
-        "10.0.0.1:5000",
-        "--upstream",
-        "10.1.0.2:7000",
-    ]);
+    let output =
+        relay(&["run", "--interface", "oxrnothere0", "--listen", "10.0.0.1:5000", "--upstream", "10.1.0.2:7000"]);
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("interface `oxrnothere0`: not found"));
 }

@@ -31,80 +31,70 @@ impl Drop for NamespaceGuard {
     }
 }
 
-fn scenario(name: &str) {
-    if !common::privileged(name) {
+fn scenario(name: &str, backend: &str) {
+    let test = format!("{name} ({backend})");
+    if !common::privileged(&test) {
         return;
     }
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let guard = NamespaceGuard {
-        prefix: format!(
-            "oxt{}x{}",
-            std::process::id() % 100_000,
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ),
+        prefix: format!("oxt{}x{}", std::process::id() % 100_000, NEXT.fetch_add(1, Ordering::Relaxed)),
     };
     let output = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/scenarios/run.py"
-        ))
-        .args([
-            "--relay",
-            env!("CARGO_BIN_EXE_oxidize-relay"),
-            "--prefix",
-            &guard.prefix,
-            name,
-        ])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scenarios/run.py"))
+        .args(["--relay", env!("CARGO_BIN_EXE_oxidize-relay"), "--prefix", &guard.prefix, "--backend", backend, name])
         .output()
         .expect("python3 runs the scenario");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     println!("{stdout}");
-    assert!(
-        output.status.success(),
-        "scenario {name} failed ({}):\n{stdout}\n{stderr}",
-        output.status
-    );
+    assert!(output.status.success(), "scenario {test} failed ({}):\n{stdout}\n{stderr}", output.status);
 }
 
-#[test]
-fn ipv4_one_arm_100k_datagrams() {
-    scenario("ipv4-one-arm");
+/// One test per scenario and backend: the same scenario script, the same assertions.
+macro_rules! scenarios {
+    ($backend:ident: $($test:ident => $name:literal),* $(,)?) => {
+        mod $backend {
+            $(
+                #[test]
+                fn $test() {
+                    super::scenario($name, stringify!($backend));
+                }
+            )*
+        }
+    };
 }
 
-#[test]
-fn ipv6_one_arm() {
-    scenario("ipv6-one-arm");
+scenarios! { af_xdp:
+    ipv4_one_arm_100k_datagrams => "ipv4-one-arm",
+    ipv6_one_arm => "ipv6-one-arm",
+    ipv4_two_arm => "ipv4-two-arm",
+    ipv6_two_arm_100k_datagrams => "ipv6-two-arm",
+    thousand_clients_get_only_their_own_replies => "many-clients",
+    idle_sessions_expire => "session-expiry",
+    tcp_to_the_relay_host_works_while_attached => "tcp-coexistence",
+    sigkill_leaves_traffic_to_the_kernel => "sigkill-fallback",
 }
 
-#[test]
-fn ipv4_two_arm() {
-    scenario("ipv4-two-arm");
+scenarios! { socket:
+    ipv4_one_arm_100k_datagrams => "ipv4-one-arm",
+    ipv6_one_arm => "ipv6-one-arm",
+    ipv4_two_arm => "ipv4-two-arm",
+    ipv6_two_arm_100k_datagrams => "ipv6-two-arm",
+    thousand_clients_get_only_their_own_replies => "many-clients",
+    idle_sessions_expire => "session-expiry",
+    tcp_to_the_relay_host_works_while_attached => "tcp-coexistence",
 }
 
-#[test]
-fn ipv6_two_arm_100k_datagrams() {
-    scenario("ipv6-two-arm");
-}
+/// Detection: auto falls back to sockets without capabilities or on an interface AF_XDP cannot serve.
+mod detection {
+    #[test]
+    fn without_capabilities_auto_uses_sockets_and_forced_af_xdp_fails() {
+        super::scenario("capability-fallback", "af_xdp");
+    }
 
-#[test]
-fn thousand_clients_get_only_their_own_replies() {
-    scenario("many-clients");
-}
-
-#[test]
-fn idle_sessions_expire() {
-    scenario("session-expiry");
-}
-
-#[test]
-fn tcp_to_the_relay_host_works_while_attached() {
-    scenario("tcp-coexistence");
-}
-
-#[test]
-fn sigkill_leaves_traffic_to_the_kernel() {
-    scenario("sigkill-fallback");
+    #[test]
+    fn an_l3_interface_makes_auto_fall_back() {
+        super::scenario("l3-interface-fallback", "af_xdp");
+    }
 }

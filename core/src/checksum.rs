@@ -78,16 +78,12 @@ mod tests {
     #[test]
     fn incremental_matches_full_recompute() {
         let mut header = [
-            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8,
-            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8, 0x00, 0x01, 0xc0, 0xa8,
+            0x00, 0xc7,
         ];
         let original = checksum(&header);
         header[10..12].copy_from_slice(&original.to_be_bytes());
-        assert_eq!(
-            checksum(&header),
-            0,
-            "a header with its checksum sums to zero"
-        );
+        assert_eq!(checksum(&header), 0, "a header with its checksum sums to zero");
 
         let new_src = [10, 200, 3, 4];
         let mut delta = ChecksumDelta::default();
@@ -113,8 +109,7 @@ mod tests {
             let full = checksum(&data);
             // 0x0000 and 0xffff are the same value in ones' complement.
             assert!(
-                incremental == full
-                    || (incremental ^ full == 0xffff && (full == 0 || full == 0xffff)),
+                incremental == full || (incremental ^ full == 0xffff && (full == 0 || full == 0xffff)),
                 "word {new:#06x}: incremental {incremental:#06x} full {full:#06x}"
             );
         }

@@ -136,26 +136,14 @@ impl Config {
     pub fn from_toml(source: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(source).map_err(|e| {
             let (line, column) = e.span().map(|s| line_column(source, s.start)).unzip();
-            ConfigError {
-                line,
-                column,
-                message: e.message().to_owned(),
-            }
+            ConfigError { line, column, message: e.message().to_owned() }
         })?;
         raw.resolve(source)
     }
 
     /// A one-route configuration for `oxidize-relay run --interface .. --listen .. --upstream ..`.
-    pub fn quick(
-        interface: &str,
-        listen: SocketAddr,
-        upstreams: &[SocketAddr],
-    ) -> Result<Config, ConfigError> {
-        let upstreams = upstreams
-            .iter()
-            .map(|u| format!("\"{u}\""))
-            .collect::<Vec<_>>()
-            .join(", ");
+    pub fn quick(interface: &str, listen: SocketAddr, upstreams: &[SocketAddr]) -> Result<Config, ConfigError> {
+        let upstreams = upstreams.iter().map(|u| format!("\"{u}\"")).collect::<Vec<_>>().join(", ");
         Config::from_toml(&format!(
             "[[interface]]\nname = \"{}\"\n\n[[route]]\nlisten = \"{listen}\"\nupstreams = [{upstreams}]\n",
             interface.escape_default()
@@ -288,25 +276,18 @@ impl RawConfig {
         let defaults = preset_defaults(self.preset);
         let at = |span: core::ops::Range<usize>, message: String| {
             let (line, column) = line_column(source, span.start);
-            ConfigError {
-                line: Some(line),
-                column: Some(column),
-                message,
-            }
+            ConfigError { line: Some(line), column: Some(column), message }
         };
 
         let batch_size = match self.runtime.batch_size {
             Some(b) if !(1..=256).contains(b.get_ref()) => {
-                return Err(at(
-                    b.span(),
-                    format!("batch_size must be between 1 and 256, not {}", b.get_ref()),
-                ));
+                return Err(at(b.span(), format!("batch_size must be between 1 and 256, not {}", b.get_ref())));
             }
             Some(b) => b.into_inner(),
             None => 64,
         };
         let runtime = Runtime {
-            mode: self.runtime.mode.unwrap_or(Mode::AfXdp),
+            mode: self.runtime.mode.unwrap_or(Mode::Auto),
             wait: self.runtime.wait.unwrap_or(defaults.wait),
             cores: self.runtime.cores,
             batch_size,
@@ -315,10 +296,7 @@ impl RawConfig {
 
         let frame_size = match self.pool.frame_size {
             Some(s) if ![2048, 4096].contains(s.get_ref()) => {
-                return Err(at(
-                    s.span(),
-                    format!("frame_size must be 2048 or 4096, not {}", s.get_ref()),
-                ));
+                return Err(at(s.span(), format!("frame_size must be 2048 or 4096, not {}", s.get_ref())));
             }
             Some(s) => s.into_inner(),
             None => 2048,
@@ -327,50 +305,30 @@ impl RawConfig {
             Some(f) if !f.get_ref().is_power_of_two() || *f.get_ref() < 256 => {
                 return Err(at(
                     f.span(),
-                    format!(
-                        "frames_per_worker must be a power of two of at least 256, not {}",
-                        f.get_ref()
-                    ),
+                    format!("frames_per_worker must be a power of two of at least 256, not {}", f.get_ref()),
                 ));
             }
             Some(f) => f.into_inner(),
             None => 4096,
         };
-        let pool = Pool {
-            frames_per_worker,
-            frame_size,
-            hugepages: self.pool.hugepages.unwrap_or(defaults.hugepages),
-        };
+        let pool = Pool { frames_per_worker, frame_size, hugepages: self.pool.hugepages.unwrap_or(defaults.hugepages) };
 
         if self.interface.is_empty() {
-            return Err(ConfigError {
-                line: None,
-                column: None,
-                message: "no [[interface]] is configured".into(),
-            });
+            return Err(ConfigError { line: None, column: None, message: "no [[interface]] is configured".into() });
         }
         let mut seen = HashSet::new();
         let mut interfaces = Vec::new();
         for raw in self.interface {
             let name = raw.name.get_ref();
             if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
-                return Err(at(
-                    raw.name.span(),
-                    format!("`{name}` is not a valid interface name"),
-                ));
+                return Err(at(raw.name.span(), format!("`{name}` is not a valid interface name")));
             }
             if !seen.insert(name.clone()) {
-                return Err(at(
-                    raw.name.span(),
-                    format!("interface `{name}` is listed twice"),
-                ));
+                return Err(at(raw.name.span(), format!("interface `{name}` is listed twice")));
             }
             let queues = match raw.queues {
                 Some(q) if *q.get_ref() == 0 || *q.get_ref() > 256 => {
-                    return Err(at(
-                        q.span(),
-                        format!("queues must be between 1 and 256, not {}", q.get_ref()),
-                    ));
+                    return Err(at(q.span(), format!("queues must be between 1 and 256, not {}", q.get_ref())));
                 }
                 Some(q) => q.into_inner(),
                 None => 1,
@@ -387,14 +345,11 @@ impl RawConfig {
             return Err(ConfigError {
                 line: None,
                 column: None,
-                message: "every interface must use the same number of queues (one worker serves queue N of each)".into(),
+                message: "every interface must use the same number of queues (one worker serves queue N of each)"
+                    .into(),
             });
         }
-        let has = |role: InterfaceRole| {
-            interfaces
-                .iter()
-                .any(|i| i.role == role || i.role == InterfaceRole::Both)
-        };
+        let has = |role: InterfaceRole| interfaces.iter().any(|i| i.role == role || i.role == InterfaceRole::Both);
         if !has(InterfaceRole::Client) || !has(InterfaceRole::Upstream) {
             return Err(ConfigError {
                 line: None,
@@ -426,60 +381,37 @@ impl RawConfig {
         };
 
         if self.route.is_empty() {
-            return Err(ConfigError {
-                line: None,
-                column: None,
-                message: "no [[route]] is configured".into(),
-            });
+            return Err(ConfigError { line: None, column: None, message: "no [[route]] is configured".into() });
         }
         let mut routes: Vec<RouteSpec> = Vec::new();
         for raw in self.route {
             let listen = *raw.listen.get_ref();
             if listen.port() == 0 {
-                return Err(at(
-                    raw.listen.span(),
-                    format!("listen address {listen} has port 0"),
-                ));
+                return Err(at(raw.listen.span(), format!("listen address {listen} has port 0")));
             }
             if (ports.0..=ports.1).contains(&listen.port()) {
                 return Err(at(
                     raw.listen.span(),
-                    format!(
-                        "listen port {} lies inside the NAT port range {}-{}",
-                        listen.port(),
-                        ports.0,
-                        ports.1
-                    ),
+                    format!("listen port {} lies inside the NAT port range {}-{}", listen.port(), ports.0, ports.1),
                 ));
             }
             if let Some(other) = routes.iter().find(|r| overlaps(r.listen, listen)) {
                 return Err(at(
                     raw.listen.span(),
-                    format!(
-                        "listen address {listen} overlaps route listening on {}",
-                        other.listen
-                    ),
+                    format!("listen address {listen} overlaps route listening on {}", other.listen),
                 ));
             }
             if raw.upstreams.get_ref().is_empty() {
-                return Err(at(
-                    raw.upstreams.span(),
-                    "a route needs at least one upstream".into(),
-                ));
+                return Err(at(raw.upstreams.span(), "a route needs at least one upstream".into()));
             }
             for upstream in raw.upstreams.get_ref() {
                 if upstream.is_ipv4() != listen.is_ipv4() {
                     return Err(at(
                         raw.upstreams.span(),
-                        format!(
-                            "upstream {upstream} is not of the same address family as listen address {listen}"
-                        ),
+                        format!("upstream {upstream} is not of the same address family as listen address {listen}"),
                     ));
                 }
-                if upstream.port() == 0
-                    || upstream.ip().is_unspecified()
-                    || crate::wire::is_martian(upstream.ip())
-                {
+                if upstream.port() == 0 || upstream.ip().is_unspecified() || crate::wire::is_martian(upstream.ip()) {
                     return Err(at(
                         raw.upstreams.span(),
                         format!("upstream {upstream} is not a usable unicast address and port"),
@@ -488,28 +420,15 @@ impl RawConfig {
             }
             let mut allowed_clients = Vec::new();
             for prefix in &raw.allowed_clients {
-                allowed_clients.push(
-                    prefix
-                        .get_ref()
-                        .parse::<IpPrefix>()
-                        .map_err(|m| at(prefix.span(), m))?,
-                );
+                allowed_clients.push(prefix.get_ref().parse::<IpPrefix>().map_err(|m| at(prefix.span(), m))?);
             }
-            routes.push(RouteSpec {
-                listen,
-                upstreams: raw.upstreams.into_inner(),
-                allowed_clients,
-            });
+            routes.push(RouteSpec { listen, upstreams: raw.upstreams.into_inner(), allowed_clients });
         }
 
         let mut neighbors = Vec::new();
         for raw in self.neighbor {
-            let mac = parse_mac(raw.mac.get_ref()).ok_or_else(|| {
-                at(
-                    raw.mac.span(),
-                    format!("`{}` is not a MAC address", raw.mac.get_ref()),
-                )
-            })?;
+            let mac = parse_mac(raw.mac.get_ref())
+                .ok_or_else(|| at(raw.mac.span(), format!("`{}` is not a MAC address", raw.mac.get_ref())))?;
             neighbors.push(StaticNeighbor { ip: raw.ip, mac });
         }
 
@@ -519,10 +438,7 @@ impl RawConfig {
             interfaces,
             nat,
             security: Security {
-                verify_checksums: self
-                    .security
-                    .verify_checksums
-                    .unwrap_or(defaults.verify_checksums),
+                verify_checksums: self.security.verify_checksums.unwrap_or(defaults.verify_checksums),
             },
             routes,
             neighbors,
@@ -590,21 +506,15 @@ upstreams = ["10.1.0.2:7000"]
         assert_eq!(config.runtime.batch_size, 64);
         assert_eq!(config.nat.ports, DEFAULT_NAT_PORTS);
         assert_eq!(config.interfaces[0].role, InterfaceRole::Both);
-        assert_eq!(
-            config.routes[0].upstreams,
-            vec!["10.1.0.2:7000".parse::<SocketAddr>().expect("addr")]
-        );
+        assert_eq!(config.routes[0].upstreams, vec!["10.1.0.2:7000".parse::<SocketAddr>().expect("addr")]);
     }
 
     #[test]
     fn presets_set_defaults_that_keys_override() {
-        let fast =
-            Config::from_toml(&format!("preset = \"max_throughput\"\n{MINIMAL}")).expect("valid");
+        let fast = Config::from_toml(&format!("preset = \"max_throughput\"\n{MINIMAL}")).expect("valid");
         assert_eq!(fast.runtime.wait, WaitMode::BusyPoll);
-        let secure = Config::from_toml(&format!(
-            "preset = \"secure\"\n[runtime]\nwait = \"busy_poll\"\n{MINIMAL}"
-        ))
-        .expect("valid");
+        let secure = Config::from_toml(&format!("preset = \"secure\"\n[runtime]\nwait = \"busy_poll\"\n{MINIMAL}"))
+            .expect("valid");
         assert!(secure.security.verify_checksums);
         assert_eq!(secure.runtime.wait, WaitMode::BusyPoll);
         assert_eq!(secure.nat.max_sessions, 16_384);
@@ -612,12 +522,9 @@ upstreams = ["10.1.0.2:7000"]
 
     #[test]
     fn quick_form_builds_a_one_arm_config() {
-        let config = Config::quick(
-            "eth0",
-            "10.0.0.1:5000".parse().expect("addr"),
-            &["10.1.0.2:7".parse().expect("addr")],
-        )
-        .expect("valid");
+        let config =
+            Config::quick("eth0", "10.0.0.1:5000".parse().expect("addr"), &["10.1.0.2:7".parse().expect("addr")])
+                .expect("valid");
         assert_eq!(config.interfaces[0].name, "eth0");
         assert_eq!(config.routes.len(), 1);
     }
@@ -625,63 +532,20 @@ upstreams = ["10.1.0.2:7000"]
     #[test]
     fn errors_name_line_and_column() {
         let cases = [
-            (
-                "unknown key",
-                format!("{MINIMAL}bogus = 1\n"),
-                8,
-                "unknown field",
-            ),
-            (
-                "wrong type",
-                MINIMAL.replace("name = \"veth0\"", "name = 5"),
-                3,
-                "invalid type",
-            ),
-            (
-                "bad address",
-                MINIMAL.replace("10.0.0.1:5000", "10.0.0.1"),
-                6,
-                "invalid socket address",
-            ),
-            (
-                "family mismatch",
-                MINIMAL.replace("10.1.0.2:7000", "[fd00::2]:7000"),
-                7,
-                "same address family",
-            ),
-            (
-                "listen in NAT range",
-                MINIMAL.replace("5000", "25000"),
-                6,
-                "NAT port range",
-            ),
-            (
-                "bad NAT range",
-                format!("{MINIMAL}[nat]\nports = \"30000-20000\"\n"),
-                9,
-                "NAT ports",
-            ),
-            (
-                "bad batch",
-                format!("[runtime]\nbatch_size = 1000\n{MINIMAL}"),
-                2,
-                "batch_size",
-            ),
+            ("unknown key", format!("{MINIMAL}bogus = 1\n"), 8, "unknown field"),
+            ("wrong type", MINIMAL.replace("name = \"veth0\"", "name = 5"), 3, "invalid type"),
+            ("bad address", MINIMAL.replace("10.0.0.1:5000", "10.0.0.1"), 6, "invalid socket address"),
+            ("family mismatch", MINIMAL.replace("10.1.0.2:7000", "[fd00::2]:7000"), 7, "same address family"),
+            ("listen in NAT range", MINIMAL.replace("5000", "25000"), 6, "NAT port range"),
+            ("bad NAT range", format!("{MINIMAL}[nat]\nports = \"30000-20000\"\n"), 9, "NAT ports"),
+            ("bad batch", format!("[runtime]\nbatch_size = 1000\n{MINIMAL}"), 2, "batch_size"),
             (
                 "bad prefix",
-                MINIMAL.replace(
-                    "upstreams",
-                    "allowed_clients = [\"10.0.0.0/40\"]\nupstreams",
-                ),
+                MINIMAL.replace("upstreams", "allowed_clients = [\"10.0.0.0/40\"]\nupstreams"),
                 7,
                 "prefix length",
             ),
-            (
-                "bad mac",
-                format!("{MINIMAL}[[neighbor]]\nip = \"10.1.0.2\"\nmac = \"zz:00\"\n"),
-                10,
-                "MAC",
-            ),
+            ("bad mac", format!("{MINIMAL}[[neighbor]]\nip = \"10.1.0.2\"\nmac = \"zz:00\"\n"), 10, "MAC"),
         ];
         for (name, source, line, needle) in cases {
             let error = Config::from_toml(&source).expect_err(name);
@@ -693,9 +557,7 @@ upstreams = ["10.1.0.2:7000"]
 
     #[test]
     fn overlapping_routes_are_refused() {
-        let source = format!(
-            "{MINIMAL}\n[[route]]\nlisten = \"0.0.0.0:5000\"\nupstreams = [\"10.1.0.3:7000\"]\n"
-        );
+        let source = format!("{MINIMAL}\n[[route]]\nlisten = \"0.0.0.0:5000\"\nupstreams = [\"10.1.0.3:7000\"]\n");
         let error = Config::from_toml(&source).expect_err("overlap");
         assert!(error.message.contains("overlaps"), "{error}");
         assert_eq!(error.line, Some(10));
@@ -703,22 +565,10 @@ upstreams = ["10.1.0.2:7000"]
 
     #[test]
     fn structural_errors_without_position() {
-        let no_interface =
-            "[[route]]\nlisten = \"10.0.0.1:5000\"\nupstreams = [\"10.1.0.2:7000\"]\n";
-        assert!(
-            Config::from_toml(no_interface)
-                .expect_err("no interface")
-                .message
-                .contains("interface")
-        );
-        let only_client =
-            MINIMAL.replace("name = \"veth0\"", "name = \"veth0\"\nrole = \"client\"");
-        assert!(
-            Config::from_toml(&only_client)
-                .expect_err("one side")
-                .message
-                .contains("upstream side")
-        );
+        let no_interface = "[[route]]\nlisten = \"10.0.0.1:5000\"\nupstreams = [\"10.1.0.2:7000\"]\n";
+        assert!(Config::from_toml(no_interface).expect_err("no interface").message.contains("interface"));
+        let only_client = MINIMAL.replace("name = \"veth0\"", "name = \"veth0\"\nrole = \"client\"");
+        assert!(Config::from_toml(&only_client).expect_err("one side").message.contains("upstream side"));
     }
 
     #[test]

@@ -13,10 +13,7 @@ impl Counter {
     /// Adds `n`. Only the owning worker may call this; two writers would lose updates.
     #[inline]
     pub fn add(&self, n: u64) {
-        self.0.store(
-            self.0.load(Ordering::Relaxed).wrapping_add(n),
-            Ordering::Relaxed,
-        );
+        self.0.store(self.0.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
     }
 
     /// Sets a gauge value (owning worker only).

@@ -14,10 +14,7 @@ pub struct IpPrefix {
 impl IpPrefix {
     pub fn new(addr: IpAddr, len: u8) -> Option<Self> {
         let max = if addr.is_ipv4() { 32 } else { 128 };
-        (len <= max).then(|| IpPrefix {
-            network: mask(addr, len),
-            len,
-        })
+        (len <= max).then(|| IpPrefix { network: mask(addr, len), len })
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
@@ -33,14 +30,10 @@ impl FromStr for IpPrefix {
             Some((addr, len)) => (addr, Some(len)),
             None => (s, None),
         };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("`{s}` is not an IP prefix"))?;
+        let addr: IpAddr = addr.parse().map_err(|_| format!("`{s}` is not an IP prefix"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let len = match len {
-            Some(len) => len
-                .parse::<u8>()
-                .map_err(|_| format!("bad prefix length in `{s}`"))?,
+            Some(len) => len.parse::<u8>().map_err(|_| format!("bad prefix length in `{s}`"))?,
             None => max,
         };
         IpPrefix::new(addr, len).ok_or_else(|| format!("prefix length in `{s}` exceeds {max}"))
@@ -57,20 +50,12 @@ fn mask(ip: IpAddr, len: u8) -> IpAddr {
     match ip {
         IpAddr::V4(v4) => {
             let bits = u32::from(v4);
-            let mask = if len == 0 {
-                0
-            } else {
-                u32::MAX << (32 - u32::from(len))
-            };
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
             IpAddr::V4((bits & mask).into())
         }
         IpAddr::V6(v6) => {
             let bits = u128::from(v6);
-            let mask = if len == 0 {
-                0
-            } else {
-                u128::MAX << (128 - u32::from(len))
-            };
+            let mask = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len)) };
             IpAddr::V6((bits & mask).into())
         }
     }

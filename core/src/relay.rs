@@ -60,11 +60,7 @@ impl Relay {
     pub fn new(routes: Arc<RouteTable>, settings: RelaySettings, counters: Arc<Counters>) -> Self {
         let upstreams = routes.upstreams().len();
         Relay {
-            sessions: SessionTable::new(
-                settings.nat_ports,
-                settings.max_sessions,
-                settings.idle_timeout,
-            ),
+            sessions: SessionTable::new(settings.nat_ports, settings.max_sessions, settings.idle_timeout),
             next_hops: vec![None; upstreams],
             unresolved: vec![false; upstreams],
             routes,
@@ -108,9 +104,7 @@ impl Relay {
         let expired = self.sessions.expire(now, budget, on_expired);
         if expired > 0 {
             self.counters.sessions_expired.add(expired as u64);
-            self.counters
-                .sessions_active
-                .set(self.sessions.len() as u64);
+            self.counters.sessions_active.set(self.sessions.len() as u64);
         }
     }
 
@@ -129,12 +123,7 @@ impl Relay {
     }
 
     /// The session a datagram from `from` to NAT address `to` answers. Drops are counted.
-    pub fn reply_session(
-        &mut self,
-        now: Millis,
-        from: SocketAddr,
-        to: SocketAddr,
-    ) -> Result<Session, DropReason> {
+    pub fn reply_session(&mut self, now: Millis, from: SocketAddr, to: SocketAddr) -> Result<Session, DropReason> {
         let result = self.find_reply(now, from, to);
         self.count_error(result)
     }
@@ -146,10 +135,7 @@ impl Relay {
 
     /// The current next hop toward `upstream`, if resolved.
     pub fn next_hop(&self, upstream: UpstreamId) -> Option<NextHop> {
-        self.next_hops
-            .get(usize::from(upstream.0))
-            .copied()
-            .flatten()
+        self.next_hops.get(usize::from(upstream.0)).copied().flatten()
     }
 
     pub fn routes(&self) -> &RouteTable {
@@ -167,12 +153,7 @@ impl Relay {
         result
     }
 
-    fn relay(
-        &mut self,
-        now: Millis,
-        ingress: IfaceId,
-        packet: &mut UdpFrame<&mut [u8]>,
-    ) -> Verdict {
+    fn relay(&mut self, now: Millis, ingress: IfaceId, packet: &mut UdpFrame<&mut [u8]>) -> Verdict {
         if self.verify_checksums && !packet.checksums_valid() {
             return Verdict::Drop(DropReason::BadChecksum);
         }
@@ -191,15 +172,7 @@ impl Relay {
             };
             return forward_rewritten(packet, &to, session.client_iface);
         }
-        let session = match self.find_or_admit(
-            now,
-            ingress,
-            FlowKey {
-                client: src,
-                listen: dst,
-            },
-            packet.src_mac(),
-        ) {
+        let session = match self.find_or_admit(now, ingress, FlowKey { client: src, listen: dst }, packet.src_mac()) {
             Ok(session) => session,
             Err(reason) => return Verdict::Drop(reason),
         };
@@ -215,16 +188,8 @@ impl Relay {
         forward_rewritten(packet, &to, hop.iface)
     }
 
-    fn find_reply(
-        &mut self,
-        now: Millis,
-        from: SocketAddr,
-        to: SocketAddr,
-    ) -> Result<Session, DropReason> {
-        let session = self
-            .sessions
-            .by_port_mut(to.port())
-            .ok_or(DropReason::NoSession)?;
+    fn find_reply(&mut self, now: Millis, from: SocketAddr, to: SocketAddr) -> Result<Session, DropReason> {
+        let session = self.sessions.by_port_mut(to.port()).ok_or(DropReason::NoSession)?;
         if session.nat_ip != to.ip() || self.routes.upstream(session.upstream) != from {
             return Err(DropReason::UnexpectedReplySource);
         }
@@ -248,9 +213,7 @@ impl Relay {
         }
         let upstream = self.routes.choose_upstream(route_id, flow.client);
         // The NAT address must be known before the session exists: it is what the upstream replies to.
-        let hop = self
-            .resolved_hop(upstream)
-            .ok_or(DropReason::NeighborUnresolved)?;
+        let hop = self.resolved_hop(upstream).ok_or(DropReason::NeighborUnresolved)?;
         let template = Session {
             flow,
             route: route_id,
@@ -266,9 +229,7 @@ impl Relay {
             AdmitError::PortsExhausted => DropReason::NatPortsExhausted,
         })?;
         self.counters.sessions_created.add(1);
-        self.counters
-            .sessions_active
-            .set(self.sessions.len() as u64);
+        self.counters.sessions_active.set(self.sessions.len() as u64);
         Ok(session)
     }
 
@@ -323,11 +284,7 @@ mod tests {
         let mut relay = Relay::new(routes, settings, counters.clone());
         relay.set_next_hop(
             UpstreamId(0),
-            Some(NextHop {
-                iface: IfaceId(1),
-                src_ip: nat_ip.parse().expect("ip"),
-                dst_mac: UPSTREAM_MAC,
-            }),
+            Some(NextHop { iface: IfaceId(1), src_ip: nat_ip.parse().expect("ip"), dst_mac: UPSTREAM_MAC }),
         );
         (relay, counters)
     }
@@ -335,44 +292,17 @@ mod tests {
     #[test]
     fn round_trip_ipv4_two_arm() {
         let (mut relay, counters) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
-        let mut request = udp_frame(
-            CLIENT_MAC,
-            RELAY_CLIENT_SIDE,
-            addr("10.0.0.2:40000"),
-            addr("10.0.0.1:5000"),
-            b"ping",
-        );
-        assert_eq!(
-            relay.handle(1, IfaceId(0), &mut request),
-            Verdict::Forward(IfaceId(1))
-        );
-        let expected = udp_frame(
-            RELAY_UPSTREAM_SIDE,
-            UPSTREAM_MAC,
-            addr("10.1.0.1:20000"),
-            addr("10.1.0.2:7000"),
-            b"ping",
-        );
+        let mut request =
+            udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"), b"ping");
+        assert_eq!(relay.handle(1, IfaceId(0), &mut request), Verdict::Forward(IfaceId(1)));
+        let expected =
+            udp_frame(RELAY_UPSTREAM_SIDE, UPSTREAM_MAC, addr("10.1.0.1:20000"), addr("10.1.0.2:7000"), b"ping");
         assert_eq!(request, expected);
 
-        let mut reply = udp_frame(
-            UPSTREAM_MAC,
-            RELAY_UPSTREAM_SIDE,
-            addr("10.1.0.2:7000"),
-            addr("10.1.0.1:20000"),
-            b"pong",
-        );
-        assert_eq!(
-            relay.handle(2, IfaceId(1), &mut reply),
-            Verdict::Forward(IfaceId(0))
-        );
-        let expected = udp_frame(
-            RELAY_CLIENT_SIDE,
-            CLIENT_MAC,
-            addr("10.0.0.1:5000"),
-            addr("10.0.0.2:40000"),
-            b"pong",
-        );
+        let mut reply =
+            udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.2:7000"), addr("10.1.0.1:20000"), b"pong");
+        assert_eq!(relay.handle(2, IfaceId(1), &mut reply), Verdict::Forward(IfaceId(0)));
+        let expected = udp_frame(RELAY_CLIENT_SIDE, CLIENT_MAC, addr("10.0.0.1:5000"), addr("10.0.0.2:40000"), b"pong");
         assert_eq!(reply, expected);
         assert_eq!(counters.sessions_created.get(), 1);
         assert_eq!(counters.total_drops(), 0);
@@ -381,39 +311,15 @@ mod tests {
     #[test]
     fn round_trip_ipv6_wildcard_listen() {
         let (mut relay, _) = two_arm_relay("[::]:5000", "[fd01::2]:7000", "fd01::1");
-        let mut request = udp_frame(
-            CLIENT_MAC,
-            RELAY_CLIENT_SIDE,
-            addr("[fd00::2]:40000"),
-            addr("[fd00::1]:5000"),
-            b"ping6",
-        );
-        assert_eq!(
-            relay.handle(1, IfaceId(0), &mut request),
-            Verdict::Forward(IfaceId(1))
-        );
-        let mut reply = udp_frame(
-            UPSTREAM_MAC,
-            RELAY_UPSTREAM_SIDE,
-            addr("[fd01::2]:7000"),
-            addr("[fd01::1]:20000"),
-            b"pong6",
-        );
-        assert_eq!(
-            relay.handle(2, IfaceId(1), &mut reply),
-            Verdict::Forward(IfaceId(0))
-        );
-        let expected = udp_frame(
-            RELAY_CLIENT_SIDE,
-            CLIENT_MAC,
-            addr("[fd00::1]:5000"),
-            addr("[fd00::2]:40000"),
-            b"pong6",
-        );
-        assert_eq!(
-            reply, expected,
-            "the reply comes from the exact address the client used"
-        );
+        let mut request =
+            udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("[fd00::2]:40000"), addr("[fd00::1]:5000"), b"ping6");
+        assert_eq!(relay.handle(1, IfaceId(0), &mut request), Verdict::Forward(IfaceId(1)));
+        let mut reply =
+            udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("[fd01::2]:7000"), addr("[fd01::1]:20000"), b"pong6");
+        assert_eq!(relay.handle(2, IfaceId(1), &mut reply), Verdict::Forward(IfaceId(0)));
+        let expected =
+            udp_frame(RELAY_CLIENT_SIDE, CLIENT_MAC, addr("[fd00::1]:5000"), addr("[fd00::2]:40000"), b"pong6");
+        assert_eq!(reply, expected, "the reply comes from the exact address the client used");
     }
 
     #[test]
@@ -428,10 +334,7 @@ mod tests {
                 addr("10.0.0.1:5000"),
                 &port.to_be_bytes(),
             );
-            assert_eq!(
-                relay.handle(1, IfaceId(0), &mut request),
-                Verdict::Forward(IfaceId(1))
-            );
+            assert_eq!(relay.handle(1, IfaceId(0), &mut request), Verdict::Forward(IfaceId(1)));
             let view = UdpFrame::new_checked(&request[..]).expect("valid");
             nat_port_of.push((port, view.src().port()));
         }
@@ -443,17 +346,8 @@ mod tests {
                 SocketAddr::new("10.1.0.1".parse().expect("ip"), nat_port),
                 b"r",
             );
-            assert_eq!(
-                relay.handle(2, IfaceId(1), &mut reply),
-                Verdict::Forward(IfaceId(0))
-            );
-            assert_eq!(
-                UdpFrame::new_checked(&reply[..])
-                    .expect("valid")
-                    .dst()
-                    .port(),
-                client_port
-            );
+            assert_eq!(relay.handle(2, IfaceId(1), &mut reply), Verdict::Forward(IfaceId(0)));
+            assert_eq!(UdpFrame::new_checked(&reply[..]).expect("valid").dst().port(), client_port);
         }
         assert_eq!(relay.session_count(), 500);
     }
@@ -461,51 +355,21 @@ mod tests {
     #[test]
     fn replies_are_refused_from_strangers_and_after_expiry() {
         let (mut relay, counters) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
-        let mut request = udp_frame(
-            CLIENT_MAC,
-            RELAY_CLIENT_SIDE,
-            addr("10.0.0.2:40000"),
-            addr("10.0.0.1:5000"),
-            b"x",
-        );
+        let mut request = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"), b"x");
         relay.handle(0, IfaceId(0), &mut request);
 
-        let mut stranger = udp_frame(
-            UPSTREAM_MAC,
-            RELAY_UPSTREAM_SIDE,
-            addr("10.1.0.66:7000"),
-            addr("10.1.0.1:20000"),
-            b"evil",
-        );
-        assert_eq!(
-            relay.handle(1, IfaceId(1), &mut stranger),
-            Verdict::Drop(DropReason::UnexpectedReplySource)
-        );
-        let mut unknown_port = udp_frame(
-            UPSTREAM_MAC,
-            RELAY_UPSTREAM_SIDE,
-            addr("10.1.0.2:7000"),
-            addr("10.1.0.1:20001"),
-            b"?",
-        );
-        assert_eq!(
-            relay.handle(1, IfaceId(1), &mut unknown_port),
-            Verdict::Drop(DropReason::NoSession)
-        );
+        let mut stranger =
+            udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.66:7000"), addr("10.1.0.1:20000"), b"evil");
+        assert_eq!(relay.handle(1, IfaceId(1), &mut stranger), Verdict::Drop(DropReason::UnexpectedReplySource));
+        let mut unknown_port =
+            udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.2:7000"), addr("10.1.0.1:20001"), b"?");
+        assert_eq!(relay.handle(1, IfaceId(1), &mut unknown_port), Verdict::Drop(DropReason::NoSession));
 
         relay.expire(30_000, usize::MAX, |_| {});
         assert_eq!(relay.session_count(), 0);
-        let mut late = udp_frame(
-            UPSTREAM_MAC,
-            RELAY_UPSTREAM_SIDE,
-            addr("10.1.0.2:7000"),
-            addr("10.1.0.1:20000"),
-            b"late",
-        );
-        assert_eq!(
-            relay.handle(30_001, IfaceId(1), &mut late),
-            Verdict::Drop(DropReason::NoSession)
-        );
+        let mut late =
+            udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.2:7000"), addr("10.1.0.1:20000"), b"late");
+        assert_eq!(relay.handle(30_001, IfaceId(1), &mut late), Verdict::Drop(DropReason::NoSession));
         assert_eq!(counters.sessions_expired.get(), 1);
         assert_eq!(counters.dropped(DropReason::NoSession), 2);
         assert_eq!(counters.dropped(DropReason::UnexpectedReplySource), 1);
@@ -516,22 +380,11 @@ mod tests {
         let (mut relay, counters) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
         relay.set_next_hop(UpstreamId(0), None);
         for _ in 0..3 {
-            let mut request = udp_frame(
-                CLIENT_MAC,
-                RELAY_CLIENT_SIDE,
-                addr("10.0.0.2:40000"),
-                addr("10.0.0.1:5000"),
-                b"x",
-            );
-            assert_eq!(
-                relay.handle(0, IfaceId(0), &mut request),
-                Verdict::Drop(DropReason::NeighborUnresolved)
-            );
+            let mut request =
+                udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"), b"x");
+            assert_eq!(relay.handle(0, IfaceId(0), &mut request), Verdict::Drop(DropReason::NeighborUnresolved));
         }
-        assert_eq!(
-            relay.take_unresolved().collect::<Vec<_>>(),
-            vec![UpstreamId(0)]
-        );
+        assert_eq!(relay.take_unresolved().collect::<Vec<_>>(), vec![UpstreamId(0)]);
         assert_eq!(relay.take_unresolved().count(), 0);
         assert_eq!(counters.dropped(DropReason::NeighborUnresolved), 3);
     }
@@ -539,35 +392,16 @@ mod tests {
     #[test]
     fn bad_checksum_and_unrouted_traffic_are_dropped_by_reason() {
         let (mut relay, counters) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
-        let mut corrupt = udp_frame(
-            CLIENT_MAC,
-            RELAY_CLIENT_SIDE,
-            addr("10.0.0.2:40000"),
-            addr("10.0.0.1:5000"),
-            b"abcd",
-        );
+        let mut corrupt =
+            udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"), b"abcd");
         let last = corrupt.len() - 1;
         corrupt[last] ^= 1;
-        assert_eq!(
-            relay.handle(0, IfaceId(0), &mut corrupt),
-            Verdict::Drop(DropReason::BadChecksum)
-        );
-        let mut other_port = udp_frame(
-            CLIENT_MAC,
-            RELAY_CLIENT_SIDE,
-            addr("10.0.0.2:40000"),
-            addr("10.0.0.1:5001"),
-            b"abcd",
-        );
-        assert_eq!(
-            relay.handle(0, IfaceId(0), &mut other_port),
-            Verdict::Drop(DropReason::NoRoute)
-        );
+        assert_eq!(relay.handle(0, IfaceId(0), &mut corrupt), Verdict::Drop(DropReason::BadChecksum));
+        let mut other_port =
+            udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:40000"), addr("10.0.0.1:5001"), b"abcd");
+        assert_eq!(relay.handle(0, IfaceId(0), &mut other_port), Verdict::Drop(DropReason::NoRoute));
         let mut runt = vec![0u8; 10];
-        assert_eq!(
-            relay.handle(0, IfaceId(0), &mut runt),
-            Verdict::Drop(DropReason::TooShort)
-        );
+        assert_eq!(relay.handle(0, IfaceId(0), &mut runt), Verdict::Drop(DropReason::TooShort));
         assert_eq!(counters.total_drops(), 3);
     }
 }

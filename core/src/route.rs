@@ -57,21 +57,11 @@ impl RouteTable {
             hasher,
         };
         for spec in specs {
-            let upstreams = spec
-                .upstreams
-                .iter()
-                .map(|u| table.intern_upstream(*u))
-                .collect();
+            let upstreams = spec.upstreams.iter().map(|u| table.intern_upstream(*u)).collect();
             let id = RouteId(table.routes.len() as u16);
-            table.routes.push(Route {
-                listen: spec.listen,
-                upstreams,
-                allowed_clients: spec.allowed_clients.clone(),
-            });
+            table.routes.push(Route { listen: spec.listen, upstreams, allowed_clients: spec.allowed_clients.clone() });
             if spec.listen.ip().is_unspecified() {
-                table
-                    .wildcard
-                    .insert((spec.listen.is_ipv6(), spec.listen.port()), id);
+                table.wildcard.insert((spec.listen.is_ipv6(), spec.listen.port()), id);
             } else {
                 table.exact.insert(spec.listen, id);
             }
@@ -82,10 +72,7 @@ impl RouteTable {
     /// The route whose listen address matches `dst` exactly, else a wildcard on its port.
     #[inline]
     pub fn lookup(&self, dst: SocketAddr) -> Option<RouteId> {
-        self.exact
-            .get(&dst)
-            .or_else(|| self.wildcard.get(&(dst.is_ipv6(), dst.port())))
-            .copied()
+        self.exact.get(&dst).or_else(|| self.wildcard.get(&(dst.is_ipv6(), dst.port()))).copied()
     }
 
     pub fn route(&self, id: RouteId) -> &Route {
@@ -134,11 +121,7 @@ impl RouteTable {
 
 /// Whether `client` may use `route` under its allow list.
 pub fn client_allowed(route: &Route, client: SocketAddr) -> bool {
-    route.allowed_clients.is_empty()
-        || route
-            .allowed_clients
-            .iter()
-            .any(|p| p.contains(client.ip()))
+    route.allowed_clients.is_empty() || route.allowed_clients.iter().any(|p| p.contains(client.ip()))
 }
 
 #[cfg(test)]
@@ -172,27 +155,16 @@ mod tests {
 
     #[test]
     fn shared_upstreams_are_interned() {
-        let table = RouteTable::new(&[
-            spec("10.0.0.1:1", &["10.1.0.2:7"]),
-            spec("10.0.0.1:2", &["10.1.0.2:7", "10.1.0.3:7"]),
-        ]);
+        let table =
+            RouteTable::new(&[spec("10.0.0.1:1", &["10.1.0.2:7"]), spec("10.0.0.1:2", &["10.1.0.2:7", "10.1.0.3:7"])]);
         assert_eq!(table.upstreams().len(), 2);
-        assert_eq!(
-            table.route(RouteId(0)).upstreams[0],
-            table.route(RouteId(1)).upstreams[0]
-        );
+        assert_eq!(table.route(RouteId(0)).upstreams[0], table.route(RouteId(1)).upstreams[0]);
     }
 
     #[test]
     fn choice_is_sticky_spread_and_stable_when_an_upstream_is_added() {
-        let three = RouteTable::new(&[spec(
-            "10.0.0.1:1",
-            &["10.1.0.2:7", "10.1.0.3:7", "10.1.0.4:7"],
-        )]);
-        let four = RouteTable::new(&[spec(
-            "10.0.0.1:1",
-            &["10.1.0.2:7", "10.1.0.3:7", "10.1.0.4:7", "10.1.0.5:7"],
-        )]);
+        let three = RouteTable::new(&[spec("10.0.0.1:1", &["10.1.0.2:7", "10.1.0.3:7", "10.1.0.4:7"])]);
+        let four = RouteTable::new(&[spec("10.0.0.1:1", &["10.1.0.2:7", "10.1.0.3:7", "10.1.0.4:7", "10.1.0.5:7"])]);
         let mut per_upstream = [0usize; 3];
         let mut moved = 0;
         for i in 0..3000u32 {
@@ -202,29 +174,17 @@ mod tests {
             per_upstream[usize::from(choice.0)] += 1;
             let after = four.choose_upstream(RouteId(0), client);
             if after != choice {
-                assert_eq!(
-                    after,
-                    UpstreamId(3),
-                    "a client only ever moves to the new upstream"
-                );
+                assert_eq!(after, UpstreamId(3), "a client only ever moves to the new upstream");
                 moved += 1;
             }
         }
-        assert!(
-            per_upstream.iter().all(|&n| n > 800),
-            "spread: {per_upstream:?}"
-        );
-        assert!(
-            (500..1000).contains(&moved),
-            "about a quarter move: {moved}"
-        );
+        assert!(per_upstream.iter().all(|&n| n > 800), "spread: {per_upstream:?}");
+        assert!((500..1000).contains(&moved), "about a quarter move: {moved}");
     }
 
     #[test]
     fn allow_list() {
-        let mut route = RouteTable::new(&[spec("10.0.0.1:1", &["10.1.0.2:7"])])
-            .route(RouteId(0))
-            .clone();
+        let mut route = RouteTable::new(&[spec("10.0.0.1:1", &["10.1.0.2:7"])]).route(RouteId(0)).clone();
         assert!(client_allowed(&route, addr("203.0.113.1:5")));
         route.allowed_clients = vec!["10.9.0.0/16".parse().expect("prefix")];
         assert!(client_allowed(&route, addr("10.9.3.3:5")));

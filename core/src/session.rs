@@ -66,10 +66,7 @@ impl SessionTable {
         SessionTable {
             first_port: first,
             slots: vec![None; slot_count],
-            by_flow: HashMap::with_capacity_and_hasher(
-                capacity.min(slot_count),
-                ahash::RandomState::new(),
-            ),
+            by_flow: HashMap::with_capacity_and_hasher(capacity.min(slot_count), ahash::RandomState::new()),
             free: (0..slot_count as u32).map(|s| s as u16).collect(),
             capacity,
             idle_timeout,
@@ -97,8 +94,7 @@ impl SessionTable {
     /// Whether `port` belongs to this table's range.
     #[inline]
     pub fn owns_port(&self, port: u16) -> bool {
-        port.checked_sub(self.first_port)
-            .is_some_and(|slot| usize::from(slot) < self.slots.len())
+        port.checked_sub(self.first_port).is_some_and(|slot| usize::from(slot) < self.slots.len())
     }
 
     /// Creates a session; `template.nat_port` is ignored and assigned here.
@@ -115,12 +111,7 @@ impl SessionTable {
     /// Removes sessions idle for at least the timeout, examining at most
     /// `budget` slots from where the previous call stopped; `on_expired` sees
     /// each removed session. Returns how many expired.
-    pub fn expire(
-        &mut self,
-        now: Millis,
-        budget: usize,
-        mut on_expired: impl FnMut(&Session),
-    ) -> usize {
+    pub fn expire(&mut self, now: Millis, budget: usize, mut on_expired: impl FnMut(&Session)) -> usize {
         let mut expired = 0;
         for _ in 0..budget.min(self.slots.len()) {
             let slot = self.sweep_cursor;
@@ -155,10 +146,7 @@ mod tests {
 
     fn session(client: &str) -> Session {
         Session {
-            flow: FlowKey {
-                client: client.parse().expect("addr"),
-                listen: "10.0.0.1:5000".parse().expect("addr"),
-            },
+            flow: FlowKey { client: client.parse().expect("addr"), listen: "10.0.0.1:5000".parse().expect("addr") },
             route: RouteId(0),
             upstream: UpstreamId(0),
             nat_ip: "10.1.0.1".parse().expect("ip"),
@@ -174,10 +162,7 @@ mod tests {
         let mut table = SessionTable::new((20000, 20009), 100, 1000);
         let created = *table.admit(session("10.0.0.7:4000")).expect("room");
         assert_eq!(created.nat_port, 20000);
-        assert_eq!(
-            table.touch_flow(&created.flow, 5).map(|s| s.nat_port),
-            Some(20000)
-        );
+        assert_eq!(table.touch_flow(&created.flow, 5).map(|s| s.nat_port), Some(20000));
         assert_eq!(table.by_port_mut(20000).map(|s| s.flow), Some(created.flow));
         assert!(table.by_port_mut(20001).is_none());
         assert!(table.by_port_mut(19999).is_none());
@@ -191,19 +176,11 @@ mod tests {
         let idle = table.admit(session("10.0.0.7:1")).expect("room").flow;
         let busy = table.admit(session("10.0.0.7:2")).expect("room").flow;
         table.touch_flow(&busy, 900);
-        assert_eq!(
-            table.expire(999, 10, |_| {}),
-            0,
-            "nothing is idle for a full timeout yet"
-        );
+        assert_eq!(table.expire(999, 10, |_| {}), 0, "nothing is idle for a full timeout yet");
         assert_eq!(table.expire(1000, 10, |_| {}), 1);
         assert!(table.touch_flow(&idle, 1000).is_none());
         assert!(table.touch_flow(&busy, 1000).is_some());
-        assert_eq!(
-            table.expire(1999, 10, |_| {}),
-            0,
-            "touched at 1000: not idle for a full timeout until 2000"
-        );
+        assert_eq!(table.expire(1999, 10, |_| {}), 0, "touched at 1000: not idle for a full timeout until 2000");
         assert_eq!(table.expire(2000, 10, |_| {}), 1);
     }
 
@@ -213,10 +190,7 @@ mod tests {
         let first = table.admit(session("10.0.0.7:1")).expect("room").nat_port;
         table.expire(100, 3, |_| {});
         let next = table.admit(session("10.0.0.7:2")).expect("room").nat_port;
-        assert_ne!(
-            first, next,
-            "the expired port goes to the back of the queue"
-        );
+        assert_ne!(first, next, "the expired port goes to the back of the queue");
     }
 
     #[test]
@@ -224,18 +198,12 @@ mod tests {
         let mut table = SessionTable::new((20000, 20001), 10, 1000);
         let a = table.admit(session("10.0.0.7:1")).expect("room").flow;
         table.admit(session("10.0.0.7:2")).expect("room");
-        assert_eq!(
-            table.admit(session("10.0.0.7:3")).err(),
-            Some(AdmitError::PortsExhausted)
-        );
+        assert_eq!(table.admit(session("10.0.0.7:3")).err(), Some(AdmitError::PortsExhausted));
         assert!(table.touch_flow(&a, 1).is_some());
 
         let mut small = SessionTable::new((20000, 20100), 1, 1000);
         small.admit(session("10.0.0.7:1")).expect("room");
-        assert_eq!(
-            small.admit(session("10.0.0.7:2")).err(),
-            Some(AdmitError::TableFull)
-        );
+        assert_eq!(small.admit(session("10.0.0.7:2")).err(), Some(AdmitError::TableFull));
         assert_eq!(small.len(), 1);
     }
 }

@@ -100,13 +100,7 @@ impl<T: AsRef<[u8]>> UdpFrame<T> {
             // RFC 8200 8.1: a zero UDP checksum is not allowed over IPv6.
             return Err(DropReason::BadChecksum);
         }
-        Ok(UdpFrame {
-            buffer,
-            l3,
-            l4,
-            end,
-            ipv6,
-        })
+        Ok(UdpFrame { buffer, l3, l4, end, ipv6 })
     }
 
     pub fn is_ipv6(&self) -> bool {
@@ -159,18 +153,10 @@ impl<T: AsRef<[u8]>> UdpFrame<T> {
 
     fn pseudo_header_sum(&self) -> u32 {
         let bytes = self.bytes();
-        let (src, dst) = if self.ipv6 {
-            (field::IPV6_SRC, field::IPV6_DST)
-        } else {
-            (field::IPV4_SRC, field::IPV4_DST)
-        };
-        let addresses = u32::from(checksum::ones_complement_sum(
-            &bytes[self.l3 + src.start..self.l3 + src.end],
-            0,
-        )) + u32::from(checksum::ones_complement_sum(
-            &bytes[self.l3 + dst.start..self.l3 + dst.end],
-            0,
-        ));
+        let (src, dst) =
+            if self.ipv6 { (field::IPV6_SRC, field::IPV6_DST) } else { (field::IPV4_SRC, field::IPV4_DST) };
+        let addresses = u32::from(checksum::ones_complement_sum(&bytes[self.l3 + src.start..self.l3 + src.end], 0))
+            + u32::from(checksum::ones_complement_sum(&bytes[self.l3 + dst.start..self.l3 + dst.end], 0));
         let udp_len = (self.end - self.l4) as u32;
         addresses + u32::from(field::IPPROTO_UDP) + udp_len
     }
@@ -230,16 +216,8 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpFrame<T> {
             _ => return false,
         }
         let mut transport = addresses;
-        replace(
-            &mut transport,
-            &mut bytes[l4..l4 + 2],
-            &to.src.port().to_be_bytes(),
-        );
-        replace(
-            &mut transport,
-            &mut bytes[l4 + 2..l4 + 4],
-            &to.dst.port().to_be_bytes(),
-        );
+        replace(&mut transport, &mut bytes[l4..l4 + 2], &to.src.port().to_be_bytes());
+        replace(&mut transport, &mut bytes[l4 + 2..l4 + 4], &to.dst.port().to_be_bytes());
         let old = be16(&bytes[l4..], field::UDP_CHECKSUM);
         if ipv6 || old != 0 {
             let new = match transport.apply(old) {
@@ -261,12 +239,7 @@ pub fn is_martian(ip: IpAddr) -> bool {
             let first = v4.octets()[0];
             first == 0 || first == 127 || first >= 224
         }
-        IpAddr::V6(v6) => {
-            v6.is_unspecified()
-                || v6.is_loopback()
-                || v6.is_multicast()
-                || v6.to_ipv4_mapped().is_some()
-        }
+        IpAddr::V6(v6) => v6.is_unspecified() || v6.is_loopback() || v6.is_multicast() || v6.to_ipv4_mapped().is_some(),
     }
 }
 
@@ -379,13 +352,7 @@ pub mod build {
     use super::*;
 
     /// An Ethernet/IP/UDP frame from `src` to `dst` with `payload` and correct checksums.
-    pub fn udp_frame(
-        src_mac: MacAddr,
-        dst_mac: MacAddr,
-        src: SocketAddr,
-        dst: SocketAddr,
-        payload: &[u8],
-    ) -> Vec<u8> {
+    pub fn udp_frame(src_mac: MacAddr, dst_mac: MacAddr, src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
         let mut frame = Vec::with_capacity(62 + payload.len());
         frame.extend_from_slice(&dst_mac);
         frame.extend_from_slice(&src_mac);
@@ -455,13 +422,7 @@ mod tests {
 
     #[test]
     fn parses_ipv4_udp() {
-        let frame = udp_frame(
-            MAC_A,
-            MAC_B,
-            addr("10.0.0.1:1234"),
-            addr("10.0.0.2:53"),
-            b"hello",
-        );
+        let frame = udp_frame(MAC_A, MAC_B, addr("10.0.0.1:1234"), addr("10.0.0.2:53"), b"hello");
         let view = UdpFrame::new_checked(&frame[..]).expect("valid");
         assert_eq!(view.src(), addr("10.0.0.1:1234"));
         assert_eq!(view.dst(), addr("10.0.0.2:53"));
@@ -473,13 +434,7 @@ mod tests {
 
     #[test]
     fn parses_ipv6_udp() {
-        let frame = udp_frame(
-            MAC_A,
-            MAC_B,
-            addr("[fd00::1]:1234"),
-            addr("[fd00::2]:53"),
-            b"hello6",
-        );
+        let frame = udp_frame(MAC_A, MAC_B, addr("[fd00::1]:1234"), addr("[fd00::2]:53"), b"hello6");
         let view = UdpFrame::new_checked(&frame[..]).expect("valid");
         assert!(view.is_ipv6());
         assert_eq!(view.dst(), addr("[fd00::2]:53"));
@@ -508,83 +463,29 @@ mod tests {
 
     #[test]
     fn malformed_frames_get_named_reasons() {
-        let good = udp_frame(
-            MAC_A,
-            MAC_B,
-            addr("10.0.0.1:1"),
-            addr("10.0.0.2:2"),
-            b"payload",
-        );
+        let good = udp_frame(MAC_A, MAC_B, addr("10.0.0.1:1"), addr("10.0.0.2:2"), b"payload");
         type Mutation = Box<dyn Fn(&mut Vec<u8>)>;
         let cases: Vec<(&str, Mutation, DropReason)> = vec![
-            (
-                "truncated ethernet",
-                Box::new(|f| f.truncate(10)),
-                DropReason::TooShort,
-            ),
-            (
-                "truncated ip",
-                Box::new(|f| f.truncate(20)),
-                DropReason::TooShort,
-            ),
-            (
-                "arp",
-                Box::new(|f| f[12..14].copy_from_slice(&[0x08, 0x06])),
-                DropReason::InvalidEthertype,
-            ),
-            (
-                "ipv4 version 5",
-                Box::new(|f| f[14] = 0x55),
-                DropReason::BadIpHeader,
-            ),
+            ("truncated ethernet", Box::new(|f| f.truncate(10)), DropReason::TooShort),
+            ("truncated ip", Box::new(|f| f.truncate(20)), DropReason::TooShort),
+            ("arp", Box::new(|f| f[12..14].copy_from_slice(&[0x08, 0x06])), DropReason::InvalidEthertype),
+            ("ipv4 version 5", Box::new(|f| f[14] = 0x55), DropReason::BadIpHeader),
             ("ihl 4", Box::new(|f| f[14] = 0x44), DropReason::BadIpHeader),
-            (
-                "ip options",
-                Box::new(|f| f[14] = 0x46),
-                DropReason::IpOptions,
-            ),
+            ("ip options", Box::new(|f| f[14] = 0x46), DropReason::IpOptions),
             (
                 "total length past frame",
                 Box::new(|f| f[16..18].copy_from_slice(&2000u16.to_be_bytes())),
                 DropReason::BadIpLength,
             ),
-            (
-                "more fragments",
-                Box::new(|f| f[20] = 0x20),
-                DropReason::Fragment,
-            ),
-            (
-                "fragment offset",
-                Box::new(|f| f[21] = 0x01),
-                DropReason::Fragment,
-            ),
+            ("more fragments", Box::new(|f| f[20] = 0x20), DropReason::Fragment),
+            ("fragment offset", Box::new(|f| f[21] = 0x01), DropReason::Fragment),
             ("tcp", Box::new(|f| f[23] = 6), DropReason::NotUdp),
             ("ttl zero", Box::new(|f| f[22] = 0), DropReason::TtlExpired),
-            (
-                "loopback source",
-                Box::new(|f| f[26] = 127),
-                DropReason::MartianSource,
-            ),
-            (
-                "multicast source",
-                Box::new(|f| f[26] = 224),
-                DropReason::MartianSource,
-            ),
-            (
-                "broadcast source",
-                Box::new(|f| f[26..30].copy_from_slice(&[255; 4])),
-                DropReason::MartianSource,
-            ),
-            (
-                "zero source",
-                Box::new(|f| f[26..30].copy_from_slice(&[0; 4])),
-                DropReason::MartianSource,
-            ),
-            (
-                "udp length 7",
-                Box::new(|f| f[38..40].copy_from_slice(&7u16.to_be_bytes())),
-                DropReason::BadUdpLength,
-            ),
+            ("loopback source", Box::new(|f| f[26] = 127), DropReason::MartianSource),
+            ("multicast source", Box::new(|f| f[26] = 224), DropReason::MartianSource),
+            ("broadcast source", Box::new(|f| f[26..30].copy_from_slice(&[255; 4])), DropReason::MartianSource),
+            ("zero source", Box::new(|f| f[26..30].copy_from_slice(&[0; 4])), DropReason::MartianSource),
+            ("udp length 7", Box::new(|f| f[38..40].copy_from_slice(&7u16.to_be_bytes())), DropReason::BadUdpLength),
             (
                 "udp length past ip",
                 Box::new(|f| f[38..40].copy_from_slice(&100u16.to_be_bytes())),
@@ -594,11 +495,7 @@ mod tests {
         for (name, mutate, expected) in cases {
             let mut frame = good.clone();
             mutate(&mut frame);
-            assert_eq!(
-                UdpFrame::new_checked(&frame[..]).err(),
-                Some(expected),
-                "{name}"
-            );
+            assert_eq!(UdpFrame::new_checked(&frame[..]).err(), Some(expected), "{name}");
         }
     }
 
@@ -607,132 +504,63 @@ mod tests {
         let good = udp_frame(MAC_A, MAC_B, addr("[fd00::1]:1"), addr("[fd00::2]:2"), b"p");
         let mut hop_by_hop = good.clone();
         hop_by_hop[20] = 0;
-        assert_eq!(
-            UdpFrame::new_checked(&hop_by_hop[..]).err(),
-            Some(DropReason::Ipv6ExtensionHeader)
-        );
+        assert_eq!(UdpFrame::new_checked(&hop_by_hop[..]).err(), Some(DropReason::Ipv6ExtensionHeader));
         let mut fragment = good.clone();
         fragment[20] = 44;
-        assert_eq!(
-            UdpFrame::new_checked(&fragment[..]).err(),
-            Some(DropReason::Fragment)
-        );
+        assert_eq!(UdpFrame::new_checked(&fragment[..]).err(), Some(DropReason::Fragment));
         let mut zero_sum = good.clone();
         zero_sum[60..62].copy_from_slice(&[0, 0]);
-        assert_eq!(
-            UdpFrame::new_checked(&zero_sum[..]).err(),
-            Some(DropReason::BadChecksum)
-        );
+        assert_eq!(UdpFrame::new_checked(&zero_sum[..]).err(), Some(DropReason::BadChecksum));
         let mut mapped = good;
-        mapped[22..38]
-            .copy_from_slice(&"::ffff:10.0.0.1".parse::<Ipv6Addr>().expect("v6").octets());
-        assert_eq!(
-            UdpFrame::new_checked(&mapped[..]).err(),
-            Some(DropReason::MartianSource)
-        );
+        mapped[22..38].copy_from_slice(&"::ffff:10.0.0.1".parse::<Ipv6Addr>().expect("v6").octets());
+        assert_eq!(UdpFrame::new_checked(&mapped[..]).err(), Some(DropReason::MartianSource));
     }
 
     #[test]
     fn rewrite_matches_a_frame_built_from_scratch() {
         for (src, dst, new_src, new_dst) in [
-            (
-                "10.0.0.1:40000",
-                "10.0.0.2:5000",
-                "10.1.0.1:20001",
-                "10.1.0.2:7",
-            ),
-            (
-                "192.168.1.1:1",
-                "172.16.0.1:65535",
-                "1.2.3.4:65535",
-                "9.9.9.9:1",
-            ),
-            (
-                "[fd00::1]:40000",
-                "[fd00::2]:5000",
-                "[fd01::1]:20001",
-                "[fd01::2]:7",
-            ),
+            ("10.0.0.1:40000", "10.0.0.2:5000", "10.1.0.1:20001", "10.1.0.2:7"),
+            ("192.168.1.1:1", "172.16.0.1:65535", "1.2.3.4:65535", "9.9.9.9:1"),
+            ("[fd00::1]:40000", "[fd00::2]:5000", "[fd01::1]:20001", "[fd01::2]:7"),
         ] {
             for payload in [&b""[..], b"a", b"odd-length payload", &[0xff; 1400]] {
                 let mut frame = udp_frame(MAC_A, MAC_B, addr(src), addr(dst), payload);
-                let to = Rewrite {
-                    src_mac: MAC_B,
-                    dst_mac: [2, 0, 0, 0, 0, 0xc],
-                    src: addr(new_src),
-                    dst: addr(new_dst),
-                };
+                let to =
+                    Rewrite { src_mac: MAC_B, dst_mac: [2, 0, 0, 0, 0, 0xc], src: addr(new_src), dst: addr(new_dst) };
                 let mut view = UdpFrame::new_checked(&mut frame[..]).expect("valid");
                 assert!(view.rewrite(&to));
                 assert!(view.checksums_valid());
                 let expected = udp_frame(to.src_mac, to.dst_mac, to.src, to.dst, payload);
-                assert_eq!(
-                    frame, expected,
-                    "{src}->{dst} rewritten to {new_src}->{new_dst}"
-                );
+                assert_eq!(frame, expected, "{src}->{dst} rewritten to {new_src}->{new_dst}");
             }
         }
     }
 
     #[test]
     fn rewrite_keeps_a_zero_ipv4_udp_checksum() {
-        let mut frame = udp_frame(
-            MAC_A,
-            MAC_B,
-            addr("10.0.0.1:1"),
-            addr("10.0.0.2:2"),
-            b"nocsum",
-        );
+        let mut frame = udp_frame(MAC_A, MAC_B, addr("10.0.0.1:1"), addr("10.0.0.2:2"), b"nocsum");
         frame[40..42].copy_from_slice(&[0, 0]);
-        let to = Rewrite {
-            src_mac: MAC_B,
-            dst_mac: MAC_A,
-            src: addr("10.0.0.3:3"),
-            dst: addr("10.0.0.4:4"),
-        };
+        let to = Rewrite { src_mac: MAC_B, dst_mac: MAC_A, src: addr("10.0.0.3:3"), dst: addr("10.0.0.4:4") };
         let mut view = UdpFrame::new_checked(&mut frame[..]).expect("valid");
         assert!(view.rewrite(&to));
         assert_eq!(&frame[40..42], &[0, 0]);
-        assert!(
-            UdpFrame::new_checked(&frame[..])
-                .expect("valid")
-                .checksums_valid()
-        );
+        assert!(UdpFrame::new_checked(&frame[..]).expect("valid").checksums_valid());
     }
 
     #[test]
     fn rewrite_refuses_a_family_change() {
         let mut frame = udp_frame(MAC_A, MAC_B, addr("10.0.0.1:1"), addr("10.0.0.2:2"), b"x");
         let before = frame.clone();
-        let to = Rewrite {
-            src_mac: MAC_B,
-            dst_mac: MAC_A,
-            src: addr("[fd00::1]:1"),
-            dst: addr("[fd00::2]:2"),
-        };
-        assert!(
-            !UdpFrame::new_checked(&mut frame[..])
-                .expect("valid")
-                .rewrite(&to)
-        );
+        let to = Rewrite { src_mac: MAC_B, dst_mac: MAC_A, src: addr("[fd00::1]:1"), dst: addr("[fd00::2]:2") };
+        assert!(!UdpFrame::new_checked(&mut frame[..]).expect("valid").rewrite(&to));
         assert_eq!(frame, before);
     }
 
     #[test]
     fn corrupted_checksum_is_detected() {
-        let mut frame = udp_frame(
-            MAC_A,
-            MAC_B,
-            addr("10.0.0.1:1"),
-            addr("10.0.0.2:2"),
-            b"data",
-        );
+        let mut frame = udp_frame(MAC_A, MAC_B, addr("10.0.0.1:1"), addr("10.0.0.2:2"), b"data");
         let last = frame.len() - 1;
         frame[last] ^= 0x40;
-        assert!(
-            !UdpFrame::new_checked(&frame[..])
-                .expect("valid")
-                .checksums_valid()
-        );
+        assert!(!UdpFrame::new_checked(&frame[..]).expect("valid").checksums_valid());
     }
 }

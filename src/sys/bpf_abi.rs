@@ -40,12 +40,7 @@ const _: () = assert!(size_of::<RelayConfig>() == 8);
 impl EndpointKey {
     pub fn new(endpoint: SocketAddr) -> Self {
         let AddrKey { family, addr, .. } = AddrKey::new(endpoint.ip());
-        EndpointKey {
-            family,
-            pad: 0,
-            port_be: endpoint.port().to_be(),
-            addr,
-        }
+        EndpointKey { family, pad: 0, port_be: endpoint.port().to_be(), addr }
     }
 }
 
@@ -62,11 +57,7 @@ impl AddrKey {
                 ADDR_FAMILY_IPV6
             }
         };
-        AddrKey {
-            family,
-            pad: [0; 3],
-            addr,
-        }
+        AddrKey { family, pad: [0; 3], addr }
     }
 }
 

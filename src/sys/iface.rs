@@ -27,10 +27,7 @@ pub struct IfaceInfo {
 
 impl IfaceInfo {
     pub fn lookup(name: &str) -> Result<Self, IfaceError> {
-        let error = |what: String| IfaceError {
-            name: name.to_owned(),
-            what,
-        };
+        let error = |what: String| IfaceError { name: name.to_owned(), what };
         let c_name = CString::new(name).map_err(|_| error("name contains NUL".into()))?;
         // SAFETY: c_name is a valid NUL-terminated string.
         let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
@@ -40,34 +37,56 @@ impl IfaceInfo {
         let sysfs = format!("/sys/class/net/{name}");
         let address = fs::read_to_string(format!("{sysfs}/address"))
             .map_err(|e| error(format!("reading its MAC failed: {e}")))?;
-        let mac = parse_mac(address.trim())
-            .ok_or_else(|| error(format!("has no Ethernet MAC (`{}`)", address.trim())))?;
+        let mac =
+            parse_mac(address.trim()).ok_or_else(|| error(format!("has no Ethernet MAC (`{}`)", address.trim())))?;
         let rx_queues = fs::read_dir(format!("{sysfs}/queues"))
             .map(|entries| {
-                entries
-                    .filter_map(Result::ok)
-                    .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
-                    .count() as u32
+                entries.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().starts_with("rx-")).count()
+                    as u32
             })
             .unwrap_or(1)
             .max(1);
-        let driver = fs::read_link(format!("{sysfs}/device/driver"))
-            .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .or_else(|| {
-                // Virtual devices have no device/driver link; their kind is in uevent (DEVTYPE) or is the name prefix.
-                fs::read_to_string(format!("{sysfs}/uevent"))
-                    .ok()?
-                    .lines()
-                    .find_map(|l| l.strip_prefix("DEVTYPE=").map(str::to_owned))
-            })
-            .unwrap_or_else(|| "unknown".into());
-        Ok(IfaceInfo {
-            name: name.to_owned(),
-            index,
-            mac,
-            rx_queues,
-            driver,
-        })
+        let driver = ethtool_driver(name).unwrap_or_else(|| "unknown".into());
+        Ok(IfaceInfo { name: name.to_owned(), index, mac, rx_queues, driver })
     }
+}
+
+/// The driver name as `ethtool -i` reports it (ETHTOOL_GDRVINFO), for physical and virtual devices alike.
+fn ethtool_driver(name: &str) -> Option<String> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 0x03;
+    #[repr(C)]
+    struct DriverInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 160],
+        counts: [u32; 5],
+    }
+    #[repr(C)]
+    struct InterfaceRequest {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut DriverInfo,
+        padding: [u8; 16],
+    }
+    let mut info = DriverInfo { cmd: ETHTOOL_GDRVINFO, driver: [0; 32], rest: [0; 160], counts: [0; 5] };
+    let mut request = InterfaceRequest { name: [0; libc::IFNAMSIZ], data: &mut info, padding: [0; 16] };
+    let bytes = name.as_bytes();
+    if bytes.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    request.name[..bytes.len()].copy_from_slice(bytes);
+    // SAFETY: a throwaway datagram socket for the ioctl; checked and closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: request is a valid ifreq whose data points at a live ethtool_drvinfo of the kernel's layout.
+    let result = unsafe { libc::ioctl(fd, SIOCETHTOOL, &mut request) };
+    // SAFETY: fd was opened above and is not used after this.
+    unsafe { libc::close(fd) };
+    if result != 0 {
+        return None;
+    }
+    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(info.driver.len());
+    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
 }

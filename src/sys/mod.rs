@@ -5,5 +5,6 @@
 pub mod bpf_abi;
 pub mod iface;
 pub mod netlink;
+pub mod udp;
 pub mod xdp;
 pub mod xsk;

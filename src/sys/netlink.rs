@@ -9,6 +9,7 @@ use oxidize_relay_core::wire::MacAddr;
 
 const NLMSG_HDR_LEN: usize = 16;
 const NLMSG_ERROR: u16 = 2;
+const GENL_ID_CTRL: u16 = 0x10;
 const RTM_NEWROUTE: u16 = 24;
 const RTM_GETROUTE: u16 = 26;
 const RTM_NEWNEIGH: u16 = 28;
@@ -46,38 +47,74 @@ pub enum NetlinkError {
         source: io::Error,
     },
     #[error("netlink {operation} for {address} returned a malformed reply")]
-    Malformed {
-        operation: &'static str,
-        address: IpAddr,
-    },
+    Malformed { operation: &'static str, address: IpAddr },
 }
 
-/// A NETLINK_ROUTE socket for one-shot requests from the control thread.
+/// A netlink socket for one-shot requests from the control thread.
 #[derive(Debug)]
 pub struct RouteSocket {
     fd: OwnedFd,
     sequence: u32,
 }
 
+/// XDP capabilities a driver advertises (the kernel's `netdev` family, Linux 6.3+).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XdpFeatures(pub u64);
+
+impl XdpFeatures {
+    /// Native (driver) XDP.
+    pub fn native(self) -> bool {
+        self.0 & 1 != 0
+    }
+
+    /// AF_XDP zero-copy.
+    pub fn zero_copy(self) -> bool {
+        self.0 & 8 != 0
+    }
+}
+
 impl RouteSocket {
+    /// A NETLINK_ROUTE socket.
     pub fn open() -> Result<Self, NetlinkError> {
-        // SAFETY: plain socket(2) call; the result is checked before use.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
+        Self::open_protocol(libc::NETLINK_ROUTE)
+    }
+
+    /// What the driver of `ifindex` advertises for XDP, or `None` where the
+    /// kernel predates the `netdev` generic netlink family.
+    pub fn xdp_features(ifindex: u32) -> Result<Option<XdpFeatures>, NetlinkError> {
+        let mut generic = Self::open_protocol(libc::NETLINK_GENERIC)?;
+        let unspecified = IpAddr::from([0, 0, 0, 0]);
+        // CTRL_CMD_GETFAMILY (3), version 1, with CTRL_ATTR_FAMILY_NAME (2).
+        let mut body = vec![3, 1, 0, 0];
+        push_attr(&mut body, 2, b"netdev\0");
+        let family = match generic.request(GENL_ID_CTRL, &body, "CTRL_CMD_GETFAMILY", unspecified) {
+            Ok((_, payload)) => attrs(payload.get(4..).unwrap_or_default())
+                .find(|(kind, value)| *kind == 1 && value.len() == 2)
+                .map(|(_, value)| u16::from_ne_bytes([value[0], value[1]])),
+            Err(NetlinkError::Request { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
+                return Ok(None);
+            }
+            Err(error) => return Err(error),
         };
+        let Some(family) = family else { return Ok(None) };
+        // NETDEV_CMD_DEV_GET (1) with NETDEV_A_DEV_IFINDEX (1); the answer carries NETDEV_A_DEV_XDP_FEATURES (3).
+        let mut body = vec![1, 1, 0, 0];
+        push_attr(&mut body, 1, &ifindex.to_ne_bytes());
+        let (_, payload) = generic.request(family, &body, "NETDEV_CMD_DEV_GET", unspecified)?;
+        Ok(attrs(payload.get(4..).unwrap_or_default())
+            .find(|(kind, value)| *kind == 3 && value.len() == 8)
+            .map(|(_, value)| XdpFeatures(u64::from_ne_bytes(value.try_into().unwrap_or([0; 8])))))
+    }
+
+    fn open_protocol(protocol: libc::c_int) -> Result<Self, NetlinkError> {
+        // SAFETY: plain socket(2) call; the result is checked before use.
+        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol) };
         if fd < 0 {
             return Err(NetlinkError::Socket(io::Error::last_os_error()));
         }
         // SAFETY: fd is a fresh descriptor owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let timeout = libc::timeval {
-            tv_sec: 1,
-            tv_usec: 0,
-        };
+        let timeout = libc::timeval { tv_sec: 1, tv_usec: 0 };
         // SAFETY: setting SO_RCVTIMEO with a correctly sized timeval on our own socket.
         let err = unsafe {
             libc::setsockopt(
@@ -99,20 +136,7 @@ impl RouteSocket {
         let operation = "RTM_GETROUTE";
         let (family, bytes) = family_and_bytes(address);
         // struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags(u32)
-        let mut body = vec![
-            family,
-            (bytes.len() * 8) as u8,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-            0,
-        ];
+        let mut body = vec![family, (bytes.len() * 8) as u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         push_attr(&mut body, RTA_DST, &bytes);
         let reply = self.request(RTM_GETROUTE, &body, operation, address)?;
         let malformed = || NetlinkError::Malformed { operation, address };
@@ -133,19 +157,11 @@ impl RouteSocket {
                 _ => {}
             }
         }
-        Ok(Route {
-            ifindex: ifindex.ok_or_else(malformed)?,
-            next_hop: gateway.unwrap_or(address),
-            preferred_source,
-        })
+        Ok(Route { ifindex: ifindex.ok_or_else(malformed)?, next_hop: gateway.unwrap_or(address), preferred_source })
     }
 
     /// `ip neigh get ADDRESS dev IFINDEX`: the MAC when the entry is usable, `None` otherwise.
-    pub fn neighbor(
-        &mut self,
-        ifindex: u32,
-        address: IpAddr,
-    ) -> Result<Option<MacAddr>, NetlinkError> {
+    pub fn neighbor(&mut self, ifindex: u32, address: IpAddr) -> Result<Option<MacAddr>, NetlinkError> {
         let operation = "RTM_GETNEIGH";
         let (family, bytes) = family_and_bytes(address);
         // struct ndmsg: family, pad1, pad2(u16), ifindex(i32), state(u16), flags(u8), type(u8)
@@ -155,9 +171,7 @@ impl RouteSocket {
         push_attr(&mut body, NDA_DST, &bytes);
         let (kind, payload) = match self.request(RTM_GETNEIGH, &body, operation, address) {
             Ok(reply) => reply,
-            Err(NetlinkError::Request { source, .. })
-                if source.raw_os_error() == Some(libc::ENOENT) =>
-            {
+            Err(NetlinkError::Request { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => {
                 return Ok(None);
             }
             Err(error) => return Err(error),
@@ -169,13 +183,11 @@ impl RouteSocket {
         if state & NUD_USABLE == 0 {
             return Ok(None);
         }
-        Ok(attrs(&payload[12..])
-            .find(|(kind, value)| *kind == NDA_LLADDR && value.len() == 6)
-            .map(|(_, value)| {
-                let mut mac = [0u8; 6];
-                mac.copy_from_slice(value);
-                mac
-            }))
+        Ok(attrs(&payload[12..]).find(|(kind, value)| *kind == NDA_LLADDR && value.len() == 6).map(|(_, value)| {
+            let mut mac = [0u8; 6];
+            mac.copy_from_slice(value);
+            mac
+        }))
     }
 
     fn request(
@@ -193,34 +205,16 @@ impl RouteSocket {
         message.extend_from_slice(&self.sequence.to_ne_bytes());
         message.extend_from_slice(&0u32.to_ne_bytes());
         message.extend_from_slice(body);
-        let failed = |source| NetlinkError::Request {
-            operation,
-            address,
-            source,
-        };
+        let failed = |source| NetlinkError::Request { operation, address, source };
         // SAFETY: sending our own buffer on our own socket; the kernel is the default destination of a netlink socket.
-        let sent = unsafe {
-            libc::send(
-                self.fd.as_raw_fd(),
-                message.as_ptr().cast(),
-                message.len(),
-                0,
-            )
-        };
+        let sent = unsafe { libc::send(self.fd.as_raw_fd(), message.as_ptr().cast(), message.len(), 0) };
         if sent < 0 {
             return Err(failed(io::Error::last_os_error()));
         }
         let mut buffer = vec![0u8; 16384];
         loop {
             // SAFETY: receiving into a buffer we own, of the length given.
-            let received = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buffer.as_mut_ptr().cast(),
-                    buffer.len(),
-                    0,
-                )
-            };
+            let received = unsafe { libc::recv(self.fd.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len(), 0) };
             if received < 0 {
                 return Err(failed(io::Error::last_os_error()));
             }
@@ -228,8 +222,7 @@ impl RouteSocket {
             if reply.len() < NLMSG_HDR_LEN {
                 return Err(NetlinkError::Malformed { operation, address });
             }
-            let length = (u32::from_ne_bytes([reply[0], reply[1], reply[2], reply[3]]) as usize)
-                .min(reply.len());
+            let length = (u32::from_ne_bytes([reply[0], reply[1], reply[2], reply[3]]) as usize).min(reply.len());
             let reply_kind = u16::from_ne_bytes([reply[4], reply[5]]);
             let sequence = u32::from_ne_bytes([reply[8], reply[9], reply[10], reply[11]]);
             if sequence != self.sequence || length < NLMSG_HDR_LEN {
@@ -237,9 +230,7 @@ impl RouteSocket {
             }
             let payload = &reply[NLMSG_HDR_LEN..length];
             if reply_kind == NLMSG_ERROR {
-                let code = payload
-                    .get(..4)
-                    .map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+                let code = payload.get(..4).map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
                 return Err(failed(io::Error::from_raw_os_error(-code)));
             }
             return Ok((reply_kind, payload.to_vec()));
@@ -255,9 +246,7 @@ pub fn nudge_neighbor(address: IpAddr) -> io::Result<()> {
         IpAddr::V6(_) => "[::]:0".parse().expect("literal"),
     };
     let socket = UdpSocket::bind(bind)?;
-    socket
-        .send_to(&[], SocketAddr::new(address, DISCARD_PORT))
-        .map(|_| ())
+    socket.send_to(&[], SocketAddr::new(address, DISCARD_PORT)).map(|_| ())
 }
 
 fn family_and_bytes(address: IpAddr) -> (u8, Vec<u8>) {
@@ -333,9 +322,7 @@ mod tests {
     fn loopback_route_is_found() {
         // Needs only a NETLINK_ROUTE socket, which any user may open.
         let mut socket = RouteSocket::open().expect("netlink socket");
-        let route = socket
-            .route_to("127.0.0.1".parse().expect("ip"))
-            .expect("route to loopback");
+        let route = socket.route_to("127.0.0.1".parse().expect("ip")).expect("route to loopback");
         assert!(route.ifindex > 0);
     }
 }

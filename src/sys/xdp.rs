@@ -38,9 +38,7 @@ impl AttachedMode {
 pub enum XdpError {
     #[error("bpf_object__open_mem of the relay's XDP object failed: {0}")]
     Open(#[source] io::Error),
-    #[error(
-        "bpf_object__load failed (needs root or CAP_BPF+CAP_NET_ADMIN and a kernel with BTF; see `dmesg`): {0}"
-    )]
+    #[error("bpf_object__load failed (needs root or CAP_BPF+CAP_NET_ADMIN and a kernel with BTF; see `dmesg`): {0}")]
     Load(#[source] io::Error),
     #[error("the XDP object has no {0}")]
     Missing(&'static str),
@@ -90,9 +88,7 @@ impl XdpProgram {
     /// Opens and loads the embedded object into the kernel (maps created, program verified).
     pub fn load() -> Result<Self, XdpError> {
         // SAFETY: OBJECT is a valid, 'static ELF buffer; a null opts pointer selects defaults.
-        let raw = unsafe {
-            bpf::bpf_object__open_mem(OBJECT.as_ptr().cast(), OBJECT.len() as _, std::ptr::null())
-        };
+        let raw = unsafe { bpf::bpf_object__open_mem(OBJECT.as_ptr().cast(), OBJECT.len() as _, std::ptr::null()) };
         let object = NonNull::new(raw).ok_or_else(|| XdpError::Open(io::Error::last_os_error()))?;
         // Owns the object from here, so every early return below closes it.
         let mut program = XdpProgram {
@@ -111,9 +107,7 @@ impl XdpProgram {
             return Err(XdpError::Load(io::Error::from_raw_os_error(-err)));
         }
         // SAFETY: object is loaded; the name is NUL-terminated.
-        let prog = unsafe {
-            bpf::bpf_object__find_program_by_name(object.as_ptr(), PROGRAM_NAME.as_ptr())
-        };
+        let prog = unsafe { bpf::bpf_object__find_program_by_name(object.as_ptr(), PROGRAM_NAME.as_ptr()) };
         if prog.is_null() {
             return Err(XdpError::Missing("program `oxidize_relay`"));
         }
@@ -162,11 +156,7 @@ impl XdpProgram {
             self.relay_config,
             "relay_config_map",
             &0u32,
-            &RelayConfig {
-                nat_port_first: first,
-                nat_port_last: last,
-                pad: 0,
-            },
+            &RelayConfig { nat_port_first: first, nat_port_last: last, pad: 0 },
         )
     }
 
@@ -179,27 +169,17 @@ impl XdpProgram {
     pub fn counters(&self) -> Result<[u64; XdpCounter::ALL.len()], XdpError> {
         // SAFETY: plain libbpf query without arguments.
         let cpus = unsafe { bpf::libbpf_num_possible_cpus() };
-        let cpus = usize::try_from(cpus).map_err(|_| XdpError::MapRead {
-            map: "xdp_stats",
-            source: io::Error::from_raw_os_error(-cpus),
-        })?;
+        let cpus = usize::try_from(cpus)
+            .map_err(|_| XdpError::MapRead { map: "xdp_stats", source: io::Error::from_raw_os_error(-cpus) })?;
         let mut per_cpu = vec![0u64; cpus];
         let mut totals = [0u64; XdpCounter::ALL.len()];
         for (index, total) in totals.iter_mut().enumerate() {
             let key = index as u32;
             // SAFETY: a per-CPU array lookup writes one u64 per possible CPU into per_cpu, which has exactly that many.
-            let err = unsafe {
-                bpf::bpf_map_lookup_elem(
-                    self.stats,
-                    (&raw const key).cast(),
-                    per_cpu.as_mut_ptr().cast(),
-                )
-            };
+            let err =
+                unsafe { bpf::bpf_map_lookup_elem(self.stats, (&raw const key).cast(), per_cpu.as_mut_ptr().cast()) };
             if err != 0 {
-                return Err(XdpError::MapRead {
-                    map: "xdp_stats",
-                    source: io::Error::from_raw_os_error(-err),
-                });
+                return Err(XdpError::MapRead { map: "xdp_stats", source: io::Error::from_raw_os_error(-err) });
             }
             *total = per_cpu.iter().sum();
         }
@@ -237,25 +217,17 @@ impl XdpProgram {
             AttachedMode::Generic => XDP_FLAGS_SKB_MODE,
         };
         // SAFETY: program_fd is a loaded XDP program and opts is initialised above.
-        let fd =
-            unsafe { bpf::bpf_link_create(self.program_fd, ifindex as i32, bpf::BPF_XDP, &opts) };
+        let fd = unsafe { bpf::bpf_link_create(self.program_fd, ifindex as i32, bpf::BPF_XDP, &opts) };
         if fd < 0 {
             let source = io::Error::from_raw_os_error(-fd);
             let hint = match (mode, source.raw_os_error()) {
                 (_, Some(libc::EBUSY)) | (_, Some(libc::EEXIST)) => {
                     "; another XDP program is attached to this interface (see `ip link show`)"
                 }
-                (AttachedMode::Native, _) => {
-                    "; the driver may not support native XDP: set xdp_mode = \"generic\""
-                }
+                (AttachedMode::Native, _) => "; the driver may not support native XDP: set xdp_mode = \"generic\"",
                 (AttachedMode::Generic, _) => "",
             };
-            return Err(XdpError::Attach {
-                ifindex,
-                mode: mode.name(),
-                hint,
-                source,
-            });
+            return Err(XdpError::Attach { ifindex, mode: mode.name(), hint, source });
         }
         // SAFETY: fd is a fresh link fd owned by nobody else.
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -283,19 +255,15 @@ impl Drop for XdpProgram {
 
 fn update<K, V>(map_fd: RawFd, map: &'static str, key: &K, value: &V) -> Result<(), XdpError> {
     // SAFETY: key and value are #[repr(C)] values whose sizes match the map's key and value sizes (asserted in bpf_abi).
-    let err = unsafe {
-        bpf::bpf_map_update_elem(
-            map_fd,
-            (key as *const K).cast(),
-            (value as *const V).cast(),
-            0,
-        )
-    };
+    let err = unsafe { bpf::bpf_map_update_elem(map_fd, (key as *const K).cast(), (value as *const V).cast(), 0) };
     if err != 0 {
-        return Err(XdpError::MapUpdate {
-            map,
-            source: io::Error::from_raw_os_error(-err),
-        });
+        return Err(XdpError::MapUpdate { map, source: io::Error::from_raw_os_error(-err) });
     }
     Ok(())
+}
+
+/// Whether the kernel loads XDP programs for this process (needs CAP_BPF or CAP_SYS_ADMIN).
+pub fn kernel_loads_xdp() -> bool {
+    // SAFETY: a probe call with no options; libbpf loads and unloads a trivial program.
+    unsafe { bpf::libbpf_probe_bpf_prog_type(bpf::BPF_PROG_TYPE_XDP, std::ptr::null()) == 1 }
 }

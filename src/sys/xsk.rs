@@ -6,9 +6,7 @@ use std::io;
 use std::num::NonZeroU32;
 use std::os::fd::{AsRawFd, RawFd};
 
-use xsk_rs::config::{
-    BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig,
-};
+use xsk_rs::config::{BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig};
 pub use xsk_rs::umem::frame::DataMut;
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 
@@ -22,9 +20,7 @@ const XDP_OPTIONS_ZEROCOPY: u32 = 1;
 pub enum XskError {
     #[error("invalid UMEM geometry: {0}")]
     Geometry(String),
-    #[error(
-        "creating the UMEM ({frames} frames of {frame_size} bytes) failed: {source}; check `ulimit -l` (memlock)"
-    )]
+    #[error("creating the UMEM ({frames} frames of {frame_size} bytes) failed: {source}; check `ulimit -l` (memlock)")]
     Umem {
         frames: u32,
         frame_size: u32,
@@ -38,9 +34,7 @@ pub enum XskError {
         #[source]
         source: io::Error,
     },
-    #[error(
-        "the AF_XDP socket on {interface} queue {queue} got no fill/completion rings (queue bound twice?)"
-    )]
+    #[error("the AF_XDP socket on {interface} queue {queue} got no fill/completion rings (queue bound twice?)")]
     MissingRings { interface: String, queue: u32 },
 }
 
@@ -57,8 +51,7 @@ impl FramePool {
     /// Maps `frames` frames of `frame_size` bytes, on 2 MiB hugepages when asked
     /// and available, otherwise on normal pages (the caller logs which).
     pub fn new(frames: u32, frame_size: u32, hugepages: bool) -> Result<Self, XskError> {
-        let frame_size =
-            FrameSize::new(frame_size).map_err(|e| XskError::Geometry(e.to_string()))?;
+        let frame_size = FrameSize::new(frame_size).map_err(|e| XskError::Geometry(e.to_string()))?;
         let ring = QueueSize::new(RING_SIZE).map_err(|e| XskError::Geometry(e.to_string()))?;
         let config = UmemConfig::builder()
             .frame_size(frame_size)
@@ -66,8 +59,7 @@ impl FramePool {
             .comp_queue_size(ring)
             .build()
             .map_err(|e| XskError::Geometry(e.to_string()))?;
-        let count =
-            NonZeroU32::new(frames).ok_or_else(|| XskError::Geometry("zero frames".into()))?;
+        let count = NonZeroU32::new(frames).ok_or_else(|| XskError::Geometry("zero frames".into()))?;
         let create = |huge| {
             Umem::new(config, count, huge).map_err(|e| XskError::Umem {
                 frames,
@@ -82,12 +74,7 @@ impl FramePool {
                 (umem, free, false)
             }
         };
-        Ok(FramePool {
-            capacity: free.len(),
-            umem,
-            free,
-            hugepages,
-        })
+        Ok(FramePool { capacity: free.len(), umem, free, hugepages })
     }
 
     /// Frames owned by the kernel or in flight.
@@ -132,14 +119,8 @@ impl QueueSocket {
     /// Binds a socket on `interface`/`queue` to `pool`'s UMEM. The relay's own
     /// XDP program steers traffic, so libxdp's default program is never loaded.
     pub fn bind(pool: &FramePool, interface: &str, queue: u32) -> Result<Self, XskError> {
-        let failed = |source| XskError::Socket {
-            interface: interface.to_owned(),
-            queue,
-            source,
-        };
-        let name: Interface = interface
-            .parse()
-            .map_err(|_| failed(io::Error::from(io::ErrorKind::InvalidInput)))?;
+        let failed = |source| XskError::Socket { interface: interface.to_owned(), queue, source };
+        let name: Interface = interface.parse().map_err(|_| failed(io::Error::from(io::ErrorKind::InvalidInput)))?;
         let ring = QueueSize::new(RING_SIZE).map_err(|e| XskError::Geometry(e.to_string()))?;
         let config = SocketConfig::builder()
             .rx_queue_size(ring)
@@ -150,20 +131,10 @@ impl QueueSocket {
         // SAFETY: INHIBIT_PROG_LOAD is set, as Socket::new requires when a UMEM is shared.
         let (tx, rx, rings) = unsafe { Socket::new(config, &pool.umem, &name, queue) }
             .map_err(|e| failed(io::Error::other(e.to_string())))?;
-        let (fill, completion) = rings.ok_or_else(|| XskError::MissingRings {
-            interface: interface.to_owned(),
-            queue,
-        })?;
-        let zero_copy =
-            xdp_options(rx.fd().as_raw_fd()).is_ok_and(|o| o & XDP_OPTIONS_ZEROCOPY != 0);
-        Ok(QueueSocket {
-            rx,
-            tx,
-            fill,
-            completion,
-            tx_in_flight: 0,
-            zero_copy,
-        })
+        let (fill, completion) =
+            rings.ok_or_else(|| XskError::MissingRings { interface: interface.to_owned(), queue })?;
+        let zero_copy = xdp_options(rx.fd().as_raw_fd()).is_ok_and(|o| o & XDP_OPTIONS_ZEROCOPY != 0);
+        Ok(QueueSocket { rx, tx, fill, completion, tx_in_flight: 0, zero_copy })
     }
 
     pub fn fd(&self) -> RawFd {
@@ -172,9 +143,7 @@ impl QueueSocket {
 
     /// Hands free frames to the kernel for receiving; returns how many.
     pub fn refill(&mut self, pool: &mut FramePool, max: usize) -> usize {
-        let wanted = (self.fill.nb_free(max as u32) as usize)
-            .min(max)
-            .min(pool.free.len());
+        let wanted = (self.fill.nb_free(max as u32) as usize).min(max).min(pool.free.len());
         if wanted == 0 {
             return 0;
         }
@@ -236,14 +205,8 @@ impl QueueSocket {
 
 /// Sleeps until one of `fds` is readable or `timeout_ms` passes.
 pub fn wait_readable(fds: &[RawFd], timeout_ms: i32) -> io::Result<()> {
-    let mut polls: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
+    let mut polls: Vec<libc::pollfd> =
+        fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
     // SAFETY: polls is a live array of pollfd of the length passed.
     let ready = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, timeout_ms) };
     if ready < 0 {
@@ -259,17 +222,21 @@ fn xdp_options(fd: RawFd) -> io::Result<u32> {
     let mut options = 0u32;
     let mut length = size_of::<u32>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `length` bytes into `options`.
-    let err = unsafe {
-        libc::getsockopt(
-            fd,
-            SOL_XDP,
-            XDP_OPTIONS,
-            (&raw mut options).cast(),
-            &mut length,
-        )
-    };
+    let err = unsafe { libc::getsockopt(fd, SOL_XDP, XDP_OPTIONS, (&raw mut options).cast(), &mut length) };
     if err != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(options)
+}
+
+/// Whether this process may open an AF_XDP socket (kernel support and CAP_NET_RAW).
+pub fn af_xdp_socket_available() -> io::Result<()> {
+    // SAFETY: plain socket(2); the descriptor is closed right away.
+    let fd = unsafe { libc::socket(libc::AF_XDP, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just opened by us and is not used again.
+    unsafe { libc::close(fd) };
+    Ok(())
 }

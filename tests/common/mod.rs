@@ -7,22 +7,14 @@
 pub fn privileged(test: &str) -> bool {
     let root = std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
         .unwrap_or(false);
     if root {
         return true;
     }
     if std::env::var_os("CI").is_some() {
-        panic!(
-            "{test}: needs root (XDP, BPF, network namespaces) and CI must run it; run the suite as root"
-        );
+        panic!("{test}: needs root (XDP, BPF, network namespaces) and CI must run it; run the suite as root");
     }
-    eprintln!(
-        "\n!!! SKIPPED {test}: needs root (XDP, BPF, network namespaces); run `sudo cargo test` !!!\n"
-    );
+    eprintln!("\n!!! SKIPPED {test}: needs root (XDP, BPF, network namespaces); run `sudo cargo test` !!!\n");
     false
 }

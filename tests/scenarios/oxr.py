@@ -193,8 +193,8 @@ def stop_peer(proc, timeout=10):
 class Relay:
     """The relay under test, running in the relay namespace."""
 
-    def __init__(self, topo, binary, config_text):
-        self.topo, self.binary = topo, binary
+    def __init__(self, topo, binary, config_text, wrapper=()):
+        self.topo, self.binary, self.wrapper = topo, binary, list(wrapper)
         self.config = os.path.join(topo.workdir, "relay.toml")
         self.stats_file = os.path.join(topo.workdir, "stats.json")
         self.log = os.path.join(topo.workdir, "relay.log")
@@ -204,7 +204,8 @@ class Relay:
 
     def start(self, timeout=15):
         log = open(self.log, "w")
-        self.proc = self.topo.spawn("relay", self.binary, "run", "--config", self.config, "--stats-file", self.stats_file, stderr=log)
+        self.proc = self.topo.spawn("relay", *self.wrapper, self.binary, "run", "--config", self.config,
+                                    "--stats-file", self.stats_file, stderr=log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -242,10 +243,10 @@ class Relay:
         self.proc.wait()
 
 
-def relay_config(topo, idle_timeout_secs=120, extra=""):
-    if topo.arm == "one_arm":
+def relay_config(topo, mode, idle_timeout_secs=120, interfaces=None):
+    if interfaces is None and topo.arm == "one_arm":
         interfaces = '[[interface]]\nname = "rc0"\nrole = "both"\n'
-    else:
+    elif interfaces is None:
         interfaces = '[[interface]]\nname = "rc0"\nrole = "client"\n\n[[interface]]\nname = "ru0"\nrole = "upstream"\n'
     return f"""{interfaces}
 [nat]
@@ -253,9 +254,10 @@ ports = "{NAT_PORTS[0]}-{NAT_PORTS[1]}"
 idle_timeout_secs = {idle_timeout_secs}
 
 [runtime]
+mode = "{mode}"
 stats_interval_secs = 2
 
 [[route]]
 listen = "{topo.listen}"
 upstreams = ["{topo.upstream}"]
-{extra}"""
+"""

@@ -6,6 +6,7 @@
 Exit 0 when every check of the scenario holds; otherwise the failing check is printed.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -14,6 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from oxr import NAT_PORTS, Relay, Topology, relay_config, stop_peer  # noqa: E402
 
 SCENARIOS = {}
+# Scenarios that only make sense for one backend.
+AF_XDP_ONLY = {"sigkill-fallback"}
 
 
 def scenario(name):
@@ -33,9 +36,22 @@ def xdp_counter(stats, name):
     return sum(i["xdp_counters"].get(name, 0) for i in stats["interfaces"].values())
 
 
-def start_relay(topo, binary, **config):
-    relay = Relay(topo, binary, relay_config(topo, **config)).start()
+def start_relay(topo, binary, backend, **config):
+    relay = Relay(topo, binary, relay_config(topo, backend, **config)).start()
+    stats = relay.stats()
+    expect(stats["backend"] == backend, f"relay runs the {backend} backend")
     return relay
+
+
+def expect_backend_carried(stats, backend, count, sent):
+    """Proves which path carried `count` exchanges: the XDP redirects (AF_XDP) or the relay's own sockets."""
+    expect(stats["rx_packets"] >= 2 * count and stats["tx_packets"] >= 2 * count,
+           f"{backend} worker counters moved (rx {stats['rx_packets']}, tx {stats['tx_packets']})")
+    if backend == "af_xdp":
+        expect(xdp_counter(stats, "redirect_listen") >= sent, f"XDP redirected client traffic ({xdp_counter(stats, 'redirect_listen')})")
+        expect(xdp_counter(stats, "redirect_nat") >= count, f"XDP redirected replies ({xdp_counter(stats, 'redirect_nat')})")
+    else:
+        expect(not stats["interfaces"], "no XDP program is involved")
 
 
 def finish(topo, relay):
@@ -47,12 +63,12 @@ def finish(topo, relay):
     return final
 
 
-def relay_traffic(topo, binary, count):
-    """`count` datagrams of mixed sizes through the relay, every payload checked; kernel sockets bypassed."""
+def relay_traffic(topo, binary, backend, count):
+    """`count` datagrams of mixed sizes through the relay, every payload checked."""
     echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream)
-    # A kernel socket on the listen port: if the relay's traffic reached the kernel, it would answer.
-    decoy = topo.spawn_peer("relay", "echo", "--bind", topo.listen)
-    relay = start_relay(topo, binary)
+    # AF_XDP: a kernel socket on the listen port would answer if the relay's traffic reached the kernel.
+    decoy = topo.spawn_peer("relay", "echo", "--bind", topo.listen) if backend == "af_xdp" else None
+    relay = start_relay(topo, binary, backend)
     report = topo.peer("client", "client", "--to", topo.listen, "--count", str(count))
     print(f"  client: {report}")
     # The stats file is rewritten every 200 ms: wait until it covers the whole exchange.
@@ -60,29 +76,25 @@ def relay_traffic(topo, binary, count):
     print(f"  relay drops: { {k: v for k, v in stats['drops'].items() if v} }, xdp: "
           f"{ {n: c for i in stats['interfaces'].values() for n, c in i['xdp_counters'].items() if c} }")
     echo_report = stop_peer(echo)
-    decoy_report = stop_peer(decoy)
     expect(report["received"] == count and report["missing"] == 0, f"all {count} datagrams came back ({report['received']})")
     expect(report["corrupt"] == 0, "every payload came back byte for byte")
     expect(report["first_try_lost"] <= count // 1000, f"first-try loss at most 0.1% ({report['first_try_lost']})")
-    print(f"  kernel socket on the listen port: {decoy_report}")
-    expect(decoy_report["received"] == 0, "the kernel socket on the listen port saw nothing: AF_XDP took the traffic")
+    if decoy:
+        decoy_report = stop_peer(decoy)
+        expect(decoy_report["received"] == 0, "the kernel socket on the listen port saw nothing: AF_XDP took the traffic")
     for source in echo_report["sources"]:
         host, port = source.rsplit(":", 1)
         expect(host == topo.relay_upstream_ip and NAT_PORTS[0] <= int(port) <= NAT_PORTS[1],
                f"upstream saw the relay's NAT address {source}, not the client")
-    sent = count + report["retransmits"]
-    expect(xdp_counter(stats, "redirect_listen") >= sent, f"XDP redirected client traffic ({xdp_counter(stats, 'redirect_listen')})")
-    expect(xdp_counter(stats, "redirect_nat") >= count, f"XDP redirected replies ({xdp_counter(stats, 'redirect_nat')})")
-    expect(stats["rx_packets"] >= 2 * count and stats["tx_packets"] >= 2 * count,
-           f"AF_XDP worker counters moved (rx {stats['rx_packets']}, tx {stats['tx_packets']})")
+    expect_backend_carried(stats, backend, count, count + report["retransmits"])
     final = finish(topo, relay)
     return report, final
 
 
 def traffic_scenario(arm, ipv6, count):
-    def run(binary, prefix):
+    def run(binary, prefix, backend):
         with Topology(prefix, arm=arm, ipv6=ipv6) as topo:
-            relay_traffic(topo, binary, count)
+            relay_traffic(topo, binary, backend, count)
     return run
 
 
@@ -93,11 +105,11 @@ SCENARIOS["ipv6-two-arm"] = traffic_scenario("two_arm", True, 100_000)
 
 
 @scenario("many-clients")
-def many_clients(binary, prefix):
+def many_clients(binary, prefix, backend):
     """1000 client ports at once; each gets only its own replies."""
     with Topology(prefix, arm="two_arm") as topo:
         echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream)
-        relay = start_relay(topo, binary)
+        relay = start_relay(topo, binary, backend)
         report = topo.peer("client", "many-clients", "--to", topo.listen, "--count", "1000", "--rounds", "3")
         print(f"  clients: {report}")
         expect(report["distinct_ports"] == 1000, "1000 distinct client ports")
@@ -110,11 +122,11 @@ def many_clients(binary, prefix):
 
 
 @scenario("session-expiry")
-def session_expiry(binary, prefix):
+def session_expiry(binary, prefix, backend):
     """Idle sessions expire; replies to an expired NAT port are dropped; the client gets a fresh session."""
     with Topology(prefix, arm="two_arm") as topo:
         echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream)
-        relay = start_relay(topo, binary, idle_timeout_secs=2)
+        relay = start_relay(topo, binary, backend, idle_timeout_secs=2)
         first = topo.peer("client", "client", "--to", topo.listen, "--bind", topo.endpoint(topo.client_ip, 41000), "--count", "10")
         expect(first["received"] == 10, "first exchange works")
         stats = relay.wait_stats(lambda s: s["sessions_active"] == 1)
@@ -125,8 +137,12 @@ def session_expiry(binary, prefix):
         old_nat = echo_report["sources"][0]
         host, port = old_nat.rsplit(":", 1)
         topo.peer("upstream", "send", "--to", topo.endpoint(host, int(port)), "--count", "5")
-        stats = relay.wait_stats(lambda s: s["drops"]["no_session"] >= 5)
-        expect(stats["drops"]["no_session"] == 5, f"late replies to {old_nat} dropped as no_session")
+        if backend == "af_xdp":
+            stats = relay.wait_stats(lambda s: s["drops"]["no_session"] >= 5)
+            expect(stats["drops"]["no_session"] == 5, f"late replies to {old_nat} dropped as no_session")
+        else:
+            bound = topo.exec("relay", "ss", "-Hunl", f"sport = :{port}")
+            expect(not bound.strip(), f"the expired session's socket on {old_nat} is closed (the kernel refuses late replies)")
         echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream)
         again = topo.peer("client", "client", "--to", topo.listen, "--bind", topo.endpoint(topo.client_ip, 41000), "--count", "10")
         expect(again["received"] == 10, "the same client port works again after expiry")
@@ -136,31 +152,32 @@ def session_expiry(binary, prefix):
 
 
 @scenario("tcp-coexistence")
-def tcp_coexistence(binary, prefix):
+def tcp_coexistence(binary, prefix, backend):
     """A TCP connection to a non-relay port on the relay host works while the program is attached."""
     with Topology(prefix, arm="one_arm") as topo:
         echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream)
-        relay = start_relay(topo, binary)
+        relay = start_relay(topo, binary, backend)
         tcp = topo.spawn_peer("relay", "tcp-echo", "--bind", topo.endpoint(topo.listen_ip, 8022))
         report = topo.peer("client", "tcp-client", "--to", topo.endpoint(topo.listen_ip, 8022))
         expect(report["echoed_intact"], "1 MiB over TCP to the relay host came back intact")
         tcp.wait(timeout=5)
         udp = topo.peer("client", "client", "--to", topo.listen, "--count", "1000")
         expect(udp["received"] == 1000, "UDP relaying works alongside")
-        stats = relay.wait_stats(lambda s: xdp_counter(s, "pass_not_udp") > 0)
-        expect(xdp_counter(stats, "pass_not_udp") > 0, f"TCP was passed to the kernel ({xdp_counter(stats, 'pass_not_udp')})")
-        expect(topo.xdp_attached("relay", "rc0"), "the XDP program was attached throughout")
+        if backend == "af_xdp":
+            stats = relay.wait_stats(lambda s: xdp_counter(s, "pass_not_udp") > 0)
+            expect(xdp_counter(stats, "pass_not_udp") > 0, f"TCP was passed to the kernel ({xdp_counter(stats, 'pass_not_udp')})")
+            expect(topo.xdp_attached("relay", "rc0"), "the XDP program was attached throughout")
         stop_peer(echo)
         finish(topo, relay)
 
 
 @scenario("sigkill-fallback")
-def sigkill_fallback(binary, prefix):
+def sigkill_fallback(binary, prefix, backend):
     """After SIGKILL nothing is left attached, and relay-port traffic reaches the kernel instead of vanishing."""
     with Topology(prefix, arm="one_arm") as topo:
         echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream)
         kernel = topo.spawn_peer("relay", "echo", "--bind", topo.listen)
-        relay = start_relay(topo, binary)
+        relay = start_relay(topo, binary, backend)
         before = topo.peer("client", "client", "--to", topo.listen, "--count", "100")
         expect(before["received"] == 100, "relayed while running")
         relay.kill()
@@ -173,12 +190,63 @@ def sigkill_fallback(binary, prefix):
         expect(upstream_report["received"] == 100, "and the upstream saw only the relayed traffic from before")
 
 
+@scenario("capability-fallback")
+def capability_fallback(binary, prefix, backend):
+    """Without CAP_NET_ADMIN/CAP_BPF, auto runs the socket backend and a forced af_xdp fails clearly."""
+    drop_caps = ["capsh", "--drop=cap_net_admin,cap_bpf,cap_sys_admin,cap_perfmon", "--"]
+    with Topology(prefix, arm="two_arm") as topo:
+        probe = json.loads(topo.exec("relay", *drop_caps, "-c", f"{binary} probe --json --interface rc0"))
+        expect(probe["auto_mode"] == "socket", f"probe without capabilities chooses socket: {probe['reasons']}")
+        expect(not probe["capabilities"]["net_admin"] and not probe["capabilities"]["bpf"], "probe sees the dropped capabilities")
+        forced = Relay(topo, binary, relay_config(topo, "af_xdp"), wrapper=[*drop_caps, "-c", 'exec "$0" "$@"'])
+        try:
+            forced.start(timeout=5)
+            raise AssertionError("a forced af_xdp relay without capabilities must not start")
+        except RuntimeError:
+            pass
+        expect(forced.proc.returncode not in (0, None), f"forced af_xdp exits non-zero ({forced.proc.returncode})")
+        expect("cannot run on this host" in forced.log_text() and "CAP_NET_ADMIN" in forced.log_text(),
+               "and says why: " + forced.log_text().strip().splitlines()[-1])
+        expect(not any(topo.xdp_attached("relay", dev) for dev in topo.relay_interfaces), "nothing was attached")
+        echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream)
+        auto = Relay(topo, binary, relay_config(topo, "auto"), wrapper=[*drop_caps, "-c", 'exec "$0" "$@"']).start()
+        expect(auto.stats()["backend"] == "socket", "auto without capabilities runs the socket backend")
+        expect("mode auto: backend chosen" in auto.log_text() and "CAP_NET_ADMIN" in auto.log_text(),
+               "and logs one line saying why")
+        report = topo.peer("client", "client", "--to", topo.listen, "--count", "2000")
+        expect(report["received"] == 2000 and report["corrupt"] == 0, "traffic flows through the socket backend")
+        stop_peer(echo)
+        finish(topo, auto)
+
+
+@scenario("l3-interface-fallback")
+def l3_interface_fallback(binary, prefix, backend):
+    """An interface AF_XDP cannot serve (an L3 tun device without Ethernet framing) makes auto fall back to sockets."""
+    with Topology(prefix, arm="two_arm") as topo:
+        topo.ip("relay", "tuntap", "add", "dev", "tun0", "mode", "tun")
+        topo.ip("relay", "link", "set", "tun0", "up")
+        probe = json.loads(topo.exec("relay", binary, "probe", "--json", "--interface", "tun0", "--interface", "ru0"))
+        by_name = {i["name"]: i for i in probe["interfaces"]}
+        expect(probe["auto_mode"] == "socket", f"probe chooses socket: {probe['reasons']}")
+        expect("no Ethernet MAC" in (by_name["tun0"]["error"] or ""), "because tun0 has no Ethernet framing")
+        expect(by_name["ru0"]["native_xdp"] is True and by_name["ru0"]["driver"] == "veth", "while ru0 (veth) has native XDP")
+        expect(probe["capabilities"]["net_admin"] and probe["af_xdp_sockets"] and probe["xdp_programs"], "the host itself could do AF_XDP")
+        interfaces = '[[interface]]\nname = "tun0"\nrole = "client"\n\n[[interface]]\nname = "ru0"\nrole = "upstream"\n'
+        echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream)
+        relay = Relay(topo, binary, relay_config(topo, "auto", interfaces=interfaces)).start()
+        expect(relay.stats()["backend"] == "socket", "auto runs the socket backend")
+        report = topo.peer("client", "client", "--to", topo.listen, "--count", "2000")
+        expect(report["received"] == 2000 and report["corrupt"] == 0, "and relays")
+        stop_peer(echo)
+        finish(topo, relay)
+
+
 @scenario("demo")
-def demo(binary, prefix):
+def demo(binary, prefix, backend):
     """Two-arm IPv4 relay: 20,000 datagrams client -> relay -> upstream echo and back, then a summary."""
     with Topology(prefix, arm="two_arm") as topo:
         print(f"topology: client {topo.client_ip} -> [relay {topo.listen}] ... [relay {topo.relay_upstream_ip}] -> upstream {topo.upstream}")
-        report, final = relay_traffic(topo, binary, 20_000)
+        report, final = relay_traffic(topo, binary, backend, 20_000)
         print()
         print("demo summary")
         print(f"  client sent {report['sent']} datagrams (mixed sizes 1..1472 bytes), {report['received']} came back intact")
@@ -195,14 +263,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--relay", required=True, help="path to the oxidize-relay binary")
     parser.add_argument("--prefix", default=f"oxr{os.getpid() % 100000}", help="namespace name prefix")
+    parser.add_argument("--backend", choices=["af_xdp", "socket"], default="af_xdp")
     parser.add_argument("scenario", choices=sorted(SCENARIOS))
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("scenarios create network namespaces and attach XDP: run as root")
-    print(f"scenario {args.scenario} (namespaces {args.prefix}-*)")
+    if args.scenario in AF_XDP_ONLY and args.backend != "af_xdp":
+        sys.exit(f"scenario {args.scenario} is specific to the af_xdp backend")
+    print(f"scenario {args.scenario}, backend {args.backend} (namespaces {args.prefix}-*)")
     started = time.monotonic()
     try:
-        SCENARIOS[args.scenario](os.path.abspath(args.relay), args.prefix)
+        SCENARIOS[args.scenario](os.path.abspath(args.relay), args.prefix, args.backend)
     except AssertionError as failure:
         print(f"FAILED: {failure}")
         sys.exit(1)

@@ -1,0 +1,313 @@
+//! The socket backend: the same relay core over ordinary UDP sockets, for
+//! hosts where AF_XDP cannot run. One mio event loop per worker; listen
+//! sockets shared between workers with SO_REUSEPORT (the kernel keeps a
+//! client on one worker); one connected socket per NAT session toward its
+//! upstream; datagrams moved in batches with recvmmsg/sendmmsg.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::time::{Duration, Instant};
+
+use mio::net::UdpSocket as MioUdpSocket;
+use mio::{Events, Interest, Poll, Token};
+use oxidize_relay_core::config::WaitMode;
+use oxidize_relay_core::counters::Counters;
+use oxidize_relay_core::route::UpstreamId;
+use oxidize_relay_core::session::Session;
+use oxidize_relay_core::{DropReason, IfaceId, Relay};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::sys::udp::{RecvBatch, SendBatch};
+use crate::worker::WorkerUpdate;
+
+const IDLE_POLL: Duration = Duration::from_millis(100);
+const EXPIRY_BUDGET: usize = 256;
+/// Tokens below this are listen sockets; session sockets use `SESSION_TOKEN_BASE + nat_port`.
+const SESSION_TOKEN_BASE: usize = 1 << 20;
+/// Ethernet + IP + UDP header bytes, so byte counters compare with the AF_XDP backend's frame bytes.
+const IPV4_FRAME_OVERHEAD: u64 = 14 + 20 + 8;
+const IPV6_FRAME_OVERHEAD: u64 = 14 + 40 + 8;
+
+#[derive(Debug, thiserror::Error)]
+#[error("binding the {what} socket on {address} failed: {source}")]
+pub struct SocketSetupError {
+    what: &'static str,
+    address: SocketAddr,
+    #[source]
+    source: io::Error,
+}
+
+struct Listener {
+    address: SocketAddr,
+    socket: MioUdpSocket,
+    replies: SendBatch,
+}
+
+struct SessionSocket {
+    socket: MioUdpSocket,
+    listener: usize,
+    outgoing: SendBatch,
+}
+
+/// One socket-backend worker.
+pub struct SocketWorker {
+    pub id: usize,
+    relay: Relay,
+    poll: Poll,
+    listeners: Vec<Listener>,
+    sessions: HashMap<u16, SessionSocket>,
+    batch_size: usize,
+    counters: Arc<Counters>,
+    wait: WaitMode,
+    updates: Receiver<WorkerUpdate>,
+    unresolved: Sender<UpstreamId>,
+    stop: Arc<AtomicBool>,
+    epoch: Instant,
+}
+
+impl std::fmt::Debug for SocketWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SocketWorker").field("id", &self.id).field("sessions", &self.sessions.len()).finish()
+    }
+}
+
+/// What a socket worker needs besides its sockets.
+#[derive(Debug)]
+pub struct SocketWorkerParts {
+    pub id: usize,
+    pub relay: Relay,
+    pub counters: Arc<Counters>,
+    pub batch_size: usize,
+    pub wait: WaitMode,
+    pub updates: Receiver<WorkerUpdate>,
+    pub unresolved: Sender<UpstreamId>,
+    pub stop: Arc<AtomicBool>,
+    pub epoch: Instant,
+}
+
+impl SocketWorker {
+    /// Binds this worker's share (SO_REUSEPORT) of every listen address.
+    pub fn new(parts: SocketWorkerParts) -> Result<Self, SocketSetupError> {
+        let poll = Poll::new().map_err(|source| SocketSetupError {
+            what: "mio poll",
+            address: ([0, 0, 0, 0], 0).into(),
+            source,
+        })?;
+        let mut listeners = Vec::new();
+        let listen_addresses: Vec<SocketAddr> = parts.relay.routes().routes().iter().map(|r| r.listen).collect();
+        for (index, address) in listen_addresses.into_iter().enumerate() {
+            let mut socket = udp_socket(address, None, true).map_err(|source| SocketSetupError {
+                what: "listen",
+                address,
+                source,
+            })?;
+            poll.registry()
+                .register(&mut socket, Token(index), Interest::READABLE)
+                .map_err(|source| SocketSetupError { what: "listen", address, source })?;
+            listeners.push(Listener { address, socket, replies: SendBatch::new(parts.batch_size) });
+        }
+        Ok(SocketWorker {
+            id: parts.id,
+            relay: parts.relay,
+            poll,
+            listeners,
+            sessions: HashMap::new(),
+            batch_size: parts.batch_size,
+            counters: parts.counters,
+            wait: parts.wait,
+            updates: parts.updates,
+            unresolved: parts.unresolved,
+            stop: parts.stop,
+            epoch: parts.epoch,
+        })
+    }
+
+    pub fn run(mut self) {
+        let mut events = Events::with_capacity(1024);
+        let mut batch = RecvBatch::new(self.batch_size);
+        let timeout = match self.wait {
+            WaitMode::Event => Some(IDLE_POLL),
+            WaitMode::BusyPoll => Some(Duration::ZERO),
+        };
+        while !self.stop.load(Ordering::Relaxed) {
+            while let Ok(WorkerUpdate::NextHop(upstream, hop)) = self.updates.try_recv() {
+                self.relay.set_next_hop(upstream, hop);
+            }
+            if let Err(error) = self.poll.poll(&mut events, timeout) {
+                if error.kind() != io::ErrorKind::Interrupted {
+                    tracing::error!(worker = self.id, %error, "poll failed");
+                }
+                continue;
+            }
+            self.counters.wakeups.add(1);
+            let tokens: Vec<Token> = events.iter().map(|e| e.token()).collect();
+            for token in tokens {
+                if token.0 < SESSION_TOKEN_BASE {
+                    self.drain_listener(token.0, &mut batch);
+                } else {
+                    self.drain_session((token.0 - SESSION_TOKEN_BASE) as u16, &mut batch);
+                }
+            }
+            self.flush();
+            let now = self.now();
+            let mut expired = Vec::new();
+            self.relay.expire(now, EXPIRY_BUDGET, |s: &Session| expired.push(s.nat_port));
+            for port in expired {
+                if let Some(mut session) = self.sessions.remove(&port) {
+                    let _ = self.poll.registry().deregister(&mut session.socket);
+                }
+            }
+            for upstream in self.relay.take_unresolved() {
+                let _ = self.unresolved.send(upstream);
+            }
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Client datagrams: find or create the session, queue the payload on its socket.
+    fn drain_listener(&mut self, index: usize, batch: &mut RecvBatch) {
+        let listen = self.listeners[index].address;
+        loop {
+            let received = match batch.receive(self.listeners[index].socket.as_raw_fd()) {
+                Ok(0) => return,
+                Ok(n) => n,
+                Err(error) => {
+                    tracing::debug!(worker = self.id, %error, "recvmmsg on listen socket failed");
+                    return;
+                }
+            };
+            let now = self.now();
+            for (source, payload) in batch.datagrams() {
+                let Some(client) = source else { continue };
+                self.count_rx(client, payload.len());
+                let session = match self.relay.client_session(now, IfaceId(0), client, listen, [0; 6]) {
+                    Ok(session) => session,
+                    Err(_) => continue,
+                };
+                let counters = self.counters.clone();
+                let Some(socket) = self.session_socket(&session, index) else { continue };
+                if socket.outgoing.is_full() {
+                    send_queued(&counters, &mut socket.outgoing, &socket.socket);
+                }
+                socket.outgoing.push(None, payload);
+            }
+            if received < self.batch_size {
+                return;
+            }
+        }
+    }
+
+    /// Upstream replies on a session socket: queue them to the client on the listen socket.
+    fn drain_session(&mut self, nat_port: u16, batch: &mut RecvBatch) {
+        loop {
+            let Some(session_socket) = self.sessions.get(&nat_port) else { return };
+            let Ok(local) = session_socket.socket.local_addr() else { return };
+            let listener = session_socket.listener;
+            let received = match batch.receive(session_socket.socket.as_raw_fd()) {
+                Ok(0) => return,
+                Ok(n) => n,
+                // An ICMP error from the upstream is reported once; the next read continues.
+                Err(error) if error.raw_os_error() == Some(libc::ECONNREFUSED) => continue,
+                Err(error) => {
+                    tracing::debug!(worker = self.id, %error, "recvmmsg on session socket failed");
+                    return;
+                }
+            };
+            let now = self.now();
+            for (source, payload) in batch.datagrams() {
+                let Some(from) = source else { continue };
+                self.count_rx(from, payload.len());
+                let Ok(session) = self.relay.reply_session(now, from, local) else { continue };
+                let Listener { socket, replies, .. } = &mut self.listeners[listener];
+                if replies.is_full() {
+                    send_queued(&self.counters, replies, socket);
+                }
+                replies.push(Some(session.flow.client), payload);
+            }
+            if received < self.batch_size {
+                return;
+            }
+        }
+    }
+
+    fn session_socket(&mut self, session: &Session, listener: usize) -> Option<&mut SessionSocket> {
+        if !self.sessions.contains_key(&session.nat_port) {
+            let local = SocketAddr::new(session.nat_ip, session.nat_port);
+            let upstream = self.relay.routes().upstream(session.upstream);
+            let mut socket = match udp_socket(local, Some(upstream), false) {
+                Ok(socket) => socket,
+                Err(error) => {
+                    tracing::warn!(worker = self.id, %local, %error, "cannot bind the NAT port for a new session");
+                    self.counters.count_drop(DropReason::NatPortsExhausted);
+                    return None;
+                }
+            };
+            let token = Token(SESSION_TOKEN_BASE + usize::from(session.nat_port));
+            if self.poll.registry().register(&mut socket, token, Interest::READABLE).is_err() {
+                return None;
+            }
+            self.sessions.insert(
+                session.nat_port,
+                SessionSocket { socket, listener, outgoing: SendBatch::new(self.batch_size) },
+            );
+        }
+        self.sessions.get_mut(&session.nat_port)
+    }
+
+    fn flush(&mut self) {
+        for session in self.sessions.values_mut() {
+            send_queued(&self.counters, &mut session.outgoing, &session.socket);
+        }
+        for listener in &mut self.listeners {
+            send_queued(&self.counters, &mut listener.replies, &listener.socket);
+        }
+    }
+
+    fn count_rx(&self, peer: SocketAddr, payload: usize) {
+        let overhead = if peer.is_ipv4() { IPV4_FRAME_OVERHEAD } else { IPV6_FRAME_OVERHEAD };
+        self.counters.rx_packets.add(1);
+        self.counters.rx_bytes.add(payload as u64 + overhead);
+    }
+}
+
+/// Sends a socket's queued datagrams in one sendmmsg and counts the outcome.
+fn send_queued(counters: &Counters, batch: &mut SendBatch, socket: &MioUdpSocket) {
+    if batch.is_empty() {
+        return;
+    }
+    let overhead = match socket.local_addr() {
+        Ok(local) if local.is_ipv6() => IPV6_FRAME_OVERHEAD,
+        _ => IPV4_FRAME_OVERHEAD,
+    };
+    let (sent, bytes, dropped) = batch.flush(socket.as_raw_fd());
+    counters.tx_packets.add(sent as u64);
+    counters.tx_bytes.add(bytes as u64 + sent as u64 * overhead);
+    for _ in 0..dropped {
+        counters.count_drop(DropReason::TxRingFull);
+    }
+}
+
+/// A non-blocking UDP socket bound to `local`, connected to `peer` when given.
+fn udp_socket(local: SocketAddr, peer: Option<SocketAddr>, reuse_port: bool) -> io::Result<MioUdpSocket> {
+    let socket = Socket::new(Domain::for_address(local), Type::DGRAM, Some(Protocol::UDP))?;
+    if local.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_port(reuse_port)?;
+    socket.set_recv_buffer_size(4 << 20)?;
+    socket.set_send_buffer_size(4 << 20)?;
+    socket.bind(&local.into())?;
+    if let Some(peer) = peer {
+        socket.connect(&peer.into())?;
+    }
+    socket.set_nonblocking(true)?;
+    Ok(MioUdpSocket::from_std(UdpSocket::from(socket)))
+}
