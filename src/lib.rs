@@ -7,4 +7,5 @@ pub mod run;
 pub mod socket_worker;
 pub mod stats;
 pub mod sys;
+pub mod systemd;
 pub mod worker;

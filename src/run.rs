@@ -23,6 +23,7 @@ use crate::sys::iface::{IfaceError, IfaceInfo};
 use crate::sys::netlink::{NetlinkError, RouteSocket};
 use crate::sys::xdp::{AttachedMode, XdpError, XdpProgram};
 use crate::sys::xsk::{FramePool, QueueSocket, XskError};
+use crate::systemd::Notifier;
 use crate::worker::{Worker, WorkerUpdate};
 
 /// How long start-up waits for upstream next hops before declaring ready anyway.
@@ -134,9 +135,12 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
     };
     context.write(&Totals::collect(&counters), true);
     tracing::info!(workers = handles.len(), backend = name, routes = config.routes.len(), "relay ready");
+    let notifier = Notifier::from_env();
+    notifier.ready(&format!("{} workers, backend {name}", handles.len()));
 
-    control_loop(&config, &stop, &mut resolver, &unresolved_rx, &updates, &context)?;
+    control_loop(&config, &stop, &mut resolver, &unresolved_rx, &updates, &context, &notifier)?;
 
+    notifier.stopping();
     tracing::info!("shutting down: stopping workers, detaching XDP");
     for handle in handles {
         if handle.join().is_err() {
@@ -305,10 +309,12 @@ fn control_loop(
     unresolved: &Receiver<UpstreamId>,
     updates: &[Sender<WorkerUpdate>],
     stats: &StatsContext<'_>,
+    notifier: &Notifier,
 ) -> Result<(), SetupError> {
     let interval = Duration::from_secs(config.runtime.stats_interval_secs.max(1));
     let mut last_summary = (Instant::now(), Totals::collect(stats.counters));
     let mut last_refresh = Instant::now();
+    let mut watchdog = (Instant::now(), worker_loops(stats.counters));
     while !stop.load(Ordering::Relaxed) {
         // A worker that met an unresolved upstream wakes us early.
         let asked = unresolved.recv_timeout(CONTROL_TICK).is_ok();
@@ -321,11 +327,29 @@ fn control_loop(
         stats.write(&totals, true);
         if last_summary.0.elapsed() >= interval {
             let seconds = last_summary.0.elapsed().as_secs_f64();
-            tracing::info!("{}", totals.summary(&last_summary.1, seconds, stats.counters.len(), stats.backend));
+            let summary = totals.summary(&last_summary.1, seconds, stats.counters.len(), stats.backend);
+            tracing::info!("{summary}");
+            notifier.status(&summary);
             last_summary = (Instant::now(), totals);
+        }
+        // Ping only while every worker's loop advances: a stuck worker lets systemd restart us.
+        if let Some(period) = notifier.watchdog_interval()
+            && watchdog.0.elapsed() >= period
+        {
+            let loops = worker_loops(stats.counters);
+            if loops.iter().zip(&watchdog.1).all(|(now, then)| now > then) {
+                notifier.watchdog();
+            } else {
+                tracing::error!("a worker made no progress for {period:?}; withholding the watchdog ping");
+            }
+            watchdog = (Instant::now(), loops);
         }
     }
     Ok(())
+}
+
+fn worker_loops(counters: &[Arc<Counters>]) -> Vec<u64> {
+    counters.iter().map(|c| c.loops.get()).collect()
 }
 
 /// Refreshes next hops; new NAT source addresses go into every XDP program before workers use them.

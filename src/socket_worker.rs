@@ -135,6 +135,7 @@ impl SocketWorker {
             WaitMode::BusyPoll => Some(Duration::ZERO),
         };
         while !self.stop.load(Ordering::Relaxed) {
+            self.counters.loops.add(1);
             while let Ok(WorkerUpdate::NextHop(upstream, hop)) = self.updates.try_recv() {
                 self.relay.set_next_hop(upstream, hop);
             }

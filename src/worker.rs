@@ -56,6 +56,7 @@ impl Worker {
         }
 
         while !self.stop.load(Ordering::Relaxed) {
+            self.counters.loops.add(1);
             self.apply_updates();
             let now = self.epoch.elapsed().as_millis() as u64;
             let received = self.poll_once(now, &mut rx_batch, &mut tx_batches);

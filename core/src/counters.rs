@@ -43,6 +43,8 @@ pub struct Counters {
     pub pool_capacity: Counter,
     /// Wakeup syscalls (sendto/poll) issued by the worker.
     pub wakeups: Counter,
+    /// Worker loop iterations: the control thread pings systemd's watchdog only while these advance.
+    pub loops: Counter,
 }
 
 impl Counters {
