@@ -25,6 +25,7 @@ pub struct InterfaceReport {
     pub native_xdp: Option<bool>,
     pub zero_copy: Option<bool>,
     pub error: Option<String>,
+    pub missing: bool,
 }
 
 /// Everything `probe` prints and `auto` decides from.
@@ -190,6 +191,11 @@ pub fn resolve_mode(config: &Config) -> Result<(Mode, HostReport), String> {
     let names: Vec<String> = config.interfaces.iter().map(|i| i.name.clone()).collect();
     let report = HostReport::gather(&names);
     let choice = report.choose();
+    if config.runtime.mode != Mode::Socket
+        && let Some(missing) = report.interfaces.iter().find(|i| i.missing)
+    {
+        return Err(missing.error.clone().unwrap_or_default());
+    }
     match config.runtime.mode {
         Mode::Auto => {
             tracing::info!(mode = mode_name(choice.mode), reasons = %choice.reasons.join("; "), "mode auto: backend chosen");
@@ -222,6 +228,7 @@ fn interface_report(name: &str) -> InterfaceReport {
                 native_xdp: features.map(|f| f.native()),
                 zero_copy: features.map(|f| f.zero_copy()),
                 error: None,
+                missing: false,
             }
         }
         Err(error) => InterfaceReport {
@@ -230,6 +237,7 @@ fn interface_report(name: &str) -> InterfaceReport {
             rx_queues: None,
             native_xdp: None,
             zero_copy: None,
+            missing: error.missing,
             error: Some(error.to_string()),
         },
     }

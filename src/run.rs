@@ -47,9 +47,9 @@ pub enum SetupError {
     Netlink(#[from] NetlinkError),
     #[error("interface {interface} has {available} RX queues but the config asks for {wanted}")]
     Queues { interface: String, available: u32, wanted: u32 },
-    #[error("registering signal handlers failed: {0}")]
+    #[error("registering signal handlers failed")]
     Signals(#[source] std::io::Error),
-    #[error("spawning worker thread {worker} failed: {source}")]
+    #[error("spawning worker thread {worker} failed")]
     Spawn {
         worker: usize,
         #[source]

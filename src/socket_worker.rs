@@ -34,7 +34,7 @@ const IPV4_FRAME_OVERHEAD: u64 = 14 + 20 + 8;
 const IPV6_FRAME_OVERHEAD: u64 = 14 + 40 + 8;
 
 #[derive(Debug, thiserror::Error)]
-#[error("binding the {what} socket on {address} failed: {source}")]
+#[error("binding the {what} socket on {address} failed")]
 pub struct SocketSetupError {
     what: &'static str,
     address: SocketAddr,

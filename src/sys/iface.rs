@@ -12,6 +12,8 @@ use oxidize_relay_core::wire::MacAddr;
 pub struct IfaceError {
     name: String,
     what: String,
+    /// The interface does not exist (as opposed to existing without what AF_XDP needs).
+    pub missing: bool,
 }
 
 /// What the relay needs to know about one interface.
@@ -27,12 +29,12 @@ pub struct IfaceInfo {
 
 impl IfaceInfo {
     pub fn lookup(name: &str) -> Result<Self, IfaceError> {
-        let error = |what: String| IfaceError { name: name.to_owned(), what };
+        let error = |what: String| IfaceError { name: name.to_owned(), what, missing: false };
         let c_name = CString::new(name).map_err(|_| error("name contains NUL".into()))?;
         // SAFETY: c_name is a valid NUL-terminated string.
         let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
         if index == 0 {
-            return Err(error(format!("not found ({})", io::Error::last_os_error())));
+            return Err(IfaceError { missing: true, ..error(format!("not found ({})", io::Error::last_os_error())) });
         }
         let sysfs = format!("/sys/class/net/{name}");
         let address = fs::read_to_string(format!("{sysfs}/address"))

@@ -37,9 +37,9 @@ pub struct Route {
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
-    #[error("opening a NETLINK_ROUTE socket failed: {0}")]
+    #[error("opening a NETLINK_ROUTE socket failed")]
     Socket(#[source] io::Error),
-    #[error("netlink {operation} for {address} failed: {source}")]
+    #[error("netlink {operation} for {address} failed")]
     Request {
         operation: &'static str,
         address: IpAddr,

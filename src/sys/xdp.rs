@@ -36,13 +36,13 @@ impl AttachedMode {
 
 #[derive(Debug, thiserror::Error)]
 pub enum XdpError {
-    #[error("bpf_object__open_mem of the relay's XDP object failed: {0}")]
+    #[error("bpf_object__open_mem of the relay's XDP object failed")]
     Open(#[source] io::Error),
-    #[error("bpf_object__load failed (needs root or CAP_BPF+CAP_NET_ADMIN and a kernel with BTF; see `dmesg`): {0}")]
+    #[error("bpf_object__load failed (needs root or CAP_BPF+CAP_NET_ADMIN and a kernel with BTF; see `dmesg`)")]
     Load(#[source] io::Error),
     #[error("the XDP object has no {0}")]
     Missing(&'static str),
-    #[error("attaching XDP to interface index {ifindex} in {mode} mode failed: {source}{hint}")]
+    #[error("attaching XDP to interface index {ifindex} in {mode} mode failed{hint}")]
     Attach {
         ifindex: u32,
         mode: &'static str,
@@ -50,19 +50,19 @@ pub enum XdpError {
         #[source]
         source: io::Error,
     },
-    #[error("updating BPF map `{map}` failed: {source}")]
+    #[error("updating BPF map `{map}` failed")]
     MapUpdate {
         map: &'static str,
         #[source]
         source: io::Error,
     },
-    #[error("reading BPF map `{map}` failed: {source}")]
+    #[error("reading BPF map `{map}` failed")]
     MapRead {
         map: &'static str,
         #[source]
         source: io::Error,
     },
-    #[error("bpf_prog_test_run_opts failed: {0}")]
+    #[error("bpf_prog_test_run_opts failed")]
     TestRun(#[source] io::Error),
 }
 

@@ -20,14 +20,14 @@ const XDP_OPTIONS_ZEROCOPY: u32 = 1;
 pub enum XskError {
     #[error("invalid UMEM geometry: {0}")]
     Geometry(String),
-    #[error("creating the UMEM ({frames} frames of {frame_size} bytes) failed: {source}; check `ulimit -l` (memlock)")]
+    #[error("creating the UMEM ({frames} frames of {frame_size} bytes) failed; check `ulimit -l` (memlock)")]
     Umem {
         frames: u32,
         frame_size: u32,
         #[source]
         source: io::Error,
     },
-    #[error("creating the AF_XDP socket on {interface} queue {queue} failed: {source}")]
+    #[error("creating the AF_XDP socket on {interface} queue {queue} failed")]
     Socket {
         interface: String,
         queue: u32,

@@ -241,6 +241,41 @@ def l3_interface_fallback(binary, prefix, backend):
         finish(topo, relay)
 
 
+# For a relay run by someone else (the NixOS module in the VM tests): make the
+# two-arm topology and leave it, check traffic through it, take it down.
+@scenario("topology-up")
+def topology_up(binary, prefix, backend):
+    topo = Topology(prefix, arm="two_arm")
+    topo._create()
+    print(f"  topology {prefix}-* is up; the relay namespace is {topo.ns['relay']}")
+
+
+@scenario("topology-down")
+def topology_down(binary, prefix, backend):
+    topo = Topology(prefix, arm="two_arm")
+    topo._up = True
+    topo.destroy()
+
+
+@scenario("running-relay")
+def running_relay(binary, prefix, backend, stats_file=None):
+    """Traffic through a relay that is already running in the topology's relay namespace."""
+    topo = Topology(prefix, arm="two_arm")
+    try:
+        echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream)
+        report = topo.peer("client", "client", "--to", topo.listen, "--count", "20000")
+        stop_peer(echo)
+        expect(report["received"] == 20000 and report["corrupt"] == 0, "20,000 datagrams came back intact")
+        if stats_file:
+            with open(stats_file) as f:
+                stats = json.load(f)
+            expect(stats["tx_packets"] >= 40000 and stats["backend"] == "af_xdp", "through the running relay's AF_XDP workers")
+    finally:
+        for proc in topo.processes:
+            proc.kill()
+        topo.processes.clear()
+
+
 @scenario("demo")
 def demo(binary, prefix, backend):
     """Two-arm IPv4 relay: 20,000 datagrams client -> relay -> upstream echo and back, then a summary."""
@@ -261,9 +296,10 @@ def demo(binary, prefix, backend):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--relay", required=True, help="path to the oxidize-relay binary")
+    parser.add_argument("--relay", default="oxidize-relay", help="path to the oxidize-relay binary")
     parser.add_argument("--prefix", default=f"oxr{os.getpid() % 100000}", help="namespace name prefix")
     parser.add_argument("--backend", choices=["af_xdp", "socket"], default="af_xdp")
+    parser.add_argument("--stats-file", help="running-relay: the running relay's stats file")
     parser.add_argument("scenario", choices=sorted(SCENARIOS))
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -273,7 +309,8 @@ def main():
     print(f"scenario {args.scenario}, backend {args.backend} (namespaces {args.prefix}-*)")
     started = time.monotonic()
     try:
-        SCENARIOS[args.scenario](os.path.abspath(args.relay), args.prefix, args.backend)
+        extra = {"stats_file": args.stats_file} if args.scenario == "running-relay" else {}
+        SCENARIOS[args.scenario](os.path.abspath(args.relay), args.prefix, args.backend, **extra)
     except AssertionError as failure:
         print(f"FAILED: {failure}")
         sys.exit(1)

@@ -1,0 +1,23 @@
+# Puts the scenario scripts and their tools on every test VM as `oxr-scenario`
+# (run.py with the packaged relay) and `oxr-peer` (peer.py).
+{ config, pkgs, ... }:
+
+let
+  scenarios = ../scenarios;
+  tools = [ pkgs.python3 pkgs.iproute2 pkgs.ethtool pkgs.iputils pkgs.libcap ];
+in
+{
+  environment.systemPackages = tools ++ [
+    (pkgs.writeShellApplication {
+      name = "oxr-scenario";
+      runtimeInputs = tools;
+      text = ''exec python3 ${scenarios}/run.py --relay ${config.services.oxidize-relay.package}/bin/oxidize-relay "$@"'';
+    })
+    (pkgs.writeShellApplication {
+      name = "oxr-peer";
+      runtimeInputs = tools;
+      text = ''exec python3 ${scenarios}/peer.py "$@"'';
+    })
+  ];
+  virtualisation.memorySize = 2048;
+}
