@@ -1,11 +1,13 @@
 //! oxidize-relay: the I/O layer (`sys`, the only unsafe code), the AF_XDP
 //! workers and the control thread around the pure `oxidize-relay-core`.
 
+pub mod metrics;
 pub mod nexthop;
 pub mod probe;
 pub mod run;
 pub mod socket_worker;
 pub mod stats;
+pub mod stats_view;
 pub mod sys;
 pub mod systemd;
 pub mod worker;

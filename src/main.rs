@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use oxidize_relay::probe::HostReport;
-use oxidize_relay::run;
+use oxidize_relay::{run, stats_view};
 use oxidize_relay_core::config::{Config, Mode};
 
 /// Exit code for configuration errors (nothing was attached).
@@ -42,6 +42,14 @@ enum Command {
         #[arg(long, value_parser = ["auto", "af_xdp", "socket"])]
         mode: Option<String>,
     },
+    /// Show the running relay's counters (from its metrics endpoint) as tables.
+    Stats {
+        #[arg(long, default_value = "http://127.0.0.1:9184/metrics")]
+        endpoint: String,
+        /// Refresh every second, with per-second rates.
+        #[arg(long)]
+        watch: bool,
+    },
     /// Show what this host supports and which backend `mode = "auto"` would choose.
     Probe {
         /// Interfaces to examine (repeat for several).
@@ -74,6 +82,13 @@ fn main() -> ExitCode {
             Err(message) => {
                 eprintln!("{message}");
                 ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Stats { endpoint, watch } => match show_stats(&endpoint, watch) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                ExitCode::FAILURE
             }
         },
         Command::Probe { interface, json } => {
@@ -116,6 +131,20 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+fn show_stats(endpoint: &str, watch: bool) -> anyhow::Result<()> {
+    let mut previous = stats_view::fetch(endpoint)?;
+    if !watch {
+        print!("{}", stats_view::render(&previous, None));
+        return Ok(());
+    }
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let current = stats_view::fetch(endpoint)?;
+        print!("\x1b[2J\x1b[H{endpoint}\n{}", stats_view::render(&current, Some((&previous, 1.0))));
+        previous = current;
     }
 }
 

@@ -74,6 +74,7 @@ impl NextHopResolver {
                     tracing::warn!(%upstream, "route to upstream has no preferred source address")
                 }
             }
+            crate::metrics::neighbor_resolution(if resolved.is_ok() { "resolved" } else { "pending" });
             let was_reachable = self.current[index].is_ok();
             let hop = resolved.as_ref().ok().copied();
             self.current[index] = resolved;

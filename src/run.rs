@@ -15,10 +15,12 @@ use oxidize_relay_core::route::{RouteTable, UpstreamId};
 use oxidize_relay_core::{NextHop, Relay, RelaySettings};
 use serde_json::{Map, Value, json};
 
+use crate::metrics::{self, MetricsError};
 use crate::nexthop::NextHopResolver;
 use crate::probe::{self, HostReport};
 use crate::socket_worker::{SocketSetupError, SocketWorker, SocketWorkerParts};
 use crate::stats::Totals;
+use crate::sys::bpf_abi::XdpCounter;
 use crate::sys::iface::{IfaceError, IfaceInfo};
 use crate::sys::netlink::{NetlinkError, RouteSocket};
 use crate::sys::xdp::{AttachedMode, XdpError, XdpProgram};
@@ -45,6 +47,8 @@ pub enum SetupError {
     Socket(#[from] SocketSetupError),
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     #[error("interface {interface} has {available} RX queues but the config asks for {wanted}")]
     Queues { interface: String, available: u32, wanted: u32 },
     #[error("registering signal handlers failed")]
@@ -100,6 +104,10 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
         signal_hook::flag::register(signal, stop.clone()).map_err(SetupError::Signals)?;
     }
     let (mode, report) = probe::resolve_mode(&config).map_err(SetupError::Mode)?;
+    if let Some(listen) = config.metrics_listen {
+        metrics::install(listen)?;
+        tracing::info!(%listen, "Prometheus metrics at http://{listen}/metrics");
+    }
     let routes = Arc::new(RouteTable::new(&config.routes));
     let (unresolved_tx, unresolved_rx) = mpsc::channel();
     let shared =
@@ -126,6 +134,7 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
     }
 
     let Backend { name, attached, workers, counters, updates } = backend;
+    metrics::publish_static(name, &attached.iter().map(|a| (a.info.name.clone(), a.mode.name())).collect::<Vec<_>>());
     let handles = spawn_workers(workers, &config.runtime.cores)?;
     let context = StatsContext {
         backend: name,
@@ -280,6 +289,10 @@ struct StatsContext<'a> {
 }
 
 impl StatsContext<'_> {
+    fn xdp_counters(&self) -> Vec<(String, Option<[u64; XdpCounter::ALL.len()]>)> {
+        self.attached.iter().map(|a| (a.info.name.clone(), a.program.counters().ok())).collect()
+    }
+
     fn json(&self, totals: &Totals, running: bool) -> Value {
         let xdp: Vec<_> =
             self.attached.iter().map(|a| (a.info.name.clone(), a.mode.name(), a.program.counters().ok())).collect();
@@ -325,6 +338,7 @@ fn control_loop(
         }
         let totals = Totals::collect(stats.counters);
         stats.write(&totals, true);
+        metrics::publish(stats.counters, &stats.xdp_counters());
         if last_summary.0.elapsed() >= interval {
             let seconds = last_summary.0.elapsed().as_secs_f64();
             let summary = totals.summary(&last_summary.1, seconds, stats.counters.len(), stats.backend);

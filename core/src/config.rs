@@ -22,7 +22,12 @@ pub struct Config {
     pub security: Security,
     pub routes: Vec<RouteSpec>,
     pub neighbors: Vec<StaticNeighbor>,
+    /// Where the Prometheus endpoint listens; `None` turns it off.
+    pub metrics_listen: Option<SocketAddr>,
 }
+
+/// The metrics endpoint's default: loopback only.
+pub const DEFAULT_METRICS_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(core::net::Ipv4Addr::LOCALHOST), 9184);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -174,6 +179,15 @@ struct RawConfig {
     route: Vec<RawRoute>,
     #[serde(default)]
     neighbor: Vec<RawNeighbor>,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    enable: Option<bool>,
+    listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -442,6 +456,10 @@ impl RawConfig {
             },
             routes,
             neighbors,
+            metrics_listen: match self.metrics.enable {
+                Some(false) => None,
+                _ => Some(self.metrics.listen.unwrap_or(DEFAULT_METRICS_LISTEN)),
+            },
         })
     }
 }

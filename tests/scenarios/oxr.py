@@ -183,6 +183,26 @@ class Topology:
         raise RuntimeError(f"{ip} does not answer pings from {role}")
 
 
+def scrape(topo, port=9184):
+    """The relay's /metrics text, fetched from inside the relay namespace."""
+    code = f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics', timeout=5).read().decode())"
+    return topo.exec("relay", sys.executable, "-c", code)
+
+
+def metric(text, name, **labels):
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        series, value = line.rsplit(" ", 1)
+        if series.split("{")[0] != name:
+            continue
+        if all(f'{k}="{v}"' in series for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
 def stop_peer(proc, timeout=10):
     """SIGTERM a long-running peer and return its JSON report."""
     proc.send_signal(signal.SIGTERM)
@@ -222,6 +242,11 @@ class Relay:
     def stats(self):
         with open(self.stats_file) as f:
             return json.load(f)
+
+    def scrape(self, port=9184):
+        return scrape(self.topo, port)
+
+    metric = staticmethod(lambda text, name, **labels: metric(text, name, **labels))
 
     def wait_stats(self, predicate, timeout=10):
         deadline = time.monotonic() + timeout

@@ -8,11 +8,12 @@ Exit 0 when every check of the scenario holds; otherwise the failing check is pr
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oxr import NAT_PORTS, Relay, Topology, relay_config, stop_peer  # noqa: E402
+from oxr import NAT_PORTS, Relay, Topology, metric, relay_config, scrape, stop_peer  # noqa: E402
 
 SCENARIOS = {}
 # Scenarios that only make sense for one backend.
@@ -54,6 +55,29 @@ def expect_backend_carried(stats, backend, count, sent):
         expect(not stats["interfaces"], "no XDP program is involved")
 
 
+def check_metrics(topo, relay, backend, count):
+    """Scrapes /metrics: the packet counters match the exchange, `stats` renders them, the dashboard's metrics exist."""
+    deadline = time.monotonic() + 5
+    while True:
+        text = relay.scrape()
+        if relay.metric(text, "oxidize_relay_tx_packets_total") >= 2 * count or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    rx, tx = relay.metric(text, "oxidize_relay_rx_packets_total"), relay.metric(text, "oxidize_relay_tx_packets_total")
+    expect(rx >= 2 * count and tx >= 2 * count, f"/metrics counts the exchange (rx {rx:.0f}, tx {tx:.0f})")
+    expect(relay.metric(text, "oxidize_relay_info", backend=backend) == 1, f"/metrics names the {backend} backend")
+    view = topo.exec("relay", relay.binary, "stats")
+    total = next(line for line in view.splitlines() if line.startswith("total"))
+    expect(int(total.split()[1]) >= 2 * count, f"`oxidize-relay stats` renders the endpoint: {total.split()[:4]}")
+    if backend == "af_xdp":
+        expect(relay.metric(text, "oxidize_relay_xdp_packets_total", verdict="redirect_nat") >= count, "XDP verdicts are exported")
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../dashboards/oxidize-relay.json")) as f:
+            dashboard = f.read()
+        used = set(re.findall(r"oxidize_relay_[a-z_]+", dashboard))
+        exported = set(re.findall(r"^# TYPE (oxidize_relay_[a-z_]+)", text, re.M))
+        expect(used <= exported, f"every metric the dashboard queries is exported ({len(used)} names; missing {used - exported or 'none'})")
+
+
 def finish(topo, relay):
     """SIGTERM the relay: exit 0, final stats, and no XDP program left on its interfaces."""
     code, final = relay.terminate()
@@ -87,6 +111,7 @@ def relay_traffic(topo, binary, backend, count):
         expect(host == topo.relay_upstream_ip and NAT_PORTS[0] <= int(port) <= NAT_PORTS[1],
                f"upstream saw the relay's NAT address {source}, not the client")
     expect_backend_carried(stats, backend, count, count + report["retransmits"])
+    check_metrics(topo, relay, backend, count)
     final = finish(topo, relay)
     return report, final
 
@@ -140,6 +165,9 @@ def session_expiry(binary, prefix, backend):
         if backend == "af_xdp":
             stats = relay.wait_stats(lambda s: s["drops"]["no_session"] >= 5)
             expect(stats["drops"]["no_session"] == 5, f"late replies to {old_nat} dropped as no_session")
+            time.sleep(0.3)
+            dropped = relay.metric(relay.scrape(), "oxidize_relay_drops_total", reason="no_session")
+            expect(dropped == 5, "and /metrics shows them under reason=\"no_session\"")
         else:
             bound = topo.exec("relay", "ss", "-Hunl", f"sport = :{port}")
             expect(not bound.strip(), f"the expired session's socket on {old_nat} is closed (the kernel refuses late replies)")
@@ -270,6 +298,8 @@ def running_relay(binary, prefix, backend, stats_file=None):
             with open(stats_file) as f:
                 stats = json.load(f)
             expect(stats["tx_packets"] >= 40000 and stats["backend"] == "af_xdp", "through the running relay's AF_XDP workers")
+        text = scrape(topo)
+        expect(metric(text, "oxidize_relay_tx_packets_total") >= 40000, "and its /metrics counts them")
     finally:
         for proc in topo.processes:
             proc.kill()

@@ -1,0 +1,151 @@
+//! Prometheus metrics: the control thread copies the workers' counters into
+//! `metrics` once per tick; the hot path never calls a metrics macro.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use metrics::{counter, gauge};
+use metrics_exporter_prometheus::PrometheusBuilder;
+use oxidize_relay_core::DropReason;
+use oxidize_relay_core::counters::Counters;
+
+use crate::sys::bpf_abi::XdpCounter;
+
+/// Every metric the relay exports (the dashboard test checks its queries against this list).
+pub const NAMES: &[&str] = &[
+    RX_PACKETS,
+    RX_BYTES,
+    TX_PACKETS,
+    TX_BYTES,
+    DROPS,
+    SESSIONS_ACTIVE,
+    SESSIONS_CREATED,
+    SESSIONS_EXPIRED,
+    SESSIONS_REFUSED,
+    POOL_FRAMES_IN_USE,
+    POOL_FRAMES,
+    WAKEUPS,
+    NEIGHBOR_RESOLUTIONS,
+    XDP_PACKETS,
+    INFO,
+    XDP_MODE_INFO,
+    BUILD_INFO,
+];
+
+pub const RX_PACKETS: &str = "oxidize_relay_rx_packets_total";
+pub const RX_BYTES: &str = "oxidize_relay_rx_bytes_total";
+pub const TX_PACKETS: &str = "oxidize_relay_tx_packets_total";
+pub const TX_BYTES: &str = "oxidize_relay_tx_bytes_total";
+pub const DROPS: &str = "oxidize_relay_drops_total";
+pub const SESSIONS_ACTIVE: &str = "oxidize_relay_sessions_active";
+pub const SESSIONS_CREATED: &str = "oxidize_relay_sessions_created_total";
+pub const SESSIONS_EXPIRED: &str = "oxidize_relay_sessions_expired_total";
+pub const SESSIONS_REFUSED: &str = "oxidize_relay_sessions_refused_total";
+pub const POOL_FRAMES_IN_USE: &str = "oxidize_relay_pool_frames_in_use";
+pub const POOL_FRAMES: &str = "oxidize_relay_pool_frames";
+pub const WAKEUPS: &str = "oxidize_relay_wakeups_total";
+pub const NEIGHBOR_RESOLUTIONS: &str = "oxidize_relay_neighbor_resolutions_total";
+pub const XDP_PACKETS: &str = "oxidize_relay_xdp_packets_total";
+pub const INFO: &str = "oxidize_relay_info";
+pub const XDP_MODE_INFO: &str = "oxidize_relay_xdp_mode_info";
+pub const BUILD_INFO: &str = "oxidize_relay_build_info";
+
+#[derive(Debug, thiserror::Error)]
+#[error("starting the Prometheus endpoint on {listen} failed")]
+pub struct MetricsError {
+    listen: SocketAddr,
+    #[source]
+    source: metrics_exporter_prometheus::BuildError,
+}
+
+/// Starts the HTTP endpoint (`GET /metrics`) on its own thread.
+pub fn install(listen: SocketAddr) -> Result<(), MetricsError> {
+    PrometheusBuilder::new().with_http_listener(listen).install().map_err(|source| MetricsError { listen, source })
+}
+
+/// Publishes what never changes after start-up.
+pub fn publish_static(backend: &'static str, xdp_modes: &[(String, &'static str)]) {
+    gauge!(INFO, "backend" => backend).set(1.0);
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    for (interface, mode) in xdp_modes {
+        gauge!(XDP_MODE_INFO, "interface" => interface.clone(), "mode" => *mode).set(1.0);
+    }
+}
+
+/// Copies every worker's counters and the XDP program counters into the registry.
+pub fn publish(workers: &[Arc<Counters>], xdp: &[(String, Option<[u64; XdpCounter::ALL.len()]>)]) {
+    for (id, c) in workers.iter().enumerate() {
+        let worker = id.to_string();
+        counter!(RX_PACKETS, "worker" => worker.clone()).absolute(c.rx_packets.get());
+        counter!(RX_BYTES, "worker" => worker.clone()).absolute(c.rx_bytes.get());
+        counter!(TX_PACKETS, "worker" => worker.clone()).absolute(c.tx_packets.get());
+        counter!(TX_BYTES, "worker" => worker.clone()).absolute(c.tx_bytes.get());
+        for reason in DropReason::ALL {
+            counter!(DROPS, "worker" => worker.clone(), "reason" => reason.name()).absolute(c.dropped(reason));
+        }
+        for reason in [DropReason::SessionTableFull, DropReason::NatPortsExhausted, DropReason::ClientNotAllowed] {
+            counter!(SESSIONS_REFUSED, "worker" => worker.clone(), "reason" => reason.name())
+                .absolute(c.dropped(reason));
+        }
+        gauge!(SESSIONS_ACTIVE, "worker" => worker.clone()).set(c.sessions_active.get() as f64);
+        counter!(SESSIONS_CREATED, "worker" => worker.clone()).absolute(c.sessions_created.get());
+        counter!(SESSIONS_EXPIRED, "worker" => worker.clone()).absolute(c.sessions_expired.get());
+        gauge!(POOL_FRAMES_IN_USE, "worker" => worker.clone(), "pool" => "umem").set(c.pool_in_use.get() as f64);
+        gauge!(POOL_FRAMES, "worker" => worker.clone(), "pool" => "umem").set(c.pool_capacity.get() as f64);
+        counter!(WAKEUPS, "worker" => worker).absolute(c.wakeups.get());
+    }
+    for (interface, counters) in xdp {
+        let Some(counters) = counters else { continue };
+        for (kind, value) in XdpCounter::ALL.iter().zip(counters) {
+            counter!(XDP_PACKETS, "interface" => interface.clone(), "verdict" => kind.name()).absolute(*value);
+        }
+    }
+}
+
+/// Counts one neighbour/route resolution outcome (`resolved` or `pending`).
+pub fn neighbor_resolution(outcome: &'static str) {
+    counter!(NEIGHBOR_RESOLUTIONS, "outcome" => outcome).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        for name in NAMES {
+            assert!(name.starts_with("oxidize_relay_"), "{name}");
+            assert!(name.chars().all(|c| c.is_ascii_lowercase() || c == '_'), "{name}");
+        }
+    }
+
+    #[test]
+    fn dashboard_queries_name_only_exported_metrics() {
+        let dashboard = include_str!("../dashboards/oxidize-relay.json");
+        let value: serde_json::Value = serde_json::from_str(dashboard).expect("dashboard is JSON");
+        let mut exprs = Vec::new();
+        collect_exprs(&value, &mut exprs);
+        assert!(exprs.len() >= 8, "the dashboard has its panels");
+        for expr in exprs {
+            let mut names = expr.match_indices("oxidize_relay_").map(|(at, _)| {
+                expr[at..].split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).next().unwrap_or_default()
+            });
+            assert!(names.all(|name| NAMES.contains(&name)), "query `{expr}` names a metric the relay does not export");
+        }
+    }
+
+    fn collect_exprs<'a>(value: &'a serde_json::Value, out: &mut Vec<&'a str>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, child) in map {
+                    match (key.as_str(), child) {
+                        ("expr", serde_json::Value::String(expr)) => out.push(expr),
+                        _ => collect_exprs(child, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|item| collect_exprs(item, out)),
+            _ => {}
+        }
+    }
+}
