@@ -116,7 +116,10 @@ impl Worker {
     fn idle(&mut self, fds: &[i32]) {
         // Unsent frames must not wait for the next received packet: kick TX instead of sleeping.
         let mut kicked = false;
-        for socket in self.sockets.iter_mut().filter(|s| s.tx_pending()) {
+        for socket in &mut self.sockets {
+            if !socket.tx_unsent() {
+                continue;
+            }
             if socket.wake_tx_if_needed() {
                 self.counters.wakeups.add(1);
             }

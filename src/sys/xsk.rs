@@ -86,6 +86,11 @@ impl FramePool {
         self.capacity
     }
 
+    /// Takes a free frame (for generating traffic), if any.
+    pub fn take(&mut self) -> Option<FrameDesc> {
+        self.free.pop()
+    }
+
     /// Returns a frame to the pool.
     #[inline]
     pub fn release(&mut self, desc: FrameDesc) {
@@ -109,8 +114,7 @@ pub struct QueueSocket {
     tx: TxQueue,
     fill: FillQueue,
     completion: CompQueue,
-    /// Frames handed to the TX ring and not yet completed. In copy mode one
-    /// wakeup sends at most 32 frames, so the worker keeps kicking while this is non-zero.
+    /// Frames handed to the TX ring and not yet completed.
     tx_in_flight: usize,
     pub zero_copy: bool,
 }
@@ -180,6 +184,13 @@ impl QueueSocket {
     /// Whether frames wait in the TX ring or for completion.
     pub fn tx_pending(&self) -> bool {
         self.tx_in_flight > 0
+    }
+
+    /// Whether the kernel has yet to take frames from the TX ring. In copy mode
+    /// one wakeup sends at most 32 frames, so the worker kicks again while this holds;
+    /// frames already taken only wait for their completion, which needs no kick.
+    pub fn tx_unsent(&mut self) -> bool {
+        self.tx_in_flight > 0 && self.tx.nb_free_exact() < RING_SIZE
     }
 
     /// Kicks the kernel to send if it asked for it; returns whether a syscall was made.

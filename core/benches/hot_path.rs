@@ -1,0 +1,134 @@
+//! Hot-path micro-benchmarks of the relay core. Cases:
+//! - `parse_validate/ipv4_64b`: `UdpFrame::new_checked` on a 64-byte-payload frame
+//! - `rewrite/ipv4` and `rewrite/ipv6`: in-place rewrite with incremental checksums
+//! - `session_lookup/{1k,64k}`: `touch_flow` with 1,000 and 65,536 live sessions
+//!   (65,536 is the most one worker holds: one NAT port per session)
+//! - `reply_lookup/64k`: `by_port_mut` with 65,536 live sessions
+//! - `route_lookup`: listen address to route
+//! - `handle_burst/64`: one full `Relay::handle` over a 64-packet burst of client
+//!   traffic with established sessions (parse, validate, route, session, rewrite);
+//!   throughput is reported per packet
+
+use std::hint::black_box;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use oxidize_relay_core::counters::Counters;
+use oxidize_relay_core::route::{RouteId, RouteSpec, RouteTable, UpstreamId};
+use oxidize_relay_core::session::{FlowKey, IfaceId, Session, SessionTable};
+use oxidize_relay_core::wire::{Rewrite, UdpFrame, build::udp_frame};
+use oxidize_relay_core::{NextHop, Relay, RelaySettings, Verdict};
+
+const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("bench address")
+}
+
+fn client(i: u32) -> SocketAddr {
+    SocketAddr::new(std::net::Ipv4Addr::from(0x0a00_0000 + (i >> 14)).into(), 1024 + (i & 0x3fff) as u16)
+}
+
+fn session_table(sessions: u32) -> SessionTable {
+    let mut table = SessionTable::new((1, 65535), 65535, 60_000);
+    for i in 0..sessions {
+        let template = Session {
+            flow: FlowKey { client: client(i), listen: addr("10.0.0.1:5000") },
+            route: RouteId(0),
+            upstream: UpstreamId(0),
+            nat_ip: "10.1.0.1".parse().expect("ip"),
+            nat_port: 0,
+            client_iface: IfaceId(0),
+            client_mac: MAC_A,
+            last_seen: 0,
+        };
+        table.admit(template).expect("room");
+    }
+    table
+}
+
+fn benches(c: &mut Criterion) {
+    let frame = udp_frame(MAC_A, MAC_B, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"), &[0x5a; 64]);
+    c.bench_function("parse_validate/ipv4_64b", |b| {
+        b.iter(|| UdpFrame::new_checked(black_box(&frame[..])).map(|f| f.dst()))
+    });
+
+    for (name, src, dst, new_src, new_dst) in [
+        ("rewrite/ipv4", "10.0.0.2:40000", "10.0.0.1:5000", "10.1.0.1:20000", "10.1.0.2:7000"),
+        ("rewrite/ipv6", "[fd00::2]:40000", "[fd00::1]:5000", "[fd01::1]:20000", "[fd01::2]:7000"),
+    ] {
+        let mut frame = udp_frame(MAC_A, MAC_B, addr(src), addr(dst), &[0x5a; 64]);
+        let to = Rewrite { src_mac: MAC_B, dst_mac: MAC_A, src: addr(new_src), dst: addr(new_dst) };
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                let mut view = UdpFrame::new_checked(&mut frame[..]).expect("valid");
+                view.rewrite(black_box(&to))
+            })
+        });
+    }
+
+    for (name, sessions) in [("session_lookup/1k", 1_000u32), ("session_lookup/64k", 65_535)] {
+        let mut table = session_table(sessions);
+        let keys: Vec<FlowKey> = (0..sessions).map(|i| FlowKey { client: client(i), listen: addr("10.0.0.1:5000") }).collect();
+        let mut next = 0usize;
+        c.bench_function(name, |b| {
+            b.iter(|| {
+                next = (next + 7919) % keys.len();
+                table.touch_flow(black_box(&keys[next]), 1).map(|s| s.nat_port)
+            })
+        });
+    }
+
+    let mut table = session_table(65_535);
+    let mut port = 1u16;
+    c.bench_function("reply_lookup/64k", |b| {
+        b.iter(|| {
+            port = port.wrapping_mul(31).wrapping_add(7).max(1);
+            table.by_port_mut(black_box(port)).map(|s| s.nat_port)
+        })
+    });
+
+    let routes = RouteTable::new(&[
+        RouteSpec { listen: addr("10.0.0.1:5000"), upstreams: vec![addr("10.1.0.2:7000")], allowed_clients: vec![] },
+        RouteSpec { listen: addr("0.0.0.0:6000"), upstreams: vec![addr("10.1.0.3:7000")], allowed_clients: vec![] },
+    ]);
+    let listen = addr("10.0.0.1:5000");
+    c.bench_function("route_lookup", |b| b.iter(|| routes.lookup(black_box(listen))));
+
+    let mut relay = Relay::new(
+        Arc::new(routes),
+        RelaySettings {
+            iface_macs: vec![MAC_B],
+            nat_ports: (20000, 29999),
+            max_sessions: 10_000,
+            idle_timeout: 60_000,
+            verify_checksums: false,
+        },
+        Arc::new(Counters::default()),
+    );
+    relay.set_next_hop(UpstreamId(0), Some(NextHop { iface: IfaceId(0), src_ip: "10.1.0.1".parse().expect("ip"), dst_mac: MAC_A }));
+    let burst: Vec<Vec<u8>> =
+        (0..64).map(|i| udp_frame(MAC_A, MAC_B, client(i), addr("10.0.0.1:5000"), &[0x5a; 64])).collect();
+    for frame in &burst {
+        assert!(matches!(relay.handle(0, IfaceId(0), &mut frame.clone()), Verdict::Forward(_)));
+    }
+    let mut group = c.benchmark_group("handle_burst");
+    group.throughput(Throughput::Elements(64));
+    group.bench_function("64", |b| {
+        b.iter_batched_ref(
+            || burst.clone(),
+            |frames| {
+                for frame in frames.iter_mut() {
+                    black_box(relay.handle(1, IfaceId(0), frame));
+                }
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(hot_path, benches);
+criterion_main!(hot_path);

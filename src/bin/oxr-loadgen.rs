@@ -1,0 +1,255 @@
+//! Load generator and reflector over AF_XDP, for the end-to-end benchmark.
+//!
+//! `gen` sends IPv4/UDP frames (sequence number and send time in the payload)
+//! from one interface toward a relay and receives what comes back; `reflect`
+//! swaps addresses and returns every datagram to its sender. Both steer their
+//! traffic with the relay's own XDP program and use copy or zero-copy AF_XDP
+//! as the driver allows, so they cost far less per packet than the relays they measure.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use oxidize_relay::sys::iface::IfaceInfo;
+use oxidize_relay::sys::xdp::XdpProgram;
+use oxidize_relay::sys::xsk::{self, FramePool, QueueSocket};
+use oxidize_relay_core::config::{XdpMode, parse_mac};
+use oxidize_relay_core::wire::{UdpFrame, build::udp_frame};
+use serde_json::json;
+use xsk_rs::FrameDesc;
+
+const BATCH: usize = 64;
+const FRAMES: u32 = 8192;
+/// Payload bytes used for the sequence number and the send timestamp.
+const STAMP: usize = 16;
+
+#[derive(Debug, Parser)]
+#[command(about = "AF_XDP load generator and reflector for the relay benchmark")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Send `count` datagrams to `dst` (at `rate` per second, 0 = as fast as possible) and measure what returns.
+    Gen {
+        #[arg(long)]
+        interface: String,
+        #[arg(long)]
+        src: SocketAddr,
+        #[arg(long)]
+        dst: SocketAddr,
+        /// MAC of the next hop toward `dst`.
+        #[arg(long)]
+        dst_mac: String,
+        #[arg(long, default_value_t = 1_000_000)]
+        count: u64,
+        /// UDP payload bytes (at least 16).
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+    },
+    /// Echo every datagram to `listen` back to its sender until SIGTERM.
+    Reflect {
+        #[arg(long)]
+        interface: String,
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+}
+
+/// The AF_XDP plumbing both modes share.
+struct Port {
+    _program: XdpProgram,
+    pool: FramePool,
+    socket: QueueSocket,
+}
+
+impl Port {
+    fn open(interface: &str, listen: SocketAddr) -> anyhow::Result<(Self, IfaceInfo)> {
+        let info = IfaceInfo::lookup(interface)?;
+        let mut program = XdpProgram::load()?;
+        program.add_listen(listen)?;
+        // Keep the NAT range empty so only `listen` is taken.
+        program.set_nat_ports(1, 0)?;
+        program.attach(info.index, XdpMode::Auto)?;
+        let pool = FramePool::new(FRAMES, 2048, false)?;
+        let socket = QueueSocket::bind(&pool, interface, 0)?;
+        program.register_socket(0, socket.fd())?;
+        Ok((Port { _program: program, pool, socket }, info))
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Gen { interface, src, dst, dst_mac, count, size, rate } => {
+            generate(&interface, src, dst, &dst_mac, count, size, rate)
+        }
+        Command::Reflect { interface, listen } => reflect(&interface, listen),
+    }
+}
+
+fn generate(interface: &str, src: SocketAddr, dst: SocketAddr, dst_mac: &str, count: u64, size: usize, rate: u64) -> anyhow::Result<()> {
+    if size < STAMP || !src.is_ipv4() {
+        bail!("payload must be at least {STAMP} bytes and addresses IPv4");
+    }
+    let dst_mac = parse_mac(dst_mac).context("--dst-mac is not a MAC address")?;
+    let (mut port, info) = Port::open(interface, src)?;
+    let mut template = udp_frame(info.mac, dst_mac, src, dst, &vec![0x5a; size]);
+    // No UDP checksum (allowed over IPv4), so stamping the payload needs no checksum update.
+    template[40..42].copy_from_slice(&[0, 0]);
+    let payload_at = template.len() - size;
+
+    let mut rtts: Vec<u32> = Vec::with_capacity(count.min(10_000_000) as usize);
+    let mut seen = vec![false; count as usize];
+    let (mut sent, mut received, mut duplicates, mut wakeups) = (0u64, 0u64, 0u64, 0u64);
+    let mut batch = vec![FrameDesc::default(); BATCH];
+    let mut outgoing = Vec::with_capacity(BATCH);
+    let start = Instant::now();
+    let mut last_receive = start;
+    let interval = (rate > 0).then(|| Duration::from_secs_f64(1.0 / rate as f64));
+    port.socket.refill(&mut port.pool, (FRAMES / 2) as usize);
+    loop {
+        port.socket.reclaim(&mut port.pool, &mut batch);
+        port.socket.refill(&mut port.pool, BATCH);
+        // Sending: as many as the pacing allows, in bursts.
+        let due = match interval {
+            Some(interval) => ((start.elapsed().as_nanos() / interval.as_nanos()) as u64 + 1).min(count),
+            None => count,
+        };
+        outgoing.clear();
+        while sent + (outgoing.len() as u64) < due && outgoing.len() < BATCH {
+            let Some(mut desc) = port.pool.take() else { break };
+            let seq = sent + outgoing.len() as u64;
+            let mut data = port.pool.packet_mut(&mut desc);
+            let mut cursor = data.cursor();
+            cursor.set_pos(0);
+            std::io::Write::write_all(&mut cursor, &template)?;
+            let stamp = start.elapsed().as_nanos() as u64;
+            let frame = data.contents_mut();
+            frame[payload_at..payload_at + 8].copy_from_slice(&seq.to_be_bytes());
+            frame[payload_at + 8..payload_at + 16].copy_from_slice(&stamp.to_be_bytes());
+            outgoing.push(desc);
+        }
+        if !outgoing.is_empty() {
+            let produced = port.socket.transmit(&outgoing);
+            sent += produced as u64;
+            for desc in outgoing.drain(produced..) {
+                port.pool.release(desc);
+            }
+        }
+        if port.socket.wake_tx_if_needed() {
+            wakeups += 1;
+        }
+        // Receiving: count, check the sequence, time the round trip.
+        let got = port.socket.receive(&mut batch);
+        for desc in &mut batch[..got] {
+            let data = port.pool.packet_mut(desc);
+            if let Ok(frame) = UdpFrame::new_checked(data.contents()) {
+                let payload = frame.payload();
+                if payload.len() >= STAMP {
+                    let seq = u64::from_be_bytes(payload[..8].try_into().unwrap_or_default());
+                    let stamp = u64::from_be_bytes(payload[8..16].try_into().unwrap_or_default());
+                    match seen.get_mut(seq as usize) {
+                        Some(flag) if !*flag => {
+                            *flag = true;
+                            received += 1;
+                            let rtt = (start.elapsed().as_nanos() as u64).saturating_sub(stamp);
+                            rtts.push(rtt.min(u64::from(u32::MAX)) as u32);
+                        }
+                        Some(_) => duplicates += 1,
+                        None => {}
+                    }
+                }
+            }
+            port.pool.release(*desc);
+        }
+        if got > 0 {
+            last_receive = Instant::now();
+        }
+        let finished_sending = sent >= count;
+        if finished_sending && (received >= count || last_receive.elapsed() > Duration::from_millis(500)) {
+            break;
+        }
+        if got == 0 && finished_sending {
+            wakeups += 1;
+            xsk::wait_readable(&[port.socket.fd()], 10)?;
+        }
+    }
+    let active = last_receive.duration_since(start).as_secs_f64().max(1e-9);
+    rtts.sort_unstable();
+    let percentile = |p: f64| rtts.get(((rtts.len() as f64 - 1.0) * p) as usize).map_or(0.0, |&ns| f64::from(ns) / 1000.0);
+    println!(
+        "{}",
+        json!({
+            "sent": sent, "received": received, "lost": sent - received, "duplicates": duplicates,
+            "size": size, "rate": rate, "seconds": active,
+            "received_pps": received as f64 / active,
+            "rtt_p50_us": percentile(0.50), "rtt_p99_us": percentile(0.99),
+            "wakeups": wakeups, "cpu_seconds": cpu_seconds(),
+        })
+    );
+    Ok(())
+}
+
+fn reflect(interface: &str, listen: SocketAddr) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    let (mut port, _) = Port::open(interface, listen)?;
+    eprintln!("ready");
+    let mut batch = vec![FrameDesc::default(); BATCH];
+    let mut scratch = vec![FrameDesc::default(); BATCH];
+    let (mut reflected, mut wakeups) = (0u64, 0u64);
+    port.socket.refill(&mut port.pool, (FRAMES / 2) as usize);
+    while !stop.load(Ordering::Relaxed) {
+        port.socket.reclaim(&mut port.pool, &mut scratch);
+        port.socket.refill(&mut port.pool, BATCH);
+        let got = port.socket.receive(&mut batch);
+        for desc in &mut batch[..got] {
+            let mut data = port.pool.packet_mut(desc);
+            swap_endpoints(data.contents_mut());
+        }
+        let sent = port.socket.transmit(&batch[..got]);
+        for desc in &batch[sent..got] {
+            port.pool.release(*desc);
+        }
+        reflected += sent as u64;
+        if port.socket.wake_tx_if_needed() {
+            wakeups += 1;
+        }
+        if got == 0 && !port.socket.tx_pending() {
+            wakeups += 1;
+            xsk::wait_readable(&[port.socket.fd()], 100)?;
+        }
+    }
+    println!("{}", json!({ "reflected": reflected, "wakeups": wakeups, "cpu_seconds": cpu_seconds() }));
+    Ok(())
+}
+
+/// Swaps MACs, IPv4 addresses and UDP ports in place (the checksums are sums, so they stay valid).
+fn swap_endpoints(frame: &mut [u8]) {
+    if frame.len() < 42 {
+        return;
+    }
+    for i in 0..6 {
+        frame.swap(i, 6 + i);
+    }
+    for i in 0..4 {
+        frame.swap(26 + i, 30 + i);
+    }
+    for i in 0..2 {
+        frame.swap(34 + i, 36 + i);
+    }
+}
+
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum());
+    ticks / 100.0
+}
