@@ -178,6 +178,9 @@ fn relay_for_worker(
         max_sessions: config.nat.max_sessions.div_ceil(workers as usize),
         idle_timeout: config.nat.idle_timeout_secs * 1000,
         verify_checksums: config.security.verify_checksums,
+        global_limit: config.security.global_limit.per_worker(u64::from(workers)),
+        max_sessions_per_source: config.security.max_sessions_per_source,
+        source_table_entries: config.security.source_table_entries,
     };
     let counters = Arc::new(Counters::default());
     (Relay::new(shared.routes.clone(), settings, counters.clone()), counters)

@@ -188,8 +188,8 @@ impl SocketWorker {
             let now = self.now();
             for (source, payload) in batch.datagrams() {
                 let Some(client) = source else { continue };
-                self.count_rx(client, payload.len());
-                let session = match self.relay.client_session(now, IfaceId(0), client, listen, [0; 6]) {
+                let bytes = self.count_rx(client, payload.len());
+                let session = match self.relay.client_session(now, IfaceId(0), client, listen, [0; 6], bytes) {
                     Ok(session) => session,
                     Err(_) => continue,
                 };
@@ -272,10 +272,13 @@ impl SocketWorker {
         }
     }
 
-    fn count_rx(&self, peer: SocketAddr, payload: usize) {
+    /// Counts a received datagram; returns its size as a frame on the wire.
+    fn count_rx(&self, peer: SocketAddr, payload: usize) -> u64 {
         let overhead = if peer.is_ipv4() { IPV4_FRAME_OVERHEAD } else { IPV6_FRAME_OVERHEAD };
+        let bytes = payload as u64 + overhead;
         self.counters.rx_packets.add(1);
-        self.counters.rx_bytes.add(payload as u64 + overhead);
+        self.counters.rx_bytes.add(bytes);
+        bytes
     }
 }
 

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use oxidize_relay_core::counters::Counters;
+use oxidize_relay_core::ratelimit::{Limit, TokenPair};
 use oxidize_relay_core::route::{RouteId, RouteSpec, RouteTable, UpstreamId};
 use oxidize_relay_core::session::{FlowKey, IfaceId, Session, SessionTable};
 use oxidize_relay_core::wire::{Rewrite, UdpFrame, build::udp_frame};
@@ -43,6 +44,7 @@ fn session_table(sessions: u32) -> SessionTable {
             client_iface: IfaceId(0),
             client_mac: MAC_A,
             last_seen: 0,
+            tokens: TokenPair::full(&Limit::default(), 0),
         };
         table.admit(template).expect("room");
     }
@@ -71,7 +73,8 @@ fn benches(c: &mut Criterion) {
 
     for (name, sessions) in [("session_lookup/1k", 1_000u32), ("session_lookup/64k", 65_535)] {
         let mut table = session_table(sessions);
-        let keys: Vec<FlowKey> = (0..sessions).map(|i| FlowKey { client: client(i), listen: addr("10.0.0.1:5000") }).collect();
+        let keys: Vec<FlowKey> =
+            (0..sessions).map(|i| FlowKey { client: client(i), listen: addr("10.0.0.1:5000") }).collect();
         let mut next = 0usize;
         c.bench_function(name, |b| {
             b.iter(|| {
@@ -91,24 +94,21 @@ fn benches(c: &mut Criterion) {
     });
 
     let routes = RouteTable::new(&[
-        RouteSpec { listen: addr("10.0.0.1:5000"), upstreams: vec![addr("10.1.0.2:7000")], allowed_clients: vec![] },
-        RouteSpec { listen: addr("0.0.0.0:6000"), upstreams: vec![addr("10.1.0.3:7000")], allowed_clients: vec![] },
+        RouteSpec::new(addr("10.0.0.1:5000"), vec![addr("10.1.0.2:7000")]),
+        RouteSpec::new(addr("0.0.0.0:6000"), vec![addr("10.1.0.3:7000")]),
     ]);
     let listen = addr("10.0.0.1:5000");
     c.bench_function("route_lookup", |b| b.iter(|| routes.lookup(black_box(listen))));
 
     let mut relay = Relay::new(
         Arc::new(routes),
-        RelaySettings {
-            iface_macs: vec![MAC_B],
-            nat_ports: (20000, 29999),
-            max_sessions: 10_000,
-            idle_timeout: 60_000,
-            verify_checksums: false,
-        },
+        RelaySettings::unlimited(vec![MAC_B], (20000, 29999), 10_000, 60_000),
         Arc::new(Counters::default()),
     );
-    relay.set_next_hop(UpstreamId(0), Some(NextHop { iface: IfaceId(0), src_ip: "10.1.0.1".parse().expect("ip"), dst_mac: MAC_A }));
+    relay.set_next_hop(
+        UpstreamId(0),
+        Some(NextHop { iface: IfaceId(0), src_ip: "10.1.0.1".parse().expect("ip"), dst_mac: MAC_A }),
+    );
     let burst: Vec<Vec<u8>> =
         (0..64).map(|i| udp_frame(MAC_A, MAC_B, client(i), addr("10.0.0.1:5000"), &[0x5a; 64])).collect();
     for frame in &burst {

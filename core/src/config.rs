@@ -9,6 +9,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::prefix::IpPrefix;
+use crate::ratelimit::Limit;
 use crate::route::RouteSpec;
 use crate::wire::MacAddr;
 
@@ -108,6 +109,11 @@ pub struct Nat {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Security {
     pub verify_checksums: bool,
+    /// Client traffic the whole relay accepts (split evenly between workers).
+    pub global_limit: Limit,
+    pub max_sessions_per_source: usize,
+    /// Slots of each worker's per-source rate table (fixed memory).
+    pub source_table_entries: usize,
 }
 
 /// A next-hop MAC the operator pins instead of asking the kernel.
@@ -230,6 +236,10 @@ struct RawNat {
 #[serde(deny_unknown_fields)]
 struct RawSecurity {
     verify_checksums: Option<bool>,
+    global_packets_per_second: Option<u64>,
+    global_bytes_per_second: Option<u64>,
+    max_sessions_per_source: Option<Spanned<usize>>,
+    source_table_entries: Option<Spanned<usize>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -239,6 +249,10 @@ struct RawRoute {
     upstreams: Spanned<Vec<SocketAddr>>,
     #[serde(default)]
     allowed_clients: Vec<Spanned<String>>,
+    per_source_packets_per_second: Option<u64>,
+    per_source_bytes_per_second: Option<u64>,
+    per_session_packets_per_second: Option<u64>,
+    per_session_bytes_per_second: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -255,6 +269,7 @@ struct PresetDefaults {
     verify_checksums: bool,
     max_sessions: usize,
     idle_timeout_secs: u64,
+    max_sessions_per_source: usize,
 }
 
 fn preset_defaults(preset: Option<Preset>) -> PresetDefaults {
@@ -265,6 +280,7 @@ fn preset_defaults(preset: Option<Preset>) -> PresetDefaults {
             verify_checksums: false,
             max_sessions: 65_536,
             idle_timeout_secs: 120,
+            max_sessions_per_source: 4096,
         },
         Some(Preset::Secure) => PresetDefaults {
             wait: WaitMode::Event,
@@ -272,6 +288,7 @@ fn preset_defaults(preset: Option<Preset>) -> PresetDefaults {
             verify_checksums: true,
             max_sessions: 16_384,
             idle_timeout_secs: 60,
+            max_sessions_per_source: 64,
         },
         None => PresetDefaults {
             wait: WaitMode::Event,
@@ -279,11 +296,14 @@ fn preset_defaults(preset: Option<Preset>) -> PresetDefaults {
             verify_checksums: false,
             max_sessions: 65_536,
             idle_timeout_secs: 120,
+            max_sessions_per_source: 1024,
         },
     }
 }
 
 const DEFAULT_NAT_PORTS: (u16, u16) = (20000, 29999);
+/// Per-source rate table slots per worker: 65,536 x 64 bytes = 4 MiB.
+const DEFAULT_SOURCE_TABLE: usize = 65_536;
 
 impl RawConfig {
     fn resolve(self, source: &str) -> Result<Config, ConfigError> {
@@ -436,7 +456,19 @@ impl RawConfig {
             for prefix in &raw.allowed_clients {
                 allowed_clients.push(prefix.get_ref().parse::<IpPrefix>().map_err(|m| at(prefix.span(), m))?);
             }
-            routes.push(RouteSpec { listen, upstreams: raw.upstreams.into_inner(), allowed_clients });
+            routes.push(RouteSpec {
+                listen,
+                upstreams: raw.upstreams.into_inner(),
+                allowed_clients,
+                per_source: Limit {
+                    packets_per_second: raw.per_source_packets_per_second,
+                    bytes_per_second: raw.per_source_bytes_per_second,
+                },
+                per_session: Limit {
+                    packets_per_second: raw.per_session_packets_per_second,
+                    bytes_per_second: raw.per_session_bytes_per_second,
+                },
+            });
         }
 
         let mut neighbors = Vec::new();
@@ -453,6 +485,16 @@ impl RawConfig {
             nat,
             security: Security {
                 verify_checksums: self.security.verify_checksums.unwrap_or(defaults.verify_checksums),
+                global_limit: Limit {
+                    packets_per_second: self.security.global_packets_per_second,
+                    bytes_per_second: self.security.global_bytes_per_second,
+                },
+                max_sessions_per_source: positive(
+                    self.security.max_sessions_per_source,
+                    defaults.max_sessions_per_source,
+                    &at,
+                )?,
+                source_table_entries: positive(self.security.source_table_entries, DEFAULT_SOURCE_TABLE, &at)?,
             },
             routes,
             neighbors,
@@ -461,6 +503,19 @@ impl RawConfig {
                 _ => Some(self.metrics.listen.unwrap_or(DEFAULT_METRICS_LISTEN)),
             },
         })
+    }
+}
+
+/// A positive count from the config, or `default` when absent.
+fn positive(
+    value: Option<Spanned<usize>>,
+    default: usize,
+    at: &impl Fn(core::ops::Range<usize>, String) -> ConfigError,
+) -> Result<usize, ConfigError> {
+    match value {
+        Some(v) if *v.get_ref() == 0 => Err(at(v.span(), "must be at least 1".into())),
+        Some(v) => Ok(v.into_inner()),
+        None => Ok(default),
     }
 }
 
@@ -571,6 +626,26 @@ upstreams = ["10.1.0.2:7000"]
             assert!(error.column.is_some(), "{name}");
             assert!(error.message.contains(needle), "{name}: {}", error.message);
         }
+    }
+
+    #[test]
+    fn rate_limits_and_caps_parse() {
+        let source = format!(
+            "[security]\nglobal_packets_per_second = 100000\nmax_sessions_per_source = 8\n{}",
+            MINIMAL.replace(
+                "upstreams",
+                "per_source_packets_per_second = 500\nper_session_bytes_per_second = 1000000\nupstreams"
+            )
+        );
+        let config = Config::from_toml(&source).expect("valid");
+        assert_eq!(config.security.global_limit.packets_per_second, Some(100_000));
+        assert_eq!(config.security.max_sessions_per_source, 8);
+        assert_eq!(config.routes[0].per_source.packets_per_second, Some(500));
+        assert_eq!(config.routes[0].per_session.bytes_per_second, Some(1_000_000));
+        assert!(config.routes[0].per_session.packets_per_second.is_none());
+        let zero =
+            Config::from_toml(&format!("[security]\nmax_sessions_per_source = 0\n{MINIMAL}")).expect_err("zero cap");
+        assert_eq!(zero.line, Some(2));
     }
 
     #[test]

@@ -43,6 +43,14 @@ pub enum DropReason {
     NeighborUnresolved,
     /// The client address is not in the route's allowed prefixes.
     ClientNotAllowed,
+    /// The relay-wide (per worker share) rate limit refused it.
+    RateLimitedGlobal,
+    /// The source address exceeded its route's per-source rate.
+    RateLimitedSource,
+    /// The session exceeded its route's per-session rate.
+    RateLimitedSession,
+    /// The source already holds its maximum number of sessions.
+    SourceSessionLimit,
     /// The egress TX ring or the frame pool had no room.
     TxRingFull,
 }
@@ -72,6 +80,10 @@ impl DropReason {
         DropReason::NatPortsExhausted,
         DropReason::NeighborUnresolved,
         DropReason::ClientNotAllowed,
+        DropReason::RateLimitedGlobal,
+        DropReason::RateLimitedSource,
+        DropReason::RateLimitedSession,
+        DropReason::SourceSessionLimit,
         DropReason::TxRingFull,
     ];
 
@@ -97,6 +109,10 @@ impl DropReason {
             DropReason::NatPortsExhausted => "nat_ports_exhausted",
             DropReason::NeighborUnresolved => "neighbor_unresolved",
             DropReason::ClientNotAllowed => "client_not_allowed",
+            DropReason::RateLimitedGlobal => "rate_limited_global",
+            DropReason::RateLimitedSource => "rate_limited_source",
+            DropReason::RateLimitedSession => "rate_limited_session",
+            DropReason::SourceSessionLimit => "source_session_limit",
             DropReason::TxRingFull => "tx_ring_full",
         }
     }

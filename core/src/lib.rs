@@ -9,6 +9,7 @@ pub mod config;
 pub mod counters;
 pub mod drop_reason;
 pub mod prefix;
+pub mod ratelimit;
 pub mod relay;
 pub mod route;
 pub mod session;

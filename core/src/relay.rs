@@ -2,10 +2,12 @@
 //! no allocation after construction.
 
 use core::net::{IpAddr, SocketAddr};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::counters::Counters;
 use crate::drop_reason::DropReason;
+use crate::ratelimit::{Limit, SourceLimiter, TokenPair};
 use crate::route::{self, RouteTable, UpstreamId};
 use crate::session::{AdmitError, FlowKey, IfaceId, Session, SessionTable};
 use crate::time::Millis;
@@ -40,6 +42,33 @@ pub struct RelaySettings {
     pub max_sessions: usize,
     pub idle_timeout: Millis,
     pub verify_checksums: bool,
+    /// This worker's share of the relay-wide client-traffic limit.
+    pub global_limit: Limit,
+    /// Sessions one client address may hold at once.
+    pub max_sessions_per_source: usize,
+    /// Slots of the fixed-size per-source rate table.
+    pub source_table_entries: usize,
+}
+
+impl RelaySettings {
+    /// Settings with no rate limits and no per-source session cap.
+    pub fn unlimited(
+        iface_macs: Vec<MacAddr>,
+        nat_ports: (u16, u16),
+        max_sessions: usize,
+        idle_timeout: Millis,
+    ) -> Self {
+        RelaySettings {
+            iface_macs,
+            nat_ports,
+            max_sessions,
+            idle_timeout,
+            verify_checksums: false,
+            global_limit: Limit::default(),
+            max_sessions_per_source: usize::MAX,
+            source_table_entries: 2,
+        }
+    }
 }
 
 /// One worker's relay state: routes, its session shard and next hops.
@@ -53,6 +82,12 @@ pub struct Relay {
     unresolved: Vec<bool>,
     iface_macs: Vec<MacAddr>,
     verify_checksums: bool,
+    global_limit: Limit,
+    global_tokens: TokenPair,
+    source_limiter: SourceLimiter,
+    /// Live sessions per client address; holds only addresses with sessions, so it is bounded by the table.
+    sessions_per_source: HashMap<IpAddr, u32, ahash::RandomState>,
+    max_sessions_per_source: usize,
     counters: Arc<Counters>,
 }
 
@@ -66,6 +101,11 @@ impl Relay {
             routes,
             iface_macs: settings.iface_macs,
             verify_checksums: settings.verify_checksums,
+            global_tokens: TokenPair::full(&settings.global_limit, 0),
+            global_limit: settings.global_limit,
+            source_limiter: SourceLimiter::new(settings.source_table_entries),
+            sessions_per_source: HashMap::with_capacity_and_hasher(settings.max_sessions, ahash::RandomState::new()),
+            max_sessions_per_source: settings.max_sessions_per_source,
             counters,
         }
     }
@@ -100,16 +140,20 @@ impl Relay {
 
     /// Expires idle sessions, examining at most `budget` slots; `on_expired`
     /// sees each one removed (the socket backend closes its socket).
-    pub fn expire(&mut self, now: Millis, budget: usize, on_expired: impl FnMut(&Session)) {
-        let expired = self.sessions.expire(now, budget, on_expired);
+    pub fn expire(&mut self, now: Millis, budget: usize, mut on_expired: impl FnMut(&Session)) {
+        let per_source = &mut self.sessions_per_source;
+        let expired = self.sessions.expire(now, budget, |session| {
+            release_source(per_source, session.flow.client.ip());
+            on_expired(session);
+        });
         if expired > 0 {
             self.counters.sessions_expired.add(expired as u64);
             self.counters.sessions_active.set(self.sessions.len() as u64);
         }
     }
 
-    /// The session of a client datagram to `listen`, created on first sight.
-    /// Drops are counted. Used directly by the socket backend.
+    /// The session of a client datagram of `bytes` to `listen`, created on first
+    /// sight, after the rate limits. Drops are counted. Used directly by the socket backend.
     pub fn client_session(
         &mut self,
         now: Millis,
@@ -117,8 +161,9 @@ impl Relay {
         client: SocketAddr,
         listen: SocketAddr,
         client_mac: MacAddr,
+        bytes: u64,
     ) -> Result<Session, DropReason> {
-        let result = self.find_or_admit(now, ingress, FlowKey { client, listen }, client_mac);
+        let result = self.admit_client(now, ingress, FlowKey { client, listen }, client_mac, bytes);
         self.count_error(result)
     }
 
@@ -172,10 +217,12 @@ impl Relay {
             };
             return forward_rewritten(packet, &to, session.client_iface);
         }
-        let session = match self.find_or_admit(now, ingress, FlowKey { client: src, listen: dst }, packet.src_mac()) {
-            Ok(session) => session,
-            Err(reason) => return Verdict::Drop(reason),
-        };
+        let bytes = packet.len() as u64;
+        let session =
+            match self.admit_client(now, ingress, FlowKey { client: src, listen: dst }, packet.src_mac(), bytes) {
+                Ok(session) => session,
+                Err(reason) => return Verdict::Drop(reason),
+            };
         let Some(hop) = self.resolved_hop(session.upstream) else {
             return Verdict::Drop(DropReason::NeighborUnresolved);
         };
@@ -197,19 +244,54 @@ impl Relay {
         Ok(*session)
     }
 
-    fn find_or_admit(
+    /// Client traffic: the global limit, then per-source, then the session (found or
+    /// created), then per-session. Cheapest refusal first, so a flood costs little.
+    fn admit_client(
         &mut self,
         now: Millis,
         ingress: IfaceId,
         flow: FlowKey,
         client_mac: MacAddr,
+        bytes: u64,
     ) -> Result<Session, DropReason> {
-        if let Some(session) = self.sessions.touch_flow(&flow, now) {
-            return Ok(*session);
+        if !self.global_limit.is_unlimited() && !self.global_tokens.allow(&self.global_limit, now, bytes) {
+            return Err(DropReason::RateLimitedGlobal);
         }
         let route_id = self.routes.lookup(flow.listen).ok_or(DropReason::NoRoute)?;
-        if !route::client_allowed(self.routes.route(route_id), flow.client) {
+        let route = self.routes.route(route_id);
+        let (per_source, per_session) = (route.per_source, route.per_session);
+        if !per_source.is_unlimited()
+            && !self.source_limiter.allow(route_id.0, flow.client.ip(), &per_source, now, bytes)
+        {
+            return Err(DropReason::RateLimitedSource);
+        }
+        if self.sessions.touch_flow(&flow, now).is_none() {
+            self.admit(now, ingress, flow, client_mac, route_id)?;
+        }
+        let session = self.sessions.touch_flow_mut(&flow, now).ok_or(DropReason::NoSession)?;
+        if !per_session.is_unlimited() && !session.tokens.allow(&per_session, now, bytes) {
+            return Err(DropReason::RateLimitedSession);
+        }
+        Ok(*session)
+    }
+
+    /// Creates the session of a new flow: access list, per-source cap, upstream choice, NAT port.
+    fn admit(
+        &mut self,
+        now: Millis,
+        ingress: IfaceId,
+        flow: FlowKey,
+        client_mac: MacAddr,
+        route_id: route::RouteId,
+    ) -> Result<(), DropReason> {
+        let route = self.routes.route(route_id);
+        if !route::client_allowed(route, flow.client) {
             return Err(DropReason::ClientNotAllowed);
+        }
+        let per_session = route.per_session;
+        let held = self.sessions_per_source.get(&flow.client.ip()).copied().unwrap_or(0);
+        if held as usize >= self.max_sessions_per_source {
+            return Err(DropReason::SourceSessionLimit);
         }
         let upstream = self.routes.choose_upstream(route_id, flow.client);
         // The NAT address must be known before the session exists: it is what the upstream replies to.
@@ -223,14 +305,16 @@ impl Relay {
             client_iface: ingress,
             client_mac,
             last_seen: now,
+            tokens: TokenPair::full(&per_session, now),
         };
-        let session = *self.sessions.admit(template).map_err(|e| match e {
+        self.sessions.admit(template).map_err(|e| match e {
             AdmitError::TableFull => DropReason::SessionTableFull,
             AdmitError::PortsExhausted => DropReason::NatPortsExhausted,
         })?;
+        *self.sessions_per_source.entry(flow.client.ip()).or_insert(0) += 1;
         self.counters.sessions_created.add(1);
         self.counters.sessions_active.set(self.sessions.len() as u64);
-        Ok(session)
+        Ok(())
     }
 
     /// The next hop of `upstream`; when missing, flags it for the control thread.
@@ -240,6 +324,16 @@ impl Relay {
             self.unresolved[usize::from(upstream.0)] = true;
         }
         hop
+    }
+}
+
+/// One session of `source` ended: forget the source once it holds none.
+fn release_source(per_source: &mut HashMap<IpAddr, u32, ahash::RandomState>, source: IpAddr) {
+    if let Some(count) = per_source.get_mut(&source) {
+        *count -= 1;
+        if *count == 0 {
+            per_source.remove(&source);
+        }
     }
 }
 
@@ -255,6 +349,7 @@ fn forward_rewritten(packet: &mut UdpFrame<&mut [u8]>, to: &Rewrite, iface: Ifac
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ratelimit::Limit;
     use crate::route::RouteSpec;
     use crate::wire::build::udp_frame;
 
@@ -268,19 +363,17 @@ mod tests {
     }
 
     fn two_arm_relay(listen: &str, upstream: &str, nat_ip: &str) -> (Relay, Arc<Counters>) {
-        let routes = Arc::new(RouteTable::new(&[RouteSpec {
-            listen: addr(listen),
-            upstreams: vec![addr(upstream)],
-            allowed_clients: vec![],
-        }]));
+        relay_with(RouteSpec::new(addr(listen), vec![addr(upstream)]), nat_ip, |_| {})
+    }
+
+    fn relay_with(spec: RouteSpec, nat_ip: &str, tune: impl FnOnce(&mut RelaySettings)) -> (Relay, Arc<Counters>) {
+        let routes = Arc::new(RouteTable::new(&[spec]));
         let counters = Arc::new(Counters::default());
-        let settings = RelaySettings {
-            iface_macs: vec![RELAY_CLIENT_SIDE, RELAY_UPSTREAM_SIDE],
-            nat_ports: (20000, 20999),
-            max_sessions: 1000,
-            idle_timeout: 30_000,
+        let mut settings = RelaySettings {
             verify_checksums: true,
+            ..RelaySettings::unlimited(vec![RELAY_CLIENT_SIDE, RELAY_UPSTREAM_SIDE], (20000, 20999), 1000, 30_000)
         };
+        tune(&mut settings);
         let mut relay = Relay::new(routes, settings, counters.clone());
         relay.set_next_hop(
             UpstreamId(0),
@@ -403,5 +496,70 @@ mod tests {
         let mut runt = vec![0u8; 10];
         assert_eq!(relay.handle(0, IfaceId(0), &mut runt), Verdict::Drop(DropReason::TooShort));
         assert_eq!(counters.total_drops(), 3);
+    }
+
+    fn client_frame(port: u16) -> Vec<u8> {
+        udp_frame(
+            CLIENT_MAC,
+            RELAY_CLIENT_SIDE,
+            SocketAddr::new("10.0.0.2".parse().expect("ip"), port),
+            addr("10.0.0.1:5000"),
+            b"x",
+        )
+    }
+
+    #[test]
+    fn per_session_limit_drops_excess_without_touching_other_sessions() {
+        let spec = RouteSpec {
+            per_session: Limit { packets_per_second: Some(50), bytes_per_second: None },
+            ..RouteSpec::new(addr("10.0.0.1:5000"), vec![addr("10.1.0.2:7000")])
+        };
+        let (mut relay, counters) = relay_with(spec, "10.1.0.1", |_| {});
+        let forwarded = (0..100)
+            .filter(|_| matches!(relay.handle(0, IfaceId(0), &mut client_frame(1000)), Verdict::Forward(_)))
+            .count();
+        assert_eq!(forwarded, 10, "a 200 ms burst at 50 pps");
+        assert_eq!(counters.dropped(DropReason::RateLimitedSession), 90);
+        assert!(
+            matches!(relay.handle(0, IfaceId(0), &mut client_frame(1001)), Verdict::Forward(_)),
+            "another session is unaffected"
+        );
+        assert!(
+            matches!(relay.handle(100, IfaceId(0), &mut client_frame(1000)), Verdict::Forward(_)),
+            "tokens come back with time"
+        );
+    }
+
+    #[test]
+    fn per_source_limit_covers_all_ports_of_a_source() {
+        let spec = RouteSpec {
+            per_source: Limit { packets_per_second: Some(50), bytes_per_second: None },
+            ..RouteSpec::new(addr("10.0.0.1:5000"), vec![addr("10.1.0.2:7000")])
+        };
+        let (mut relay, counters) = relay_with(spec, "10.1.0.1", |_| {});
+        let forwarded = (0..100u16)
+            .filter(|p| matches!(relay.handle(0, IfaceId(0), &mut client_frame(2000 + p)), Verdict::Forward(_)))
+            .count();
+        assert_eq!(forwarded, 10);
+        assert_eq!(counters.dropped(DropReason::RateLimitedSource), 90);
+        assert_eq!(relay.session_count(), 10, "refused packets create no sessions");
+    }
+
+    #[test]
+    fn global_limit_and_source_session_cap() {
+        let spec = RouteSpec::new(addr("10.0.0.1:5000"), vec![addr("10.1.0.2:7000")]);
+        let (mut relay, counters) = relay_with(spec, "10.1.0.1", |s| {
+            s.global_limit = Limit { packets_per_second: Some(100), bytes_per_second: None };
+            s.max_sessions_per_source = 3;
+        });
+        let verdicts: Vec<_> = (0..30u16).map(|p| relay.handle(0, IfaceId(0), &mut client_frame(3000 + p))).collect();
+        assert_eq!(verdicts.iter().filter(|v| matches!(v, Verdict::Forward(_))).count(), 3);
+        assert_eq!(counters.dropped(DropReason::SourceSessionLimit), 17, "the 20-packet global burst, less 3 sessions");
+        assert_eq!(counters.dropped(DropReason::RateLimitedGlobal), 10);
+        relay.expire(60_000, usize::MAX, |_| {});
+        assert!(
+            matches!(relay.handle(60_000, IfaceId(0), &mut client_frame(4000)), Verdict::Forward(_)),
+            "expiry frees the source's quota"
+        );
     }
 }

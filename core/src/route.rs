@@ -6,6 +6,7 @@ use core::net::SocketAddr;
 use std::collections::HashMap;
 
 use crate::prefix::IpPrefix;
+use crate::ratelimit::Limit;
 
 /// Index of a route in its [`RouteTable`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -22,6 +23,8 @@ pub struct Route {
     pub upstreams: Vec<UpstreamId>,
     /// Empty means every client is allowed.
     pub allowed_clients: Vec<IpPrefix>,
+    pub per_source: Limit,
+    pub per_session: Limit,
 }
 
 /// All routes of one relay, looked up by the destination a client used.
@@ -41,6 +44,23 @@ pub struct RouteSpec {
     pub listen: SocketAddr,
     pub upstreams: Vec<SocketAddr>,
     pub allowed_clients: Vec<IpPrefix>,
+    /// Rate each client address may send to this route.
+    pub per_source: Limit,
+    /// Rate each session of this route may send.
+    pub per_session: Limit,
+}
+
+impl RouteSpec {
+    /// A route with no access list and no rate limits.
+    pub fn new(listen: SocketAddr, upstreams: Vec<SocketAddr>) -> Self {
+        RouteSpec {
+            listen,
+            upstreams,
+            allowed_clients: Vec::new(),
+            per_source: Limit::default(),
+            per_session: Limit::default(),
+        }
+    }
 }
 
 impl RouteTable {
@@ -59,7 +79,13 @@ impl RouteTable {
         for spec in specs {
             let upstreams = spec.upstreams.iter().map(|u| table.intern_upstream(*u)).collect();
             let id = RouteId(table.routes.len() as u16);
-            table.routes.push(Route { listen: spec.listen, upstreams, allowed_clients: spec.allowed_clients.clone() });
+            table.routes.push(Route {
+                listen: spec.listen,
+                upstreams,
+                allowed_clients: spec.allowed_clients.clone(),
+                per_source: spec.per_source,
+                per_session: spec.per_session,
+            });
             if spec.listen.ip().is_unspecified() {
                 table.wildcard.insert((spec.listen.is_ipv6(), spec.listen.port()), id);
             } else {
@@ -133,11 +159,7 @@ mod tests {
     }
 
     fn spec(listen: &str, upstreams: &[&str]) -> RouteSpec {
-        RouteSpec {
-            listen: addr(listen),
-            upstreams: upstreams.iter().map(|u| addr(u)).collect(),
-            allowed_clients: vec![],
-        }
+        RouteSpec::new(addr(listen), upstreams.iter().map(|u| addr(u)).collect())
     }
 
     #[test]

@@ -8,6 +8,7 @@
 use core::net::{IpAddr, SocketAddr};
 use std::collections::{HashMap, VecDeque};
 
+use crate::ratelimit::TokenPair;
 use crate::route::{RouteId, UpstreamId};
 use crate::time::Millis;
 use crate::wire::MacAddr;
@@ -36,6 +37,8 @@ pub struct Session {
     pub client_iface: IfaceId,
     pub client_mac: MacAddr,
     pub last_seen: Millis,
+    /// This session's per-session rate-limit buckets.
+    pub tokens: TokenPair,
 }
 
 /// Why a session could not be created.
@@ -77,6 +80,12 @@ impl SessionTable {
     /// The session for `flow`, refreshed to `now`.
     #[inline]
     pub fn touch_flow(&mut self, flow: &FlowKey, now: Millis) -> Option<&Session> {
+        self.touch_flow_mut(flow, now).map(|s| &*s)
+    }
+
+    /// The session for `flow`, refreshed to `now`, for updating its rate buckets.
+    #[inline]
+    pub fn touch_flow_mut(&mut self, flow: &FlowKey, now: Millis) -> Option<&mut Session> {
         let slot = usize::from(*self.by_flow.get(flow)?);
         let session = self.slots[slot].as_mut()?;
         session.last_seen = now;
@@ -154,6 +163,7 @@ mod tests {
             client_iface: IfaceId(0),
             client_mac: [2, 0, 0, 0, 0, 1],
             last_seen: 0,
+            tokens: TokenPair::full(&crate::ratelimit::Limit::default(), 0),
         }
     }
 

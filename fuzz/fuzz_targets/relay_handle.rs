@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use oxidize_relay_core::counters::Counters;
+use oxidize_relay_core::ratelimit::Limit;
 use oxidize_relay_core::route::{RouteSpec, RouteTable, UpstreamId};
 use oxidize_relay_core::{IfaceId, NextHop, Relay, RelaySettings, Verdict};
 
@@ -15,19 +16,22 @@ const MAX_SESSIONS: usize = 8;
 fuzz_target!(|data: &[u8]| {
     let routes = RouteTable::new(&[
         RouteSpec {
-            listen: "10.0.0.1:5000".parse().expect("addr"),
-            upstreams: vec!["10.1.0.2:7000".parse().expect("addr"), "10.1.0.3:7000".parse().expect("addr")],
-            allowed_clients: vec![],
+            // A tight per-session limit so the fuzzer reaches the limiter too.
+            per_session: Limit { packets_per_second: Some(50), bytes_per_second: Some(20_000) },
+            ..RouteSpec::new(
+                "10.0.0.1:5000".parse().expect("addr"),
+                vec!["10.1.0.2:7000".parse().expect("addr"), "10.1.0.3:7000".parse().expect("addr")],
+            )
         },
-        RouteSpec { listen: "[::]:5000".parse().expect("addr"), upstreams: vec!["[fd01::2]:7000".parse().expect("addr")], allowed_clients: vec![] },
+        RouteSpec::new("[::]:5000".parse().expect("addr"), vec!["[fd01::2]:7000".parse().expect("addr")]),
     ]);
     let counters = Arc::new(Counters::default());
     let settings = RelaySettings {
-        iface_macs: vec![[2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]],
-        nat_ports: (20000, 20015),
-        max_sessions: MAX_SESSIONS,
-        idle_timeout: 1000,
         verify_checksums: data.first().is_some_and(|b| b & 1 == 1),
+        global_limit: Limit { packets_per_second: Some(2_000), bytes_per_second: None },
+        max_sessions_per_source: 4,
+        source_table_entries: 4,
+        ..RelaySettings::unlimited(vec![[2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]], (20000, 20015), MAX_SESSIONS, 1000)
     };
     let mut relay = Relay::new(Arc::new(routes), settings, counters.clone());
     for (id, ip) in [(0, "10.1.0.1"), (1, "10.1.0.1"), (2, "fd01::1")] {

@@ -94,7 +94,15 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn generate(interface: &str, src: SocketAddr, dst: SocketAddr, dst_mac: &str, count: u64, size: usize, rate: u64) -> anyhow::Result<()> {
+fn generate(
+    interface: &str,
+    src: SocketAddr,
+    dst: SocketAddr,
+    dst_mac: &str,
+    count: u64,
+    size: usize,
+    rate: u64,
+) -> anyhow::Result<()> {
     if size < STAMP || !src.is_ipv4() {
         bail!("payload must be at least {STAMP} bytes and addresses IPv4");
     }
@@ -183,7 +191,8 @@ fn generate(interface: &str, src: SocketAddr, dst: SocketAddr, dst_mac: &str, co
     }
     let active = last_receive.duration_since(start).as_secs_f64().max(1e-9);
     rtts.sort_unstable();
-    let percentile = |p: f64| rtts.get(((rtts.len() as f64 - 1.0) * p) as usize).map_or(0.0, |&ns| f64::from(ns) / 1000.0);
+    let percentile =
+        |p: f64| rtts.get(((rtts.len() as f64 - 1.0) * p) as usize).map_or(0.0, |&ns| f64::from(ns) / 1000.0);
     println!(
         "{}",
         json!({
