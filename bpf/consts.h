@@ -4,6 +4,8 @@
 #define MAX_QUEUES 256
 #define MAX_LISTEN 1024
 #define MAX_NAT_ADDRS 64
+/* Default size of the established-flows map; userspace sizes it to the session capacity. */
+#define MAX_FLOWS 65536
 
 #define ADDR_FAMILY_IPV4 4
 #define ADDR_FAMILY_IPV6 6
@@ -25,5 +27,6 @@ enum xdp_counter {
 	XDP_CNT_DROP_BAD_UDP_LENGTH,  /* relay-bound with a UDP length that lies */
 	XDP_CNT_DROP_IP_OPTIONS,      /* relay-bound with IPv4 options */
 	XDP_CNT_DROP_FRAGMENT,        /* relay-bound first fragment */
+	XDP_CNT_DROP_NEW_FLOW_BUDGET, /* a new client flow beyond the new-flow budget (flood shedding) */
 	XDP_CNT_MAX,
 };

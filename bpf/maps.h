@@ -39,6 +39,23 @@ struct {
 	__type(value, struct relay_config);
 } relay_config_map SEC(".maps");
 
+/* Client flows with a live session, kept by the workers: under a flood of new
+ * (spoofed) flows these still reach the socket while new ones meet the budget. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_FLOWS);
+	__type(key, struct flow_key);
+	__type(value, __u8);
+} flows SEC(".maps");
+
+/* Per-CPU token bucket for new client flows. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct flow_budget);
+} flow_budget_map SEC(".maps");
+
 /* Per-CPU verdict counters, read and summed by the control thread. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

@@ -55,6 +55,38 @@ static __always_inline int is_nat(const struct endpoint_key *dst)
 	return bpf_map_lookup_elem(&nat_addrs, &addr) != NULL;
 }
 
+/* Tokens are new flows x 1000; a full bucket holds a quarter second of budget. */
+#define BUDGET_BURST_MS 250
+
+/* Whether a client packet may reach the socket: established flows always, new ones within the budget. */
+static __always_inline int admit_client(const struct endpoint_key *dst, const __u8 *src_addr, __be16 src_port)
+{
+	__u32 zero = 0;
+	struct relay_config *config = bpf_map_lookup_elem(&relay_config_map, &zero);
+	if (!config || config->new_flows_per_second == 0)
+		return 1;
+	struct flow_key flow = { .family = dst->family, .src_port = src_port, .dst_port = dst->port };
+	__builtin_memcpy(flow.src_addr, src_addr, sizeof(flow.src_addr));
+	if (bpf_map_lookup_elem(&flows, &flow))
+		return 1;
+	struct flow_budget *budget = bpf_map_lookup_elem(&flow_budget_map, &zero);
+	if (!budget)
+		return 1;
+	__u64 now = bpf_ktime_get_ns();
+	__u64 rate = config->new_flows_per_second;
+	__u64 capacity = rate * BUDGET_BURST_MS;
+	__u64 elapsed_ms = (now - budget->last_ns) / 1000000;
+	if (elapsed_ms > 0) {
+		__u64 tokens = budget->tokens + elapsed_ms * rate;
+		budget->tokens = tokens > capacity ? capacity : tokens;
+		budget->last_ns = now;
+	}
+	if (budget->tokens < 1000)
+		return 0;
+	budget->tokens -= 1000;
+	return 1;
+}
+
 /* Redirect to this queue's socket; with no socket the kernel gets the packet (never black-holed). */
 static __always_inline int to_socket(struct xdp_md *ctx, __u32 redirect_counter)
 {
@@ -68,6 +100,7 @@ int oxidize_relay(struct xdp_md *ctx)
 {
 	struct cursor c = { .pos = (void *)(long)ctx->data, .end = (void *)(long)ctx->data_end };
 	struct endpoint_key dst = {};
+	__u8 src_addr[16] = {};
 	__u16 ethertype;
 	__u32 ip_payload_len;
 	int ipv4_options = 0, first_fragment = 0;
@@ -91,6 +124,7 @@ int oxidize_relay(struct xdp_md *ctx)
 		ip_payload_len = total > ip->ihl * 4 ? total - ip->ihl * 4 : 0;
 		dst.family = ADDR_FAMILY_IPV4;
 		__builtin_memcpy(dst.addr, &ip->daddr, 4);
+		__builtin_memcpy(src_addr, &ip->saddr, 4);
 	} else if (ethertype == ETH_P_IPV6) {
 		struct ipv6hdr *ip6 = parse_ipv6hdr(&c);
 		if (!ip6)
@@ -101,6 +135,7 @@ int oxidize_relay(struct xdp_md *ctx)
 		ip_payload_len = bpf_ntohs(ip6->payload_len);
 		dst.family = ADDR_FAMILY_IPV6;
 		__builtin_memcpy(dst.addr, &ip6->daddr, 16);
+		__builtin_memcpy(src_addr, &ip6->saddr, 16);
 	} else {
 		return pass(XDP_CNT_PASS_NOT_IP);
 	}
@@ -127,6 +162,8 @@ int oxidize_relay(struct xdp_md *ctx)
 	if (udp_len < sizeof(*udp) || udp_len > ip_payload_len ||
 	    (void *)udp + udp_len > c.end)
 		return drop(XDP_CNT_DROP_BAD_UDP_LENGTH);
+	if (redirect_counter == XDP_CNT_REDIRECT_LISTEN && !admit_client(&dst, src_addr, udp->source))
+		return drop(XDP_CNT_DROP_NEW_FLOW_BUDGET);
 
 	return to_socket(ctx, redirect_counter);
 }

@@ -18,9 +18,25 @@ struct addr_key {
 	__u8 addr[16];
 };
 
+/* A client flow the relay has a session for: it bypasses the new-flow budget. */
+struct flow_key {
+	__u8 family;
+	__u8 pad;
+	__be16 src_port;
+	__be16 dst_port;
+	__u16 pad2;
+	__u8 src_addr[16];
+};
+
 /* Relay-wide settings, one entry. */
 struct relay_config {
 	__u16 nat_port_first; /* host byte order */
 	__u16 nat_port_last;
-	__u32 pad;
+	__u32 new_flows_per_second; /* per CPU; 0 = no budget */
+};
+
+/* The new-flow token bucket of one CPU. */
+struct flow_budget {
+	__u64 tokens;  /* in new flows, scaled by 1000 */
+	__u64 last_ns;
 };

@@ -198,8 +198,8 @@ fn af_xdp_backend(config: &Config, report: &HostReport, shared: &WorkerShared) -
                 wanted: interface.queues,
             });
         }
-        let mut program = XdpProgram::load()?;
-        program.set_nat_ports(config.nat.ports.0, config.nat.ports.1)?;
+        let mut program = XdpProgram::load(config.nat.max_sessions.try_into().unwrap_or(u32::MAX))?;
+        program.configure(config.nat.ports.0, config.nat.ports.1, config.security.new_flows_per_second)?;
         for route in &config.routes {
             program.add_listen(route.listen)?;
         }
@@ -240,6 +240,7 @@ fn af_xdp_backend(config: &Config, report: &HostReport, shared: &WorkerShared) -
             relay,
             pool,
             sockets,
+            flow_maps: attached.iter().map(|a| a.program.flow_map()).collect(),
             counters,
             batch_size: config.runtime.batch_size,
             wait: config.runtime.wait,

@@ -163,6 +163,8 @@ impl SocketWorker {
                     let _ = self.poll.registry().deregister(&mut session.socket);
                 }
             }
+            // No XDP program here, so no flow registry to keep.
+            self.relay.take_admitted().for_each(drop);
             for upstream in self.relay.take_unresolved() {
                 let _ = self.unresolved.send(upstream);
             }

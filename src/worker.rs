@@ -11,6 +11,7 @@ use oxidize_relay_core::route::UpstreamId;
 use oxidize_relay_core::{DropReason, IfaceId, NextHop, Relay, Verdict};
 use xsk_rs::FrameDesc;
 
+use crate::sys::xdp::FlowMap;
 use crate::sys::xsk::{self, FramePool, QueueSocket};
 
 /// How long an idle worker in event mode sleeps before checking for shutdown and updates.
@@ -32,6 +33,8 @@ pub struct Worker {
     pub pool: FramePool,
     /// Indexed by [`IfaceId`].
     pub sockets: Vec<QueueSocket>,
+    /// Each interface program's established-flows map, kept in step with the sessions.
+    pub flow_maps: Vec<FlowMap>,
     pub counters: Arc<Counters>,
     pub batch_size: usize,
     pub wait: WaitMode,
@@ -60,7 +63,19 @@ impl Worker {
             self.apply_updates();
             let now = self.epoch.elapsed().as_millis() as u64;
             let received = self.poll_once(now, &mut rx_batch, &mut tx_batches);
-            self.relay.expire(now, EXPIRY_BUDGET, |_| {});
+            let flow_maps = &self.flow_maps;
+            self.relay.expire(now, EXPIRY_BUDGET, |session| {
+                for map in flow_maps {
+                    map.remove(session.flow.client, session.flow.listen.port());
+                }
+            });
+            for flow in self.relay.take_admitted() {
+                for map in &self.flow_maps {
+                    if let Err(error) = map.insert(flow.client, flow.listen.port()) {
+                        tracing::debug!(%error, "registering an established flow with XDP failed");
+                    }
+                }
+            }
             for upstream in self.relay.take_unresolved() {
                 // The control thread may be gone during shutdown; nothing to do then.
                 let _ = self.unresolved.send(upstream);

@@ -157,8 +157,8 @@ fn fixtures() -> Vec<Fixture> {
 }
 
 fn loaded_program() -> XdpProgram {
-    let program = XdpProgram::load().expect("load the XDP program");
-    program.set_nat_ports(20000, 29999).expect("NAT ports");
+    let program = XdpProgram::load(1024).expect("load the XDP program");
+    program.configure(20000, 29999, 0).expect("NAT ports");
     program.add_listen(addr("10.0.0.1:5000")).expect("IPv4 listen");
     program.add_listen(addr("[::]:5000")).expect("IPv6 wildcard listen");
     program.add_nat_addr("10.1.0.1".parse().expect("ip")).expect("NAT address");
@@ -192,17 +192,50 @@ fn fixtures_without_a_socket_never_drop_relay_traffic() {
     }
 }
 
+/// One test binds the socket: the kernel releases a loopback queue lazily, so a
+/// second bind right after the first socket closes can fail.
 #[test]
-fn fixtures_with_a_socket_redirect_only_relay_traffic() {
-    if !common::privileged("fixtures_with_a_socket_redirect_only_relay_traffic") {
+fn with_an_af_xdp_socket_in_the_map() {
+    if !common::privileged("with_an_af_xdp_socket_in_the_map") {
         return;
     }
-    let program = loaded_program();
     // A real AF_XDP socket in slot 0 (bound to loopback; no program is attached anywhere).
     let pool = FramePool::new(256, 2048, false).expect("UMEM");
     let socket = QueueSocket::bind(&pool, "lo", 0).expect("AF_XDP socket on lo");
+    fixtures_redirect_only_relay_traffic(&socket);
+    new_flow_budget_sheds_new_flows_but_never_established_ones(&socket);
+}
+
+fn fixtures_redirect_only_relay_traffic(socket: &QueueSocket) {
+    let program = loaded_program();
     program.register_socket(0, socket.fd()).expect("register socket");
     for fixture in fixtures() {
         check(&program, &fixture, fixture.with_socket, "socket on queue 0");
     }
+}
+
+fn new_flow_budget_sheds_new_flows_but_never_established_ones(socket: &QueueSocket) {
+    let program = loaded_program();
+    // 10 new flows per second per CPU: a full bucket holds a quarter second, 2 flows.
+    program.configure(20000, 29999, 10).expect("configure");
+    program.register_socket(0, socket.fd()).expect("register socket");
+    let established = addr("10.0.0.9:40000");
+    program.flow_map().insert(established, 5000).expect("register a flow");
+    let mut actions = Vec::new();
+    for port in 1..=20u16 {
+        let frame = udp(&format!("10.0.0.2:{port}"), "10.0.0.1:5000", b"new");
+        actions.push(program.test_run(&frame).expect("run").0);
+    }
+    let admitted = actions.iter().filter(|&&a| a == XDP_REDIRECT).count();
+    assert!((1..=3).contains(&admitted), "the burst admits about 2 new flows, not {admitted}");
+    assert!(actions.iter().all(|&a| a == XDP_REDIRECT || a == XDP_DROP));
+    for _ in 0..100 {
+        let frame = udp("10.0.0.9:40000", "10.0.0.1:5000", b"established");
+        assert_eq!(program.test_run(&frame).expect("run").0, XDP_REDIRECT, "an established flow always passes");
+    }
+    let reply = udp("10.1.0.2:7000", "10.1.0.1:20000", b"reply");
+    assert_eq!(program.test_run(&reply).expect("run").0, XDP_REDIRECT, "replies are not budgeted");
+    let counters = program.counters().expect("counters");
+    assert_eq!(counters[XdpCounter::DropNewFlowBudget as usize], 20 - admitted as u64);
+    program.flow_map().remove(established, 5000);
 }

@@ -74,6 +74,7 @@ scenarios! { af_xdp:
     idle_sessions_expire => "session-expiry",
     tcp_to_the_relay_host_works_while_attached => "tcp-coexistence",
     sigkill_leaves_traffic_to_the_kernel => "sigkill-fallback",
+    spoofed_and_malformed_flood_spares_the_legitimate_client => "flood",
 }
 
 scenarios! { socket:

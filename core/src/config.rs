@@ -114,6 +114,9 @@ pub struct Security {
     pub max_sessions_per_source: usize,
     /// Slots of each worker's per-source rate table (fixed memory).
     pub source_table_entries: usize,
+    /// New client flows per second each CPU's XDP program lets through to the
+    /// sockets (established flows are not counted); 0 turns the budget off.
+    pub new_flows_per_second: u32,
 }
 
 /// A next-hop MAC the operator pins instead of asking the kernel.
@@ -240,6 +243,7 @@ struct RawSecurity {
     global_bytes_per_second: Option<u64>,
     max_sessions_per_source: Option<Spanned<usize>>,
     source_table_entries: Option<Spanned<usize>>,
+    new_flows_per_second: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -270,6 +274,7 @@ struct PresetDefaults {
     max_sessions: usize,
     idle_timeout_secs: u64,
     max_sessions_per_source: usize,
+    new_flows_per_second: u32,
 }
 
 fn preset_defaults(preset: Option<Preset>) -> PresetDefaults {
@@ -281,6 +286,7 @@ fn preset_defaults(preset: Option<Preset>) -> PresetDefaults {
             max_sessions: 65_536,
             idle_timeout_secs: 120,
             max_sessions_per_source: 4096,
+            new_flows_per_second: 200_000,
         },
         Some(Preset::Secure) => PresetDefaults {
             wait: WaitMode::Event,
@@ -289,6 +295,7 @@ fn preset_defaults(preset: Option<Preset>) -> PresetDefaults {
             max_sessions: 16_384,
             idle_timeout_secs: 60,
             max_sessions_per_source: 64,
+            new_flows_per_second: 20_000,
         },
         None => PresetDefaults {
             wait: WaitMode::Event,
@@ -297,6 +304,7 @@ fn preset_defaults(preset: Option<Preset>) -> PresetDefaults {
             max_sessions: 65_536,
             idle_timeout_secs: 120,
             max_sessions_per_source: 1024,
+            new_flows_per_second: 100_000,
         },
     }
 }
@@ -495,6 +503,7 @@ impl RawConfig {
                     &at,
                 )?,
                 source_table_entries: positive(self.security.source_table_entries, DEFAULT_SOURCE_TABLE, &at)?,
+                new_flows_per_second: self.security.new_flows_per_second.unwrap_or(defaults.new_flows_per_second),
             },
             routes,
             neighbors,

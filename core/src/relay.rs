@@ -13,6 +13,9 @@ use crate::session::{AdmitError, FlowKey, IfaceId, Session, SessionTable};
 use crate::time::Millis;
 use crate::wire::{MacAddr, Rewrite, UdpFrame};
 
+/// Admissions remembered between two drains by the worker (more than a burst's worth).
+const ADMITTED_BACKLOG: usize = 1024;
+
 /// What to do with a frame after [`Relay::handle`] rewrote it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -85,6 +88,8 @@ pub struct Relay {
     global_limit: Limit,
     global_tokens: TokenPair,
     source_limiter: SourceLimiter,
+    /// Flows admitted since the worker last drained them (it registers them with XDP).
+    admitted: Vec<FlowKey>,
     /// Live sessions per client address; holds only addresses with sessions, so it is bounded by the table.
     sessions_per_source: HashMap<IpAddr, u32, ahash::RandomState>,
     max_sessions_per_source: usize,
@@ -106,6 +111,7 @@ impl Relay {
             source_limiter: SourceLimiter::new(settings.source_table_entries),
             sessions_per_source: HashMap::with_capacity_and_hasher(settings.max_sessions, ahash::RandomState::new()),
             max_sessions_per_source: settings.max_sessions_per_source,
+            admitted: Vec::with_capacity(ADMITTED_BACKLOG),
             counters,
         }
     }
@@ -128,6 +134,11 @@ impl Relay {
         if let Some(slot) = self.next_hops.get_mut(usize::from(upstream.0)) {
             *slot = hop;
         }
+    }
+
+    /// Flows admitted since the last call.
+    pub fn take_admitted(&mut self) -> std::vec::Drain<'_, FlowKey> {
+        self.admitted.drain(..)
     }
 
     /// Upstreams a packet needed but could not reach since the last call.
@@ -312,6 +323,10 @@ impl Relay {
             AdmitError::PortsExhausted => DropReason::NatPortsExhausted,
         })?;
         *self.sessions_per_source.entry(flow.client.ip()).or_insert(0) += 1;
+        // Bounded so the hot path never allocates; a flow past it only meets the XDP new-flow budget.
+        if self.admitted.len() < ADMITTED_BACKLOG {
+            self.admitted.push(flow);
+        }
         self.counters.sessions_created.add(1);
         self.counters.sessions_active.set(self.sessions.len() as u64);
         Ok(())

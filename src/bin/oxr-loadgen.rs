@@ -54,6 +54,20 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         rate: u64,
     },
+    /// Flood `dst` for `seconds` with spoofed sources, malformed frames, fragments and oversize datagrams.
+    Flood {
+        #[arg(long)]
+        interface: String,
+        #[arg(long)]
+        dst: SocketAddr,
+        #[arg(long)]
+        dst_mac: String,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Distinct spoofed source addresses (taken from 10.128.0.0/9).
+        #[arg(long, default_value_t = 200_000)]
+        sources: u32,
+    },
     /// Echo every datagram to `listen` back to its sender until SIGTERM.
     Reflect {
         #[arg(long)]
@@ -73,10 +87,10 @@ struct Port {
 impl Port {
     fn open(interface: &str, listen: SocketAddr) -> anyhow::Result<(Self, IfaceInfo)> {
         let info = IfaceInfo::lookup(interface)?;
-        let mut program = XdpProgram::load()?;
+        let mut program = XdpProgram::load(1)?;
         program.add_listen(listen)?;
         // Keep the NAT range empty so only `listen` is taken.
-        program.set_nat_ports(1, 0)?;
+        program.configure(1, 0, 0)?;
         program.attach(info.index, XdpMode::Auto)?;
         let pool = FramePool::new(FRAMES, 2048, false)?;
         let socket = QueueSocket::bind(&pool, interface, 0)?;
@@ -91,6 +105,9 @@ fn main() -> anyhow::Result<()> {
             generate(&interface, src, dst, &dst_mac, count, size, rate)
         }
         Command::Reflect { interface, listen } => reflect(&interface, listen),
+        Command::Flood { interface, dst, dst_mac, seconds, sources } => {
+            flood(&interface, dst, &dst_mac, seconds, sources)
+        }
     }
 }
 
@@ -237,6 +254,95 @@ fn reflect(interface: &str, listen: SocketAddr) -> anyhow::Result<()> {
         }
     }
     println!("{}", json!({ "reflected": reflected, "wakeups": wakeups, "cpu_seconds": cpu_seconds() }));
+    Ok(())
+}
+
+/// The kinds of flood frame, in the order they rotate (weights by repetition).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FloodKind {
+    Spoofed,
+    Oversize,
+    BadUdpLength,
+    Fragment,
+    IpOptions,
+}
+
+const FLOOD_MIX: [FloodKind; 10] = [
+    FloodKind::Spoofed,
+    FloodKind::Spoofed,
+    FloodKind::Spoofed,
+    FloodKind::Spoofed,
+    FloodKind::Oversize,
+    FloodKind::Oversize,
+    FloodKind::BadUdpLength,
+    FloodKind::Fragment,
+    FloodKind::Fragment,
+    FloodKind::IpOptions,
+];
+
+fn flood(interface: &str, dst: SocketAddr, dst_mac: &str, seconds: u64, sources: u32) -> anyhow::Result<()> {
+    let dst_mac = parse_mac(dst_mac).context("--dst-mac is not a MAC address")?;
+    // Listen on an address nobody answers: the flooder only sends.
+    let (mut port, info) = Port::open(interface, "10.255.255.254:9".parse()?)?;
+    let small = udp_frame(info.mac, dst_mac, "10.128.0.1:1024".parse()?, dst, &[0x41; 64]);
+    let large = udp_frame(info.mac, dst_mac, "10.128.0.1:1024".parse()?, dst, &[0x42; 1472]);
+    // IHL 6 with one 4-byte option (four NOPs) before the UDP header.
+    let mut with_options = small.clone();
+    with_options.splice(34..34, [1, 1, 1, 1]);
+    with_options[14] = 0x46;
+    let total = u16::from_be_bytes([with_options[16], with_options[17]]) + 4;
+    with_options[16..18].copy_from_slice(&total.to_be_bytes());
+    let mut sent = [0u64; 5];
+    let mut batch = vec![FrameDesc::default(); BATCH];
+    let mut outgoing = Vec::with_capacity(BATCH);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut counter = 0u64;
+    while Instant::now() < deadline {
+        port.socket.reclaim(&mut port.pool, &mut batch);
+        outgoing.clear();
+        while outgoing.len() < BATCH {
+            let Some(mut desc) = port.pool.take() else { break };
+            let kind = FLOOD_MIX[(counter % FLOOD_MIX.len() as u64) as usize];
+            let source = 0x0a80_0000 + (counter as u32 % sources.max(1));
+            let mut data = port.pool.packet_mut(&mut desc);
+            let mut cursor = data.cursor();
+            cursor.set_pos(0);
+            let (template, l4) = match kind {
+                FloodKind::Oversize => (&large, 34),
+                FloodKind::IpOptions => (&with_options, 38),
+                _ => (&small, 34),
+            };
+            std::io::Write::write_all(&mut cursor, template)?;
+            let frame = data.contents_mut();
+            frame[26..30].copy_from_slice(&source.to_be_bytes());
+            frame[l4..l4 + 2].copy_from_slice(&(1024 + (counter % 60_000) as u16).to_be_bytes());
+            frame[l4 + 6..l4 + 8].copy_from_slice(&[0, 0]); // no UDP checksum
+            match kind {
+                FloodKind::BadUdpLength => frame[38..40].copy_from_slice(&1400u16.to_be_bytes()),
+                FloodKind::Fragment => frame[20] = 0x20,
+                _ => {}
+            }
+            frame[24..26].copy_from_slice(&[0, 0]);
+            let header = oxidize_relay_core::checksum::checksum(&frame[14..l4]);
+            frame[24..26].copy_from_slice(&header.to_be_bytes());
+            sent[kind as usize] += 1;
+            counter += 1;
+            outgoing.push(desc);
+        }
+        let produced = port.socket.transmit(&outgoing);
+        for desc in outgoing.drain(produced..) {
+            port.pool.release(desc);
+        }
+        port.socket.wake_tx_if_needed();
+    }
+    println!(
+        "{}",
+        json!({
+            "spoofed": sent[0], "oversize": sent[1], "bad_udp_length": sent[2], "fragment": sent[3],
+            "ip_options": sent[4], "total": sent.iter().sum::<u64>(), "seconds": seconds,
+            "distinct_sources": u64::from(sources).min(sent[0] + sent[1]),
+        })
+    );
     Ok(())
 }
 

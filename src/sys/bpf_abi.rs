@@ -33,7 +33,37 @@ const _: () = assert!(size_of::<AddrKey>() == 20);
 pub struct RelayConfig {
     pub nat_port_first: u16,
     pub nat_port_last: u16,
-    pub pad: u32,
+    /// Per CPU; 0 turns the new-flow budget off.
+    pub new_flows_per_second: u32,
+}
+
+/// `struct flow_key`: a client flow with a live session.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlowKey {
+    pub family: u8,
+    pub pad: u8,
+    /// Network byte order.
+    pub src_port_be: u16,
+    /// Network byte order.
+    pub dst_port_be: u16,
+    pub pad2: u16,
+    pub src_addr: [u8; 16],
+}
+const _: () = assert!(size_of::<FlowKey>() == 24);
+
+impl FlowKey {
+    pub fn new(client: SocketAddr, listen_port: u16) -> Self {
+        let AddrKey { family, addr, .. } = AddrKey::new(client.ip());
+        FlowKey {
+            family,
+            pad: 0,
+            src_port_be: client.port().to_be(),
+            dst_port_be: listen_port.to_be(),
+            pad2: 0,
+            src_addr: addr,
+        }
+    }
 }
 const _: () = assert!(size_of::<RelayConfig>() == 8);
 
@@ -75,10 +105,11 @@ pub enum XdpCounter {
     DropBadUdpLength,
     DropIpOptions,
     DropFragment,
+    DropNewFlowBudget,
 }
 
 impl XdpCounter {
-    pub const ALL: [XdpCounter; 10] = [
+    pub const ALL: [XdpCounter; 11] = [
         XdpCounter::PassNotIp,
         XdpCounter::PassNotUdp,
         XdpCounter::PassOtherPort,
@@ -89,6 +120,7 @@ impl XdpCounter {
         XdpCounter::DropBadUdpLength,
         XdpCounter::DropIpOptions,
         XdpCounter::DropFragment,
+        XdpCounter::DropNewFlowBudget,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -103,6 +135,7 @@ impl XdpCounter {
             XdpCounter::DropBadUdpLength => "drop_bad_udp_length",
             XdpCounter::DropIpOptions => "drop_ip_options",
             XdpCounter::DropFragment => "drop_fragment",
+            XdpCounter::DropNewFlowBudget => "drop_new_flow_budget",
         }
     }
 }

@@ -9,7 +9,7 @@ use std::ptr::NonNull;
 use libbpf_sys as bpf;
 use oxidize_relay_core::config::XdpMode;
 
-use super::bpf_abi::{AddrKey, EndpointKey, RelayConfig, XdpCounter};
+use super::bpf_abi::{AddrKey, EndpointKey, FlowKey, RelayConfig, XdpCounter};
 
 /// The compiled program, built by build.rs.
 static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/relay.bpf.o"));
@@ -76,6 +76,7 @@ pub struct XdpProgram {
     nat_addrs: RawFd,
     relay_config: RawFd,
     stats: RawFd,
+    flows: RawFd,
     /// The XDP link: closing it detaches the program, also when the process dies.
     link: Option<OwnedFd>,
 }
@@ -85,8 +86,9 @@ pub struct XdpProgram {
 unsafe impl Send for XdpProgram {}
 
 impl XdpProgram {
-    /// Opens and loads the embedded object into the kernel (maps created, program verified).
-    pub fn load() -> Result<Self, XdpError> {
+    /// Opens and loads the embedded object into the kernel (maps created, program
+    /// verified), with room for `max_flows` established client flows.
+    pub fn load(max_flows: u32) -> Result<Self, XdpError> {
         // SAFETY: OBJECT is a valid, 'static ELF buffer; a null opts pointer selects defaults.
         let raw = unsafe { bpf::bpf_object__open_mem(OBJECT.as_ptr().cast(), OBJECT.len() as _, std::ptr::null()) };
         let object = NonNull::new(raw).ok_or_else(|| XdpError::Open(io::Error::last_os_error()))?;
@@ -99,8 +101,19 @@ impl XdpProgram {
             nat_addrs: -1,
             relay_config: -1,
             stats: -1,
+            flows: -1,
             link: None,
         };
+        // SAFETY: object is open and not loaded yet, so its maps may still be resized; the name is NUL-terminated.
+        let flows = unsafe { bpf::bpf_object__find_map_by_name(object.as_ptr(), c"flows".as_ptr()) };
+        if flows.is_null() {
+            return Err(XdpError::Missing("flows"));
+        }
+        // SAFETY: flows is a map of the open object, before load.
+        let err = unsafe { bpf::bpf_map__set_max_entries(flows, max_flows.max(1)) };
+        if err != 0 {
+            return Err(XdpError::Load(io::Error::from_raw_os_error(-err)));
+        }
         // SAFETY: object is a live bpf_object from open_mem.
         let err = unsafe { bpf::bpf_object__load(object.as_ptr()) };
         if err != 0 {
@@ -118,6 +131,7 @@ impl XdpProgram {
         program.nat_addrs = program.map_fd(c"nat_addrs")?;
         program.relay_config = program.map_fd(c"relay_config_map")?;
         program.stats = program.map_fd(c"xdp_stats")?;
+        program.flows = program.map_fd(c"flows")?;
         Ok(program)
     }
 
@@ -151,13 +165,15 @@ impl XdpProgram {
         update(self.nat_addrs, "nat_addrs", &AddrKey::new(ip), &1u8)
     }
 
-    pub fn set_nat_ports(&self, first: u16, last: u16) -> Result<(), XdpError> {
-        update(
-            self.relay_config,
-            "relay_config_map",
-            &0u32,
-            &RelayConfig { nat_port_first: first, nat_port_last: last, pad: 0 },
-        )
+    /// Sets the NAT port range and the per-CPU budget of new client flows per second (0 = none).
+    pub fn configure(&self, nat_first: u16, nat_last: u16, new_flows_per_second: u32) -> Result<(), XdpError> {
+        let config = RelayConfig { nat_port_first: nat_first, nat_port_last: nat_last, new_flows_per_second };
+        update(self.relay_config, "relay_config_map", &0u32, &config)
+    }
+
+    /// A handle on the established-flows map for a worker thread.
+    pub fn flow_map(&self) -> FlowMap {
+        FlowMap { fd: self.flows }
     }
 
     /// Puts an AF_XDP socket into the slot of `queue`.
@@ -250,6 +266,27 @@ impl Drop for XdpProgram {
         self.link = None;
         // SAFETY: object came from bpf_object__open_mem and is closed exactly once, here.
         unsafe { bpf::bpf_object__close(self.object.as_ptr()) };
+    }
+}
+
+/// The established-flows map of one program, as workers see it. Valid while its
+/// [`XdpProgram`] lives: the relay joins its workers before dropping programs.
+#[derive(Debug, Clone, Copy)]
+pub struct FlowMap {
+    fd: RawFd,
+}
+
+impl FlowMap {
+    /// Marks a client flow as established (one syscall per new session).
+    pub fn insert(&self, client: SocketAddr, listen_port: u16) -> Result<(), XdpError> {
+        update(self.fd, "flows", &FlowKey::new(client, listen_port), &1u8)
+    }
+
+    /// Forgets a flow whose session expired.
+    pub fn remove(&self, client: SocketAddr, listen_port: u16) {
+        let key = FlowKey::new(client, listen_port);
+        // SAFETY: key is a #[repr(C)] FlowKey matching the map's key size; a missing key is fine.
+        unsafe { bpf::bpf_map_delete_elem(self.fd, (&raw const key).cast()) };
     }
 }
 

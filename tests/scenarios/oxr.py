@@ -35,10 +35,10 @@ class Topology:
     two_arm: client <-> relay (client side), relay (upstream side) <-> upstream.
     """
 
-    def __init__(self, prefix, arm="two_arm", ipv6=False):
-        assert arm in ("one_arm", "two_arm")
-        self.prefix, self.arm, self.ipv6 = prefix, arm, ipv6
-        self.ns = {role: f"{prefix}-{role}" for role in ("client", "relay", "upstream", "sw")}
+    def __init__(self, prefix, arm="two_arm", ipv6=False, attacker=False):
+        assert arm in ("one_arm", "two_arm") and not (attacker and arm != "one_arm")
+        self.prefix, self.arm, self.ipv6, self.attacker = prefix, arm, ipv6, attacker
+        self.ns = {role: f"{prefix}-{role}" for role in ("client", "relay", "upstream", "sw", "attacker")}
         self.processes = []
         self.workdir = tempfile.mkdtemp(prefix=f"{prefix}-")
         self._up = False
@@ -98,7 +98,7 @@ class Topology:
         return False
 
     def _create(self):
-        roles = ["client", "relay", "upstream"] + (["sw"] if self.arm == "one_arm" else [])
+        roles = ["client", "relay", "upstream"] + (["sw"] if self.arm == "one_arm" else []) + (["attacker"] if self.attacker else [])
         for role in roles:
             sh("ip", "netns", "add", self.ns[role])
             self.ip(role, "link", "set", "lo", "up")
@@ -107,7 +107,10 @@ class Topology:
         if self.arm == "one_arm":
             self.ip("sw", "link", "add", "br0", "type", "bridge")
             self.ip("sw", "link", "set", "br0", "up")
-            for role, dev, peer, host in (("client", "c0", "swc", 2), ("relay", "rc0", "swr", 1), ("upstream", "u0", "swu", 3)):
+            hosts = [("client", "c0", "swc", 2), ("relay", "rc0", "swr", 1), ("upstream", "u0", "swu", 3)]
+            if self.attacker:
+                hosts.append(("attacker", "a0", "swa", 66))
+            for role, dev, peer, host in hosts:
                 self.ip("sw", "link", "add", peer, "type", "veth", "peer", "name", dev, "netns", self.ns[role])
                 self.ip("sw", "link", "set", peer, "master", "br0", "up")
                 self._address(role, dev, self._addr(1, host), plen)
@@ -141,8 +144,10 @@ class Topology:
                 proc.wait()
         self.processes.clear()
         if self._up:
+            existing = sh("ip", "netns", "list", check=False)
             for name in self.ns.values():
-                sh("ip", "netns", "del", name, check=False)
+                if name in existing:
+                    sh("ip", "netns", "del", name, check=False)
             self._up = False
         shutil.rmtree(self.workdir, ignore_errors=True)
 

@@ -17,7 +17,7 @@ from oxr import NAT_PORTS, Relay, Topology, metric, relay_config, scrape, stop_p
 
 SCENARIOS = {}
 # Scenarios that only make sense for one backend.
-AF_XDP_ONLY = {"sigkill-fallback"}
+AF_XDP_ONLY = {"sigkill-fallback", "flood"}
 
 
 def scenario(name):
@@ -267,6 +267,74 @@ def l3_interface_fallback(binary, prefix, backend):
         expect(report["received"] == 2000 and report["corrupt"] == 0, "and relays")
         stop_peer(echo)
         finish(topo, relay)
+
+
+@scenario("flood")
+def flood(binary, prefix, backend):
+    """A steady client keeps working while another host floods the relay with spoofed sources,
+    malformed frames, fragments and oversize datagrams at full speed; memory and the session table stay bounded."""
+    max_sessions = 2000
+    with Topology(prefix, arm="one_arm", attacker=True) as topo:
+        echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream)
+        config = relay_config(topo, backend).replace("[runtime]", f"""[security]
+max_sessions_per_source = 16
+new_flows_per_second = 5000
+
+[runtime]""").replace(f"idle_timeout_secs = 120", f"idle_timeout_secs = 120\nmax_sessions = {max_sessions}")
+        relay = Relay(topo, binary, config).start()
+        legit = topo.endpoint(topo.client_ip, 41000)
+        warm = topo.peer("client", "client", "--to", topo.listen, "--bind", legit, "--count", "100")
+        expect(warm["received"] == 100, "the legitimate client's session is up before the flood")
+        rss_before = rss_kib(relay.proc.pid)
+        relay_mac = topo.exec("relay", "cat", "/sys/class/net/rc0/address").strip()
+        loadgen = os.path.join(os.path.dirname(binary), "oxr-loadgen")
+        attacker = topo.spawn("attacker", loadgen, "flood", "--interface", "a0", "--dst", topo.listen,
+                              "--dst-mac", relay_mac, "--seconds", "8", "--sources", "200000")
+        time.sleep(1)
+        steady = topo.spawn("client", sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer.py"),
+                            "client", "--to", topo.listen, "--bind", legit, "--count", "3000", "--window", "4")
+        peak_sessions = 0
+        while attacker.poll() is None:
+            peak_sessions = max(peak_sessions, relay.stats()["sessions_active"])
+            time.sleep(0.1)
+        flood_report = json.loads(attacker.communicate()[0].strip().splitlines()[-1])
+        legit_report = json.loads(steady.communicate(timeout=120)[0].strip().splitlines()[-1])
+        print(f"  flood: {flood_report}")
+        print(f"  legitimate client: {legit_report}")
+        stats = relay.wait_stats(lambda s: True)
+        rss_after = rss_kib(relay.proc.pid)
+        drops = {k: v for k, v in stats["drops"].items() if v}
+        xdp = {n: c for i in stats["interfaces"].values() for n, c in i["xdp_counters"].items() if c}
+        print(f"  relay drops: {drops}\n  xdp: {xdp}\n  RSS {rss_before} KiB -> {rss_after} KiB, peak sessions {peak_sessions}")
+        expect(relay.proc.poll() is None, "the relay stayed up")
+        expect(flood_report["distinct_sources"] >= 100_000, f"{flood_report['distinct_sources']} distinct spoofed sources")
+        lost = legit_report["first_try_lost"] / max(1, legit_report["sent"])
+        expect(legit_report["received"] == legit_report["sent"] and legit_report["corrupt"] == 0, "every legitimate datagram arrived")
+        expect(lost <= 0.01, f"the legitimate client lost {100 * lost:.2f}% on first try (at most 1%)")
+        expect(rss_after - rss_before <= 16 * 1024, f"memory stayed flat ({rss_after - rss_before:+} KiB)")
+        expect(peak_sessions <= max_sessions and stats["sessions_active"] <= max_sessions, f"sessions never exceeded the cap of {max_sessions}")
+        expect(xdp.get("drop_bad_udp_length", 0) > 0 and xdp.get("drop_fragment", 0) > 0 and xdp.get("drop_ip_options", 0) > 0,
+               "XDP dropped the malformed frames and fragments by reason")
+        refused = sum(stats["drops"][r] for r in ("session_table_full", "source_session_limit", "rate_limited_source"))
+        shed = xdp.get("drop_new_flow_budget", 0)
+        accounted = shed + refused + sum(xdp.get(k, 0) for k in ("drop_bad_udp_length", "drop_fragment", "drop_ip_options"))
+        expect(shed > 0 and refused > 0, f"spoofed flows were shed in XDP ({shed}) and refused by the core ({refused})")
+        # The mix is 6 spoofed : 2 fragments : 1 bad length : 1 options. Whatever share of each kind the
+        # veth let through, every frame that reached the relay must sit under its own reason in that ratio.
+        fragments = xdp["drop_fragment"]
+        spoofed_seen = shed + xdp.get("redirect_listen", 0) - legit_report["sent"] - warm["sent"]
+        for name, seen, parts in (("bad UDP length", xdp["drop_bad_udp_length"], 1), ("IP options", xdp["drop_ip_options"], 1),
+                                  ("spoofed (shed in XDP or handed to the core)", spoofed_seen, 6)):
+            expect(abs(seen - fragments * parts / 2) <= 0.05 * fragments * parts / 2,
+                   f"{name}: {seen} counted, in proportion to {fragments} fragments")
+        print(f"  {accounted} flood frames dropped by reason; {flood_report['total'] - sum(xdp.values())} never reached the relay (veth/bridge queues)")
+        stop_peer(echo)
+        finish(topo, relay)
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
 # For a relay run by someone else (the NixOS module in the VM tests): make the
