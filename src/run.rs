@@ -20,6 +20,7 @@ use crate::nexthop::NextHopResolver;
 use crate::probe::{self, HostReport};
 use crate::socket_worker::{SocketSetupError, SocketWorker, SocketWorkerParts};
 use crate::stats::Totals;
+use crate::sys;
 use crate::sys::bpf_abi::XdpCounter;
 use crate::sys::iface::{IfaceError, IfaceInfo};
 use crate::sys::netlink::{NetlinkError, RouteSocket};
@@ -51,6 +52,8 @@ pub enum SetupError {
     Metrics(#[from] MetricsError),
     #[error("interface {interface} has {available} RX queues but the config asks for {wanted}")]
     Queues { interface: String, available: u32, wanted: u32 },
+    #[error("dropping capabilities after setup failed")]
+    DropCapabilities(#[source] std::io::Error),
     #[error("registering signal handlers failed")]
     Signals(#[source] std::io::Error),
     #[error("spawning worker thread {worker} failed")]
@@ -104,10 +107,6 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
         signal_hook::flag::register(signal, stop.clone()).map_err(SetupError::Signals)?;
     }
     let (mode, report) = probe::resolve_mode(&config).map_err(SetupError::Mode)?;
-    if let Some(listen) = config.metrics_listen {
-        metrics::install(listen)?;
-        tracing::info!(%listen, "Prometheus metrics at http://{listen}/metrics");
-    }
     let routes = Arc::new(RouteTable::new(&config.routes));
     let (unresolved_tx, unresolved_rx) = mpsc::channel();
     let shared =
@@ -117,6 +116,15 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
         Mode::AfXdp | Mode::Auto => af_xdp_backend(&config, &report, &shared)?,
     };
     drop(shared);
+
+    // Everything privileged is done: programs attached, sockets bound, map fds open.
+    // Drop every capability before any other thread exists (capabilities are per thread).
+    sys::caps::drop_all().map_err(SetupError::DropCapabilities)?;
+    tracing::info!("setup done; all capabilities dropped");
+    if let Some(listen) = config.metrics_listen {
+        metrics::install(listen)?;
+        tracing::info!(%listen, "Prometheus metrics at http://{listen}/metrics");
+    }
 
     let mut resolver = NextHopResolver::new(
         RouteSocket::open()?,

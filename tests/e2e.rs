@@ -75,6 +75,7 @@ scenarios! { af_xdp:
     tcp_to_the_relay_host_works_while_attached => "tcp-coexistence",
     sigkill_leaves_traffic_to_the_kernel => "sigkill-fallback",
     spoofed_and_malformed_flood_spares_the_legitimate_client => "flood",
+    runs_unprivileged_and_drops_capabilities => "least-privilege",
 }
 
 scenarios! { socket:
@@ -85,6 +86,7 @@ scenarios! { socket:
     thousand_clients_get_only_their_own_replies => "many-clients",
     idle_sessions_expire => "session-expiry",
     tcp_to_the_relay_host_works_while_attached => "tcp-coexistence",
+    runs_unprivileged_and_drops_capabilities => "least-privilege",
 }
 
 /// Detection: auto falls back to sockets without capabilities or on an interface AF_XDP cannot serve.

@@ -3,6 +3,7 @@
 //! the project lives under this module.
 
 pub mod bpf_abi;
+pub mod caps;
 pub mod iface;
 pub mod netlink;
 pub mod udp;

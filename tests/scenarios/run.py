@@ -337,6 +337,42 @@ def rss_kib(pid):
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
+def capabilities(pid):
+    """CapPrm|CapEff of every thread of `pid`, as integers."""
+    values = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if line.startswith(("CapEff", "CapPrm")))
+        values.append(int(fields["CapEff"], 16) | int(fields["CapPrm"], 16))
+    return values
+
+
+@scenario("least-privilege")
+def least_privilege(binary, prefix, backend):
+    """After setup no thread keeps a capability; the relay runs as a non-root user given only what AF_XDP needs."""
+    with Topology(prefix, arm="two_arm") as topo:
+        echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream)
+        as_root = start_relay(topo, binary, backend)
+        expect(all(c == 0 for c in capabilities(as_root.proc.pid)), "started as root, every thread runs with no capabilities")
+        report = topo.peer("client", "client", "--to", topo.listen, "--count", "2000")
+        expect(report["received"] == 2000, "and relays")
+        finish(topo, as_root)
+
+        os.chmod(topo.workdir, 0o777)
+        needed = "cap_net_admin,cap_net_raw,cap_bpf,cap_perfmon,cap_ipc_lock"
+        capsh = ["capsh", f"--caps={needed},cap_setuid,cap_setgid,cap_setpcap+eip", "--keep=1", "--user=nobody",
+                 f"--addamb={needed}", "--", "-c", 'exec "$0" "$@"']
+        unprivileged = Relay(topo, binary, relay_config(topo, backend), wrapper=capsh).start()
+        uid = next(l.split()[1] for l in open(f"/proc/{unprivileged.proc.pid}/status") if l.startswith("Uid:"))
+        expect(uid != "0", f"a non-root user (uid {uid}) with {needed} runs the relay")
+        expect(unprivileged.stats()["backend"] == backend, f"on the {backend} backend")
+        expect(all(c == 0 for c in capabilities(unprivileged.proc.pid)), "and drops them after setup")
+        report = topo.peer("client", "client", "--to", topo.listen, "--count", "2000")
+        expect(report["received"] == 2000 and report["corrupt"] == 0, "and relays")
+        stop_peer(echo)
+        finish(topo, unprivileged)
+
+
 # For a relay run by someone else (the NixOS module in the VM tests): make the
 # two-arm topology and leave it, check traffic through it, take it down.
 @scenario("topology-up")
