@@ -11,7 +11,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use oxidize_relay::sys::xsk::FramePool;
 
 fn benches(c: &mut Criterion) {
-    let mut pool = match FramePool::new(4096, 2048, false) {
+    let mut pool = match FramePool::new(4096, 2048, false, 1) {
         Ok(pool) => pool,
         Err(error) => {
             eprintln!("SKIPPED frame_pool benches: creating a UMEM failed ({error}); run as root");
@@ -20,7 +20,7 @@ fn benches(c: &mut Criterion) {
     };
     c.bench_function("frame_pool/take_release", |b| {
         b.iter(|| {
-            let frame = pool.take().expect("a free frame");
+            let frame = pool.take(0).expect("a free frame");
             pool.release(black_box(frame));
         })
     });
@@ -29,7 +29,7 @@ fn benches(c: &mut Criterion) {
     group.throughput(Throughput::Elements(64));
     group.bench_function("take_release_burst64", |b| {
         b.iter(|| {
-            burst.extend((0..64).filter_map(|_| pool.take()));
+            burst.extend((0..64).filter_map(|_| pool.take(0)));
             for frame in burst.drain(..) {
                 pool.release(black_box(frame));
             }

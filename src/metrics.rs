@@ -7,7 +7,7 @@ use std::sync::Arc;
 use metrics::{counter, gauge};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use oxidize_relay_core::DropReason;
-use oxidize_relay_core::counters::Counters;
+use oxidize_relay_core::counters::{Counters, pool_name};
 
 use crate::sys::bpf_abi::XdpCounter;
 
@@ -24,6 +24,9 @@ pub const NAMES: &[&str] = &[
     SESSIONS_REFUSED,
     POOL_FRAMES_IN_USE,
     POOL_FRAMES,
+    POOL_ALLOCS,
+    POOL_FREES,
+    POOL_FAILURES,
     WAKEUPS,
     NEIGHBOR_RESOLUTIONS,
     XDP_PACKETS,
@@ -43,6 +46,9 @@ pub const SESSIONS_EXPIRED: &str = "oxidize_relay_sessions_expired_total";
 pub const SESSIONS_REFUSED: &str = "oxidize_relay_sessions_refused_total";
 pub const POOL_FRAMES_IN_USE: &str = "oxidize_relay_pool_frames_in_use";
 pub const POOL_FRAMES: &str = "oxidize_relay_pool_frames";
+pub const POOL_ALLOCS: &str = "oxidize_relay_pool_allocs_total";
+pub const POOL_FREES: &str = "oxidize_relay_pool_frees_total";
+pub const POOL_FAILURES: &str = "oxidize_relay_pool_failures_total";
 pub const WAKEUPS: &str = "oxidize_relay_wakeups_total";
 pub const NEIGHBOR_RESOLUTIONS: &str = "oxidize_relay_neighbor_resolutions_total";
 pub const XDP_PACKETS: &str = "oxidize_relay_xdp_packets_total";
@@ -90,8 +96,15 @@ pub fn publish(workers: &[Arc<Counters>], xdp: &[(String, Option<[u64; XdpCounte
         gauge!(SESSIONS_ACTIVE, "worker" => worker.clone()).set(c.sessions_active.get() as f64);
         counter!(SESSIONS_CREATED, "worker" => worker.clone()).absolute(c.sessions_created.get());
         counter!(SESSIONS_EXPIRED, "worker" => worker.clone()).absolute(c.sessions_expired.get());
-        gauge!(POOL_FRAMES_IN_USE, "worker" => worker.clone(), "pool" => "umem").set(c.pool_in_use.get() as f64);
-        gauge!(POOL_FRAMES, "worker" => worker.clone(), "pool" => "umem").set(c.pool_capacity.get() as f64);
+        let domains = c.pool_domains.get() as usize;
+        for (index, pool) in c.pools.iter().enumerate().take(domains) {
+            let name = pool_name(index, domains);
+            gauge!(POOL_FRAMES_IN_USE, "worker" => worker.clone(), "pool" => name).set(pool.in_use.get() as f64);
+            gauge!(POOL_FRAMES, "worker" => worker.clone(), "pool" => name).set(pool.capacity.get() as f64);
+            counter!(POOL_ALLOCS, "worker" => worker.clone(), "pool" => name).absolute(pool.allocs.get());
+            counter!(POOL_FREES, "worker" => worker.clone(), "pool" => name).absolute(pool.frees.get());
+            counter!(POOL_FAILURES, "worker" => worker.clone(), "pool" => name).absolute(pool.failures.get());
+        }
         counter!(WAKEUPS, "worker" => worker).absolute(c.wakeups.get());
     }
     for (interface, counters) in xdp {

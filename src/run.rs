@@ -9,7 +9,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use oxidize_relay_core::config::{Config, Mode};
+use oxidize_relay_core::config::{Config, InterfaceRole, Mode};
 use oxidize_relay_core::counters::Counters;
 use oxidize_relay_core::route::{RouteTable, UpstreamId};
 use oxidize_relay_core::{NextHop, Relay, RelaySettings};
@@ -225,7 +225,15 @@ fn af_xdp_backend(config: &Config, report: &HostReport, shared: &WorkerShared) -
         updates: Vec::new(),
     };
     for queue in 0..queues {
-        let pool = FramePool::new(config.pool.frames_per_worker, config.pool.frame_size, config.pool.hugepages)?;
+        // Two-arm relays keep client-facing and upstream-facing frames apart; one-arm shares one domain.
+        let separate = config.interfaces.iter().all(|i| i.role != InterfaceRole::Both);
+        let domain_of = |role: InterfaceRole| usize::from(separate && role == InterfaceRole::Upstream);
+        let pool = FramePool::new(
+            config.pool.frames_per_worker,
+            config.pool.frame_size,
+            config.pool.hugepages,
+            if separate { 2 } else { 1 },
+        )?;
         if config.pool.hugepages && !pool.hugepages {
             tracing::warn!(
                 worker = queue,
@@ -233,8 +241,8 @@ fn af_xdp_backend(config: &Config, report: &HostReport, shared: &WorkerShared) -
             );
         }
         let mut sockets = Vec::new();
-        for a in &attached {
-            let socket = QueueSocket::bind(&pool, &a.info.name, queue)?;
+        for (a, interface) in attached.iter().zip(&config.interfaces) {
+            let socket = QueueSocket::bind(&pool, &a.info.name, queue, domain_of(interface.role))?;
             a.program.register_socket(queue, socket.fd())?;
             tracing::info!(interface = %a.info.name, queue, zero_copy = socket.zero_copy, hugepages = pool.hugepages, "AF_XDP socket bound");
             sockets.push(socket);

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use oxidize_relay_core::DropReason;
-use oxidize_relay_core::counters::Counters;
+use oxidize_relay_core::counters::{Counters, pool_name};
 use serde_json::{Map, Value, json};
 
 use crate::sys::bpf_abi::XdpCounter;
@@ -20,8 +20,8 @@ pub struct Totals {
     pub sessions_created: u64,
     pub sessions_expired: u64,
     pub sessions_active: u64,
-    pub pool_in_use: u64,
-    pub pool_capacity: u64,
+    /// Per pool domain name: (in use, capacity, allocs, frees, failures).
+    pub pools: std::collections::BTreeMap<&'static str, [u64; 5]>,
     pub wakeups: u64,
 }
 
@@ -39,8 +39,15 @@ impl Totals {
             totals.sessions_created += c.sessions_created.get();
             totals.sessions_expired += c.sessions_expired.get();
             totals.sessions_active += c.sessions_active.get();
-            totals.pool_in_use += c.pool_in_use.get();
-            totals.pool_capacity += c.pool_capacity.get();
+            let domains = c.pool_domains.get() as usize;
+            for (index, pool) in c.pools.iter().enumerate().take(domains) {
+                let entry = totals.pools.entry(pool_name(index, domains)).or_default();
+                for (total, counter) in
+                    entry.iter_mut().zip([&pool.in_use, &pool.capacity, &pool.allocs, &pool.frees, &pool.failures])
+                {
+                    *total += counter.get();
+                }
+            }
             totals.wakeups += c.wakeups.get();
         }
         totals
@@ -98,8 +105,11 @@ impl Totals {
             "sessions_created": self.sessions_created,
             "sessions_expired": self.sessions_expired,
             "sessions_active": self.sessions_active,
-            "pool_in_use": self.pool_in_use,
-            "pool_capacity": self.pool_capacity,
+            "pools": self.pools.iter().map(|(name, [in_use, capacity, allocs, frees, failures])| {
+                ((*name).to_owned(), json!({
+                    "in_use": in_use, "capacity": capacity, "allocs": allocs, "frees": frees, "failures": failures,
+                }))
+            }).collect::<Map<String, Value>>(),
             "wakeups": self.wakeups,
             "interfaces": interfaces,
         });

@@ -51,9 +51,9 @@ impl Worker {
         let mut tx_batches: Vec<Vec<FrameDesc>> =
             self.sockets.iter().map(|_| Vec::with_capacity(self.batch_size * self.sockets.len())).collect();
         let fds: Vec<_> = self.sockets.iter().map(QueueSocket::fd).collect();
-        self.counters.pool_capacity.set(self.pool.capacity() as u64);
-        // Split the frames between the fill rings so every interface can receive from the start.
-        let share = self.pool.capacity() / (2 * self.sockets.len());
+        self.counters.pool_domains.set(self.pool.domain_count() as u64);
+        // Half of each domain goes to the fill rings right away so every interface can receive.
+        let share = self.pool.capacity(0) / 2 / self.sockets.len().div_ceil(self.pool.domain_count());
         for socket in &mut self.sockets {
             socket.refill(&mut self.pool, share);
         }
@@ -80,7 +80,7 @@ impl Worker {
                 // The control thread may be gone during shutdown; nothing to do then.
                 let _ = self.unresolved.send(upstream);
             }
-            self.counters.pool_in_use.set(self.pool.in_use() as u64);
+            self.publish_pool();
             if received == 0 {
                 self.idle(&fds);
             }
@@ -157,6 +157,17 @@ impl Worker {
                     tracing::warn!(worker = self.id, %error, "poll on AF_XDP sockets failed");
                 }
             }
+        }
+    }
+
+    fn publish_pool(&self) {
+        for (index, counters) in self.counters.pools.iter().enumerate().take(self.pool.domain_count()) {
+            let stats = self.pool.stats(index);
+            counters.in_use.set(self.pool.in_use(index) as u64);
+            counters.capacity.set(self.pool.capacity(index) as u64);
+            counters.allocs.set(stats.allocs);
+            counters.frees.set(stats.frees);
+            counters.failures.set(stats.failures);
         }
     }
 

@@ -200,8 +200,8 @@ fn with_an_af_xdp_socket_in_the_map() {
         return;
     }
     // A real AF_XDP socket in slot 0 (bound to loopback; no program is attached anywhere).
-    let pool = FramePool::new(256, 2048, false).expect("UMEM");
-    let socket = QueueSocket::bind(&pool, "lo", 0).expect("AF_XDP socket on lo");
+    let pool = FramePool::new(256, 2048, false, 1).expect("UMEM");
+    let socket = QueueSocket::bind(&pool, "lo", 0, 0).expect("AF_XDP socket on lo");
     fixtures_redirect_only_relay_traffic(&socket);
     new_flow_budget_sheds_new_flows_but_never_established_ones(&socket);
 }

@@ -38,13 +38,38 @@ pub struct Counters {
     pub sessions_created: Counter,
     pub sessions_expired: Counter,
     pub sessions_active: Counter,
-    /// Frames currently owned by the kernel or in flight (fill, RX, TX rings).
-    pub pool_in_use: Counter,
-    pub pool_capacity: Counter,
+    /// Per frame-pool domain (client-facing, upstream-facing; one shared domain in one-arm).
+    pub pools: [PoolCounters; POOL_DOMAINS],
+    /// How many of `pools` are in use.
+    pub pool_domains: Counter,
     /// Wakeup syscalls (sendto/poll) issued by the worker.
     pub wakeups: Counter,
     /// Worker loop iterations: the control thread pings systemd's watchdog only while these advance.
     pub loops: Counter,
+}
+
+/// At most two frame-pool domains: client-facing and upstream-facing.
+pub const POOL_DOMAINS: usize = 2;
+
+/// One frame-pool domain's use and movements.
+#[derive(Debug, Default)]
+pub struct PoolCounters {
+    /// Frames owned by the kernel or in flight (fill, RX, TX rings).
+    pub in_use: Counter,
+    pub capacity: Counter,
+    pub allocs: Counter,
+    pub frees: Counter,
+    /// Refills that found the domain empty.
+    pub failures: Counter,
+}
+
+/// The label of pool domain `index` when `count` domains are in use.
+pub fn pool_name(index: usize, count: usize) -> &'static str {
+    match (count, index) {
+        (2, 0) => "client",
+        (2, _) => "upstream",
+        _ => "shared",
+    }
 }
 
 impl Counters {

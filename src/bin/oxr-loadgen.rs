@@ -92,8 +92,8 @@ impl Port {
         // Keep the NAT range empty so only `listen` is taken.
         program.configure(1, 0, 0)?;
         program.attach(info.index, XdpMode::Auto)?;
-        let pool = FramePool::new(FRAMES, 2048, false)?;
-        let socket = QueueSocket::bind(&pool, interface, 0)?;
+        let pool = FramePool::new(FRAMES, 2048, false, 1)?;
+        let socket = QueueSocket::bind(&pool, interface, 0, 0)?;
         program.register_socket(0, socket.fd())?;
         Ok((Port { _program: program, pool, socket }, info))
     }
@@ -149,7 +149,7 @@ fn generate(
         };
         outgoing.clear();
         while sent + (outgoing.len() as u64) < due && outgoing.len() < BATCH {
-            let Some(mut desc) = port.pool.take() else { break };
+            let Some(mut desc) = port.pool.take(0) else { break };
             let seq = sent + outgoing.len() as u64;
             let mut data = port.pool.packet_mut(&mut desc);
             let mut cursor = data.cursor();
@@ -301,7 +301,7 @@ fn flood(interface: &str, dst: SocketAddr, dst_mac: &str, seconds: u64, sources:
         port.socket.reclaim(&mut port.pool, &mut batch);
         outgoing.clear();
         while outgoing.len() < BATCH {
-            let Some(mut desc) = port.pool.take() else { break };
+            let Some(mut desc) = port.pool.take(0) else { break };
             let kind = FLOOD_MIX[(counter % FLOOD_MIX.len() as u64) as usize];
             let source = 0x0a80_0000 + (counter as u32 % sources.max(1));
             let mut data = port.pool.packet_mut(&mut desc);

@@ -38,63 +38,112 @@ pub enum XskError {
     MissingRings { interface: String, queue: u32 },
 }
 
-/// A worker's frames: the UMEM and the descriptors of frames userspace holds.
+/// A worker's frames: one UMEM split into security domains (client-facing and
+/// upstream-facing in a two-arm relay). Each socket refills from its own domain
+/// and every frame returns to the domain it belongs to by address, so a flood on
+/// one side can hold at most that side's frames.
 #[derive(Debug)]
 pub struct FramePool {
     umem: Umem,
+    domains: Vec<Domain>,
+    frame_size: usize,
+    frames_per_domain: usize,
+    pub hugepages: bool,
+}
+
+/// The frames of one domain that userspace holds, and what moved through it.
+#[derive(Debug)]
+struct Domain {
     free: Vec<FrameDesc>,
     capacity: usize,
-    pub hugepages: bool,
+    stats: PoolStats,
+}
+
+/// Frame movements of one domain since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Frames handed to the kernel's fill ring or taken for sending.
+    pub allocs: u64,
+    /// Frames returned (dropped, or transmitted and completed).
+    pub frees: u64,
+    /// Times a refill found no free frame for room in the fill ring.
+    pub failures: u64,
 }
 
 impl FramePool {
     /// Maps `frames` frames of `frame_size` bytes, on 2 MiB hugepages when asked
-    /// and available, otherwise on normal pages (the caller logs which).
-    pub fn new(frames: u32, frame_size: u32, hugepages: bool) -> Result<Self, XskError> {
-        let frame_size = FrameSize::new(frame_size).map_err(|e| XskError::Geometry(e.to_string()))?;
-        let ring = QueueSize::new(RING_SIZE).map_err(|e| XskError::Geometry(e.to_string()))?;
+    /// and available, otherwise on normal pages (the caller logs which), split
+    /// evenly into `domains` domains.
+    pub fn new(frames: u32, frame_size: u32, hugepages: bool, domains: usize) -> Result<Self, XskError> {
+        let geometry = |e: &dyn std::fmt::Display| XskError::Geometry(e.to_string());
+        let size = FrameSize::new(frame_size).map_err(|e| geometry(&e))?;
+        let ring = QueueSize::new(RING_SIZE).map_err(|e| geometry(&e))?;
         let config = UmemConfig::builder()
-            .frame_size(frame_size)
+            .frame_size(size)
             .fill_queue_size(ring)
             .comp_queue_size(ring)
             .build()
-            .map_err(|e| XskError::Geometry(e.to_string()))?;
+            .map_err(|e| geometry(&e))?;
         let count = NonZeroU32::new(frames).ok_or_else(|| XskError::Geometry("zero frames".into()))?;
         let create = |huge| {
             Umem::new(config, count, huge).map_err(|e| XskError::Umem {
                 frames,
-                frame_size: frame_size.get(),
+                frame_size,
                 source: io::Error::other(e.to_string()),
             })
         };
-        let (umem, free, hugepages) = match hugepages.then(|| create(true)) {
-            Some(Ok((umem, free))) => (umem, free, true),
+        let (umem, descs, hugepages) = match hugepages.then(|| create(true)) {
+            Some(Ok((umem, descs))) => (umem, descs, true),
             _ => {
-                let (umem, free) = create(false)?;
-                (umem, free, false)
+                let (umem, descs) = create(false)?;
+                (umem, descs, false)
             }
         };
-        Ok(FramePool { capacity: free.len(), umem, free, hugepages })
+        let domain_count = domains.max(1);
+        let frames_per_domain = descs.len() / domain_count;
+        let domains = descs
+            .chunks(frames_per_domain)
+            .take(domain_count)
+            .map(|chunk| Domain { free: chunk.to_vec(), capacity: chunk.len(), stats: PoolStats::default() })
+            .collect();
+        Ok(FramePool { umem, domains, frame_size: frame_size as usize, frames_per_domain, hugepages })
     }
 
-    /// Frames owned by the kernel or in flight.
-    pub fn in_use(&self) -> usize {
-        self.capacity - self.free.len()
+    pub fn domain_count(&self) -> usize {
+        self.domains.len()
     }
 
-    pub fn capacity(&self) -> usize {
-        self.capacity
+    /// Frames of `domain` owned by the kernel or in flight.
+    pub fn in_use(&self, domain: usize) -> usize {
+        self.domains.get(domain).map_or(0, |d| d.capacity - d.free.len())
     }
 
-    /// Takes a free frame (for generating traffic), if any.
-    pub fn take(&mut self) -> Option<FrameDesc> {
-        self.free.pop()
+    pub fn capacity(&self, domain: usize) -> usize {
+        self.domains.get(domain).map_or(0, |d| d.capacity)
     }
 
-    /// Returns a frame to the pool.
+    pub fn stats(&self, domain: usize) -> PoolStats {
+        self.domains.get(domain).map_or_else(PoolStats::default, |d| d.stats)
+    }
+
+    /// Takes a free frame of `domain` (for generating traffic), if any.
+    pub fn take(&mut self, domain: usize) -> Option<FrameDesc> {
+        let domain = self.domains.get_mut(domain)?;
+        let frame = domain.free.pop();
+        match frame {
+            Some(_) => domain.stats.allocs += 1,
+            None => domain.stats.failures += 1,
+        }
+        frame
+    }
+
+    /// Returns a frame to the domain its address belongs to.
     #[inline]
     pub fn release(&mut self, desc: FrameDesc) {
-        self.free.push(desc);
+        let index = (desc.addr() / self.frame_size / self.frames_per_domain.max(1)).min(self.domains.len() - 1);
+        let domain = &mut self.domains[index];
+        domain.stats.frees += 1;
+        domain.free.push(desc);
     }
 
     /// The packet bytes of a received frame, for in-place rewriting.
@@ -116,13 +165,15 @@ pub struct QueueSocket {
     completion: CompQueue,
     /// Frames handed to the TX ring and not yet completed.
     tx_in_flight: usize,
+    /// The pool domain this socket's fill ring draws from.
+    domain: usize,
     pub zero_copy: bool,
 }
 
 impl QueueSocket {
     /// Binds a socket on `interface`/`queue` to `pool`'s UMEM. The relay's own
     /// XDP program steers traffic, so libxdp's default program is never loaded.
-    pub fn bind(pool: &FramePool, interface: &str, queue: u32) -> Result<Self, XskError> {
+    pub fn bind(pool: &FramePool, interface: &str, queue: u32, domain: usize) -> Result<Self, XskError> {
         let failed = |source| XskError::Socket { interface: interface.to_owned(), queue, source };
         let name: Interface = interface.parse().map_err(|_| failed(io::Error::from(io::ErrorKind::InvalidInput)))?;
         let ring = QueueSize::new(RING_SIZE).map_err(|e| XskError::Geometry(e.to_string()))?;
@@ -138,24 +189,38 @@ impl QueueSocket {
         let (fill, completion) =
             rings.ok_or_else(|| XskError::MissingRings { interface: interface.to_owned(), queue })?;
         let zero_copy = xdp_options(rx.fd().as_raw_fd()).is_ok_and(|o| o & XDP_OPTIONS_ZEROCOPY != 0);
-        Ok(QueueSocket { rx, tx, fill, completion, tx_in_flight: 0, zero_copy })
+        Ok(QueueSocket {
+            rx,
+            tx,
+            fill,
+            completion,
+            tx_in_flight: 0,
+            domain: domain.min(pool.domain_count() - 1),
+            zero_copy,
+        })
     }
 
     pub fn fd(&self) -> RawFd {
         self.rx.fd().as_raw_fd()
     }
 
-    /// Hands free frames to the kernel for receiving; returns how many.
+    /// Hands free frames of this socket's domain to the kernel for receiving; returns how many.
     pub fn refill(&mut self, pool: &mut FramePool, max: usize) -> usize {
-        let wanted = (self.fill.nb_free(max as u32) as usize).min(max).min(pool.free.len());
+        let room = (self.fill.nb_free(max as u32) as usize).min(max);
+        let domain = &mut pool.domains[self.domain];
+        let wanted = room.min(domain.free.len());
+        if wanted < room {
+            domain.stats.failures += 1;
+        }
         if wanted == 0 {
             return 0;
         }
-        let start = pool.free.len() - wanted;
+        let start = domain.free.len() - wanted;
         // SAFETY: these descriptors belong to pool's UMEM (shared by this socket) and
         // are owned by userspace; the ones produced become the kernel's.
-        let produced = unsafe { self.fill.produce(&pool.free[start..]) };
-        pool.free.truncate(pool.free.len() - produced);
+        let produced = unsafe { self.fill.produce(&domain.free[start..]) };
+        domain.free.truncate(domain.free.len() - produced);
+        domain.stats.allocs += produced as u64;
         produced
     }
 
@@ -208,7 +273,9 @@ impl QueueSocket {
     pub fn reclaim(&mut self, pool: &mut FramePool, scratch: &mut [FrameDesc]) -> usize {
         // SAFETY: the completion ring only returns frames of this socket's UMEM.
         let done = unsafe { self.completion.consume(scratch) };
-        pool.free.extend_from_slice(&scratch[..done]);
+        for desc in &scratch[..done] {
+            pool.release(*desc);
+        }
         self.tx_in_flight -= done;
         done
     }

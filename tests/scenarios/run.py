@@ -44,13 +44,17 @@ def start_relay(topo, binary, backend, **config):
     return relay
 
 
-def expect_backend_carried(stats, backend, count, sent):
+def expect_backend_carried(stats, backend, count, sent, arm="two_arm"):
     """Proves which path carried `count` exchanges: the XDP redirects (AF_XDP) or the relay's own sockets."""
     expect(stats["rx_packets"] >= 2 * count and stats["tx_packets"] >= 2 * count,
            f"{backend} worker counters moved (rx {stats['rx_packets']}, tx {stats['tx_packets']})")
     if backend == "af_xdp":
         expect(xdp_counter(stats, "redirect_listen") >= sent, f"XDP redirected client traffic ({xdp_counter(stats, 'redirect_listen')})")
         expect(xdp_counter(stats, "redirect_nat") >= count, f"XDP redirected replies ({xdp_counter(stats, 'redirect_nat')})")
+        pools = stats["pools"]
+        expected = {"client", "upstream"} if arm == "two_arm" else {"shared"}
+        expect(set(pools) == expected and all(p["allocs"] > 0 for p in pools.values()),
+               f"frame pool domains {sorted(pools)}: " + ", ".join(f"{n} {p['in_use']}/{p['capacity']} in use" for n, p in pools.items()))
     else:
         expect(not stats["interfaces"], "no XDP program is involved")
 
@@ -110,7 +114,7 @@ def relay_traffic(topo, binary, backend, count):
         host, port = source.rsplit(":", 1)
         expect(host == topo.relay_upstream_ip and NAT_PORTS[0] <= int(port) <= NAT_PORTS[1],
                f"upstream saw the relay's NAT address {source}, not the client")
-    expect_backend_carried(stats, backend, count, count + report["retransmits"])
+    expect_backend_carried(stats, backend, count, count + report["retransmits"], topo.arm)
     check_metrics(topo, relay, backend, count)
     final = finish(topo, relay)
     return report, final
