@@ -27,6 +27,9 @@ use crate::worker::WorkerUpdate;
 
 const IDLE_POLL: Duration = Duration::from_millis(100);
 const EXPIRY_BUDGET: usize = 256;
+/// Batches read from one socket before the others get their turn (fairness between
+/// a flooded listen socket and the session sockets carrying replies).
+const DRAIN_BATCHES: usize = 4;
 /// Tokens below this are listen sockets; session sockets use `SESSION_TOKEN_BASE + nat_port`.
 const SESSION_TOKEN_BASE: usize = 1 << 20;
 /// Ethernet + IP + UDP header bytes, so byte counters compare with the AF_XDP backend's frame bytes.
@@ -130,11 +133,16 @@ impl SocketWorker {
     pub fn run(mut self) {
         let mut events = Events::with_capacity(1024);
         let mut batch = RecvBatch::new(self.batch_size);
-        let timeout = match self.wait {
+        let idle_timeout = match self.wait {
             WaitMode::Event => Some(IDLE_POLL),
             WaitMode::BusyPoll => Some(Duration::ZERO),
         };
+        // Sockets that still had datagrams when their drain budget ran out. Readiness is
+        // edge-triggered, so they are revisited without waiting for another edge.
+        let mut backlog: Vec<Token> = Vec::with_capacity(64);
+        let mut tokens: Vec<Token> = Vec::with_capacity(1024);
         while !self.stop.load(Ordering::Relaxed) {
+            let timeout = if backlog.is_empty() { idle_timeout } else { Some(Duration::ZERO) };
             self.counters.loops.add(1);
             while let Ok(WorkerUpdate::NextHop(upstream, hop)) = self.updates.try_recv() {
                 self.relay.set_next_hop(upstream, hop);
@@ -146,12 +154,21 @@ impl SocketWorker {
                 continue;
             }
             self.counters.wakeups.add(1);
-            let tokens: Vec<Token> = events.iter().map(|e| e.token()).collect();
-            for token in tokens {
-                if token.0 < SESSION_TOKEN_BASE {
-                    self.drain_listener(token.0, &mut batch);
+            tokens.clear();
+            tokens.append(&mut backlog);
+            for event in events.iter() {
+                if !tokens.contains(&event.token()) {
+                    tokens.push(event.token());
+                }
+            }
+            for &token in &tokens {
+                let more = if token.0 < SESSION_TOKEN_BASE {
+                    self.drain_listener(token.0, &mut batch)
                 } else {
-                    self.drain_session((token.0 - SESSION_TOKEN_BASE) as u16, &mut batch);
+                    self.drain_session((token.0 - SESSION_TOKEN_BASE) as u16, &mut batch)
+                };
+                if more {
+                    backlog.push(token);
                 }
             }
             self.flush();
@@ -176,15 +193,16 @@ impl SocketWorker {
     }
 
     /// Client datagrams: find or create the session, queue the payload on its socket.
-    fn drain_listener(&mut self, index: usize, batch: &mut RecvBatch) {
+    /// Returns whether datagrams may remain after the drain budget.
+    fn drain_listener(&mut self, index: usize, batch: &mut RecvBatch) -> bool {
         let listen = self.listeners[index].address;
-        loop {
+        for _ in 0..DRAIN_BATCHES {
             let received = match batch.receive(self.listeners[index].socket.as_raw_fd()) {
-                Ok(0) => return,
+                Ok(0) => return false,
                 Ok(n) => n,
                 Err(error) => {
                     tracing::debug!(worker = self.id, %error, "recvmmsg on listen socket failed");
-                    return;
+                    return false;
                 }
             };
             let now = self.now();
@@ -203,25 +221,27 @@ impl SocketWorker {
                 socket.outgoing.push(None, payload);
             }
             if received < self.batch_size {
-                return;
+                return false;
             }
         }
+        true
     }
 
     /// Upstream replies on a session socket: queue them to the client on the listen socket.
-    fn drain_session(&mut self, nat_port: u16, batch: &mut RecvBatch) {
-        loop {
-            let Some(session_socket) = self.sessions.get(&nat_port) else { return };
-            let Ok(local) = session_socket.socket.local_addr() else { return };
+    /// Returns whether datagrams may remain after the drain budget.
+    fn drain_session(&mut self, nat_port: u16, batch: &mut RecvBatch) -> bool {
+        for _ in 0..DRAIN_BATCHES {
+            let Some(session_socket) = self.sessions.get(&nat_port) else { return false };
+            let Ok(local) = session_socket.socket.local_addr() else { return false };
             let listener = session_socket.listener;
             let received = match batch.receive(session_socket.socket.as_raw_fd()) {
-                Ok(0) => return,
+                Ok(0) => return false,
                 Ok(n) => n,
                 // An ICMP error from the upstream is reported once; the next read continues.
                 Err(error) if error.raw_os_error() == Some(libc::ECONNREFUSED) => continue,
                 Err(error) => {
                     tracing::debug!(worker = self.id, %error, "recvmmsg on session socket failed");
-                    return;
+                    return false;
                 }
             };
             let now = self.now();
@@ -236,9 +256,10 @@ impl SocketWorker {
                 replies.push(Some(session.flow.client), payload);
             }
             if received < self.batch_size {
-                return;
+                return false;
             }
         }
+        true
     }
 
     fn session_socket(&mut self, session: &Session, listener: usize) -> Option<&mut SessionSocket> {
