@@ -9,7 +9,7 @@ use crate::counters::Counters;
 use crate::drop_reason::DropReason;
 use crate::ratelimit::{Limit, SourceLimiter, TokenPair};
 use crate::route::{self, RouteTable, UpstreamId};
-use crate::session::{AdmitError, FlowKey, IfaceId, Session, SessionTable};
+use crate::session::{AdmitError, FlowKey, IfaceId, Session, SessionTable, Slot};
 use crate::time::Millis;
 use crate::wire::{MacAddr, Rewrite, UdpFrame};
 
@@ -268,7 +268,12 @@ impl Relay {
         if !self.global_limit.is_unlimited() && !self.global_tokens.allow(&self.global_limit, now, bytes) {
             return Err(DropReason::RateLimitedGlobal);
         }
-        let route_id = self.routes.lookup(flow.listen).ok_or(DropReason::NoRoute)?;
+        // An established flow knows its route; only a new one needs the route lookup.
+        let existing = self.sessions.find(&flow);
+        let route_id = match existing.and_then(|slot| self.sessions.get(slot)) {
+            Some(session) => session.route,
+            None => self.routes.lookup(flow.listen).ok_or(DropReason::NoRoute)?,
+        };
         let route = self.routes.route(route_id);
         let (per_source, per_session) = (route.per_source, route.per_session);
         if !per_source.is_unlimited()
@@ -276,10 +281,11 @@ impl Relay {
         {
             return Err(DropReason::RateLimitedSource);
         }
-        if self.sessions.touch_flow(&flow, now).is_none() {
-            self.admit(now, ingress, flow, client_mac, route_id)?;
-        }
-        let session = self.sessions.touch_flow_mut(&flow, now).ok_or(DropReason::NoSession)?;
+        let slot = match existing {
+            Some(slot) => slot,
+            None => self.admit(now, ingress, flow, client_mac, route_id)?,
+        };
+        let session = self.sessions.refresh(slot, now).ok_or(DropReason::NoSession)?;
         if !per_session.is_unlimited() && !session.tokens.allow(&per_session, now, bytes) {
             return Err(DropReason::RateLimitedSession);
         }
@@ -294,7 +300,7 @@ impl Relay {
         flow: FlowKey,
         client_mac: MacAddr,
         route_id: route::RouteId,
-    ) -> Result<(), DropReason> {
+    ) -> Result<Slot, DropReason> {
         let route = self.routes.route(route_id);
         if !route::client_allowed(route, flow.client) {
             return Err(DropReason::ClientNotAllowed);
@@ -318,7 +324,7 @@ impl Relay {
             last_seen: now,
             tokens: TokenPair::full(&per_session, now),
         };
-        self.sessions.admit(template).map_err(|e| match e {
+        let slot = self.sessions.admit_slot(template).map_err(|e| match e {
             AdmitError::TableFull => DropReason::SessionTableFull,
             AdmitError::PortsExhausted => DropReason::NatPortsExhausted,
         })?;
@@ -329,7 +335,7 @@ impl Relay {
         }
         self.counters.sessions_created.add(1);
         self.counters.sessions_active.set(self.sessions.len() as u64);
-        Ok(())
+        Ok(slot)
     }
 
     /// The next hop of `upstream`; when missing, flags it for the control thread.

@@ -41,6 +41,10 @@ pub struct Session {
     pub tokens: TokenPair,
 }
 
+/// A session's place in the table, valid until that session expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot(u16);
+
 /// Why a session could not be created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AdmitError {
@@ -80,16 +84,8 @@ impl SessionTable {
     /// The session for `flow`, refreshed to `now`.
     #[inline]
     pub fn touch_flow(&mut self, flow: &FlowKey, now: Millis) -> Option<&Session> {
-        self.touch_flow_mut(flow, now).map(|s| &*s)
-    }
-
-    /// The session for `flow`, refreshed to `now`, for updating its rate buckets.
-    #[inline]
-    pub fn touch_flow_mut(&mut self, flow: &FlowKey, now: Millis) -> Option<&mut Session> {
-        let slot = usize::from(*self.by_flow.get(flow)?);
-        let session = self.slots[slot].as_mut()?;
-        session.last_seen = now;
-        Some(session)
+        let slot = self.find(flow)?;
+        self.refresh(slot, now).map(|s| &*s)
     }
 
     /// The session owning `nat_port`. The caller refreshes `last_seen` only
@@ -107,14 +103,41 @@ impl SessionTable {
     }
 
     /// Creates a session; `template.nat_port` is ignored and assigned here.
-    pub fn admit(&mut self, mut template: Session) -> Result<&Session, AdmitError> {
+    pub fn admit(&mut self, template: Session) -> Result<&Session, AdmitError> {
+        let slot = self.admit_slot(template)?;
+        self.slots[usize::from(slot.0)].as_ref().ok_or(AdmitError::TableFull)
+    }
+
+    /// Like [`admit`](Self::admit), returning the new session's slot.
+    pub fn admit_slot(&mut self, mut template: Session) -> Result<Slot, AdmitError> {
         if self.by_flow.len() >= self.capacity {
             return Err(AdmitError::TableFull);
         }
         let slot = self.free.pop_front().ok_or(AdmitError::PortsExhausted)?;
         template.nat_port = self.first_port + slot;
         self.by_flow.insert(template.flow, slot);
-        Ok(self.slots[usize::from(slot)].insert(template))
+        self.slots[usize::from(slot)] = Some(template);
+        Ok(Slot(slot))
+    }
+
+    /// Where the session of `flow` lives, if it has one (one hash lookup).
+    #[inline]
+    pub fn find(&self, flow: &FlowKey) -> Option<Slot> {
+        self.by_flow.get(flow).copied().map(Slot)
+    }
+
+    /// The session in `slot`.
+    #[inline]
+    pub fn get(&self, slot: Slot) -> Option<&Session> {
+        self.slots.get(usize::from(slot.0))?.as_ref()
+    }
+
+    /// The session in `slot`, refreshed to `now`.
+    #[inline]
+    pub fn refresh(&mut self, slot: Slot, now: Millis) -> Option<&mut Session> {
+        let session = self.slots.get_mut(usize::from(slot.0))?.as_mut()?;
+        session.last_seen = now;
+        Some(session)
     }
 
     /// Removes sessions idle for at least the timeout, examining at most

@@ -46,8 +46,8 @@ pub enum XskError {
 pub struct FramePool {
     umem: Umem,
     domains: Vec<Domain>,
-    frame_size: usize,
-    frames_per_domain: usize,
+    /// Bytes of UMEM per domain: a frame's address divided by this is its domain.
+    domain_bytes: usize,
     pub hugepages: bool,
 }
 
@@ -106,7 +106,8 @@ impl FramePool {
             .take(domain_count)
             .map(|chunk| Domain { free: chunk.to_vec(), capacity: chunk.len(), stats: PoolStats::default() })
             .collect();
-        Ok(FramePool { umem, domains, frame_size: frame_size as usize, frames_per_domain, hugepages })
+        let domain_bytes = (frames_per_domain * frame_size as usize).max(1);
+        Ok(FramePool { umem, domains, domain_bytes, hugepages })
     }
 
     pub fn domain_count(&self) -> usize {
@@ -140,7 +141,10 @@ impl FramePool {
     /// Returns a frame to the domain its address belongs to.
     #[inline]
     pub fn release(&mut self, desc: FrameDesc) {
-        let index = (desc.addr() / self.frame_size / self.frames_per_domain.max(1)).min(self.domains.len() - 1);
+        let index = match self.domains.len() {
+            1 => 0,
+            count => (desc.addr() / self.domain_bytes).min(count - 1),
+        };
         let domain = &mut self.domains[index];
         domain.stats.frees += 1;
         domain.free.push(desc);
