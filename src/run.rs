@@ -18,7 +18,7 @@ use serde_json::{Map, Value, json};
 use crate::metrics::{self, MetricsError};
 use crate::nexthop::NextHopResolver;
 use crate::probe::{self, HostReport};
-use crate::socket_worker::{SocketSetupError, SocketWorker, SocketWorkerParts};
+use crate::socket_worker::{SocketSetupError, SocketWorker};
 use crate::stats::Totals;
 use crate::sys;
 use crate::sys::bpf_abi::XdpCounter;
@@ -27,7 +27,7 @@ use crate::sys::netlink::{NetlinkError, RouteSocket};
 use crate::sys::xdp::{AttachedMode, XdpError, XdpProgram};
 use crate::sys::xsk::{FramePool, QueueSocket, XskError};
 use crate::systemd::Notifier;
-use crate::worker::{Worker, WorkerUpdate};
+use crate::worker::{Worker, WorkerCore, WorkerUpdate};
 
 /// How long start-up waits for upstream next hops before declaring ready anyway.
 const RESOLVE_AT_START: Duration = Duration::from_secs(3);
@@ -171,13 +171,15 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
     Ok(())
 }
 
-fn relay_for_worker(
+/// The backend-independent part of worker `worker` of `workers`: its relay (with its
+/// share of NAT ports, sessions and the global limit), counters and channels.
+fn worker_core(
     config: &Config,
     shared: &WorkerShared,
     worker: u32,
     workers: u32,
     iface_macs: Vec<[u8; 6]>,
-) -> (Relay, Arc<Counters>) {
+) -> (WorkerCore, Sender<WorkerUpdate>) {
     let per_worker = config.nat_port_count() / workers as usize;
     let first = config.nat.ports.0 + (worker as usize * per_worker) as u16;
     let settings = RelaySettings {
@@ -191,7 +193,26 @@ fn relay_for_worker(
         source_table_entries: config.security.source_table_entries,
     };
     let counters = Arc::new(Counters::default());
-    (Relay::new(shared.routes.clone(), settings, counters.clone()), counters)
+    let (update_tx, update_rx) = mpsc::channel();
+    let core = WorkerCore {
+        id: worker as usize,
+        relay: Relay::new(shared.routes.clone(), settings, counters.clone()),
+        counters,
+        batch_size: config.runtime.batch_size,
+        wait: config.runtime.wait,
+        updates: update_rx,
+        unresolved: shared.unresolved.clone(),
+        stop: shared.stop.clone(),
+        epoch: shared.epoch,
+    };
+    (core, update_tx)
+}
+
+impl Backend {
+    fn add_worker(&mut self, core: &WorkerCore, updates: Sender<WorkerUpdate>) {
+        self.updates.push(updates);
+        self.counters.push(core.counters.clone());
+    }
 }
 
 fn af_xdp_backend(config: &Config, report: &HostReport, shared: &WorkerShared) -> Result<Backend, SetupError> {
@@ -247,24 +268,10 @@ fn af_xdp_backend(config: &Config, report: &HostReport, shared: &WorkerShared) -
             tracing::info!(interface = %a.info.name, queue, zero_copy = socket.zero_copy, hugepages = pool.hugepages, "AF_XDP socket bound");
             sockets.push(socket);
         }
-        let (relay, counters) = relay_for_worker(config, shared, queue, queues, iface_macs.clone());
-        let (update_tx, update_rx) = mpsc::channel();
-        backend.updates.push(update_tx);
-        backend.counters.push(counters.clone());
-        backend.workers.push(AnyWorker::AfXdp(Worker {
-            id: queue as usize,
-            relay,
-            pool,
-            sockets,
-            flow_maps: attached.iter().map(|a| a.program.flow_map()).collect(),
-            counters,
-            batch_size: config.runtime.batch_size,
-            wait: config.runtime.wait,
-            updates: update_rx,
-            unresolved: shared.unresolved.clone(),
-            stop: shared.stop.clone(),
-            epoch: shared.epoch,
-        }));
+        let (core, updates) = worker_core(config, shared, queue, queues, iface_macs.clone());
+        backend.add_worker(&core, updates);
+        let flow_maps = attached.iter().map(|a| a.program.flow_map()).collect();
+        backend.workers.push(AnyWorker::AfXdp(Worker { core, pool, sockets, flow_maps }));
     }
     backend.attached = attached;
     Ok(backend)
@@ -281,21 +288,9 @@ fn socket_backend(config: &Config, shared: &WorkerShared) -> Result<Backend, Set
         updates: Vec::new(),
     };
     for id in 0..workers {
-        let (relay, counters) = relay_for_worker(config, shared, id, workers, vec![[0; 6]]);
-        let (update_tx, update_rx) = mpsc::channel();
-        backend.updates.push(update_tx);
-        backend.counters.push(counters.clone());
-        backend.workers.push(AnyWorker::Socket(SocketWorker::new(SocketWorkerParts {
-            id: id as usize,
-            relay,
-            counters,
-            batch_size: config.runtime.batch_size,
-            wait: config.runtime.wait,
-            updates: update_rx,
-            unresolved: shared.unresolved.clone(),
-            stop: shared.stop.clone(),
-            epoch: shared.epoch,
-        })?));
+        let (core, updates) = worker_core(config, shared, id, workers, vec![[0; 6]]);
+        backend.add_worker(&core, updates);
+        backend.workers.push(AnyWorker::Socket(SocketWorker::new(core)?));
     }
     tracing::info!(workers, "socket backend bound its listen sockets (SO_REUSEPORT)");
     Ok(backend)

@@ -8,22 +8,18 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, Sender};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mio::net::UdpSocket as MioUdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use oxidize_relay_core::config::WaitMode;
 use oxidize_relay_core::counters::Counters;
-use oxidize_relay_core::route::UpstreamId;
 use oxidize_relay_core::session::Session;
-use oxidize_relay_core::{DropReason, IfaceId, Relay};
+use oxidize_relay_core::{DropReason, IfaceId};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::sys::udp::{RecvBatch, SendBatch};
-use crate::worker::WorkerUpdate;
+use crate::worker::WorkerCore;
 
 const IDLE_POLL: Duration = Duration::from_millis(100);
 const EXPIRY_BUDGET: usize = 256;
@@ -59,50 +55,28 @@ struct SessionSocket {
 
 /// One socket-backend worker.
 pub struct SocketWorker {
-    pub id: usize,
-    relay: Relay,
+    core: WorkerCore,
     poll: Poll,
     listeners: Vec<Listener>,
     sessions: HashMap<u16, SessionSocket>,
-    batch_size: usize,
-    counters: Arc<Counters>,
-    wait: WaitMode,
-    updates: Receiver<WorkerUpdate>,
-    unresolved: Sender<UpstreamId>,
-    stop: Arc<AtomicBool>,
-    epoch: Instant,
 }
 
 impl std::fmt::Debug for SocketWorker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SocketWorker").field("id", &self.id).field("sessions", &self.sessions.len()).finish()
+        f.debug_struct("SocketWorker").field("id", &self.core.id).field("sessions", &self.sessions.len()).finish()
     }
-}
-
-/// What a socket worker needs besides its sockets.
-#[derive(Debug)]
-pub struct SocketWorkerParts {
-    pub id: usize,
-    pub relay: Relay,
-    pub counters: Arc<Counters>,
-    pub batch_size: usize,
-    pub wait: WaitMode,
-    pub updates: Receiver<WorkerUpdate>,
-    pub unresolved: Sender<UpstreamId>,
-    pub stop: Arc<AtomicBool>,
-    pub epoch: Instant,
 }
 
 impl SocketWorker {
     /// Binds this worker's share (SO_REUSEPORT) of every listen address.
-    pub fn new(parts: SocketWorkerParts) -> Result<Self, SocketSetupError> {
+    pub fn new(core: WorkerCore) -> Result<Self, SocketSetupError> {
         let poll = Poll::new().map_err(|source| SocketSetupError {
             what: "mio poll",
             address: ([0, 0, 0, 0], 0).into(),
             source,
         })?;
         let mut listeners = Vec::new();
-        let listen_addresses: Vec<SocketAddr> = parts.relay.routes().routes().iter().map(|r| r.listen).collect();
+        let listen_addresses: Vec<SocketAddr> = core.relay.routes().routes().iter().map(|r| r.listen).collect();
         for (index, address) in listen_addresses.into_iter().enumerate() {
             let mut socket = udp_socket(address, None, true).map_err(|source| SocketSetupError {
                 what: "listen",
@@ -112,28 +86,15 @@ impl SocketWorker {
             poll.registry()
                 .register(&mut socket, Token(index), Interest::READABLE)
                 .map_err(|source| SocketSetupError { what: "listen", address, source })?;
-            listeners.push(Listener { address, socket, replies: SendBatch::new(parts.batch_size) });
+            listeners.push(Listener { address, socket, replies: SendBatch::new(core.batch_size) });
         }
-        Ok(SocketWorker {
-            id: parts.id,
-            relay: parts.relay,
-            poll,
-            listeners,
-            sessions: HashMap::new(),
-            batch_size: parts.batch_size,
-            counters: parts.counters,
-            wait: parts.wait,
-            updates: parts.updates,
-            unresolved: parts.unresolved,
-            stop: parts.stop,
-            epoch: parts.epoch,
-        })
+        Ok(SocketWorker { core, poll, listeners, sessions: HashMap::new() })
     }
 
     pub fn run(mut self) {
         let mut events = Events::with_capacity(1024);
-        let mut batch = RecvBatch::new(self.batch_size);
-        let idle_timeout = match self.wait {
+        let mut batch = RecvBatch::new(self.core.batch_size);
+        let idle_timeout = match self.core.wait {
             WaitMode::Event => Some(IDLE_POLL),
             WaitMode::BusyPoll => Some(Duration::ZERO),
         };
@@ -141,19 +102,16 @@ impl SocketWorker {
         // edge-triggered, so they are revisited without waiting for another edge.
         let mut backlog: Vec<Token> = Vec::with_capacity(64);
         let mut tokens: Vec<Token> = Vec::with_capacity(1024);
-        while !self.stop.load(Ordering::Relaxed) {
+        while self.core.running() {
             let timeout = if backlog.is_empty() { idle_timeout } else { Some(Duration::ZERO) };
-            self.counters.loops.add(1);
-            while let Ok(WorkerUpdate::NextHop(upstream, hop)) = self.updates.try_recv() {
-                self.relay.set_next_hop(upstream, hop);
-            }
+            self.core.apply_updates();
             if let Err(error) = self.poll.poll(&mut events, timeout) {
                 if error.kind() != io::ErrorKind::Interrupted {
-                    tracing::error!(worker = self.id, %error, "poll failed");
+                    tracing::error!(worker = self.core.id, %error, "poll failed");
                 }
                 continue;
             }
-            self.counters.wakeups.add(1);
+            self.core.counters.wakeups.add(1);
             tokens.clear();
             tokens.append(&mut backlog);
             for event in events.iter() {
@@ -172,24 +130,18 @@ impl SocketWorker {
                 }
             }
             self.flush();
-            let now = self.now();
+            let now = self.core.now();
             let mut expired = Vec::new();
-            self.relay.expire(now, EXPIRY_BUDGET, |s: &Session| expired.push(s.nat_port));
+            self.core.relay.expire(now, EXPIRY_BUDGET, |s: &Session| expired.push(s.nat_port));
             for port in expired {
                 if let Some(mut session) = self.sessions.remove(&port) {
                     let _ = self.poll.registry().deregister(&mut session.socket);
                 }
             }
             // No XDP program here, so no flow registry to keep.
-            self.relay.take_admitted().for_each(drop);
-            for upstream in self.relay.take_unresolved() {
-                let _ = self.unresolved.send(upstream);
-            }
+            self.core.relay.take_admitted().for_each(drop);
+            self.core.report_unresolved();
         }
-    }
-
-    fn now(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
     }
 
     /// Client datagrams: find or create the session, queue the payload on its socket.
@@ -201,26 +153,26 @@ impl SocketWorker {
                 Ok(0) => return false,
                 Ok(n) => n,
                 Err(error) => {
-                    tracing::debug!(worker = self.id, %error, "recvmmsg on listen socket failed");
+                    tracing::debug!(worker = self.core.id, %error, "recvmmsg on listen socket failed");
                     return false;
                 }
             };
-            let now = self.now();
+            let now = self.core.now();
             for (source, payload) in batch.datagrams() {
                 let Some(client) = source else { continue };
                 let bytes = self.count_rx(client, payload.len());
-                let session = match self.relay.client_session(now, IfaceId(0), client, listen, [0; 6], bytes) {
+                let session = match self.core.relay.client_session(now, IfaceId(0), client, listen, [0; 6], bytes) {
                     Ok(session) => session,
                     Err(_) => continue,
                 };
-                let counters = self.counters.clone();
+                let counters = self.core.counters.clone();
                 let Some(socket) = self.session_socket(&session, index) else { continue };
                 if socket.outgoing.is_full() {
                     send_queued(&counters, &mut socket.outgoing, &socket.socket);
                 }
                 socket.outgoing.push(None, payload);
             }
-            if received < self.batch_size {
+            if received < self.core.batch_size {
                 return false;
             }
         }
@@ -240,22 +192,22 @@ impl SocketWorker {
                 // An ICMP error from the upstream is reported once; the next read continues.
                 Err(error) if error.raw_os_error() == Some(libc::ECONNREFUSED) => continue,
                 Err(error) => {
-                    tracing::debug!(worker = self.id, %error, "recvmmsg on session socket failed");
+                    tracing::debug!(worker = self.core.id, %error, "recvmmsg on session socket failed");
                     return false;
                 }
             };
-            let now = self.now();
+            let now = self.core.now();
             for (source, payload) in batch.datagrams() {
                 let Some(from) = source else { continue };
                 self.count_rx(from, payload.len());
-                let Ok(session) = self.relay.reply_session(now, from, local) else { continue };
+                let Ok(session) = self.core.relay.reply_session(now, from, local) else { continue };
                 let Listener { socket, replies, .. } = &mut self.listeners[listener];
                 if replies.is_full() {
-                    send_queued(&self.counters, replies, socket);
+                    send_queued(&self.core.counters, replies, socket);
                 }
                 replies.push(Some(session.flow.client), payload);
             }
-            if received < self.batch_size {
+            if received < self.core.batch_size {
                 return false;
             }
         }
@@ -265,12 +217,12 @@ impl SocketWorker {
     fn session_socket(&mut self, session: &Session, listener: usize) -> Option<&mut SessionSocket> {
         if !self.sessions.contains_key(&session.nat_port) {
             let local = SocketAddr::new(session.nat_ip, session.nat_port);
-            let upstream = self.relay.routes().upstream(session.upstream);
+            let upstream = self.core.relay.routes().upstream(session.upstream);
             let mut socket = match udp_socket(local, Some(upstream), false) {
                 Ok(socket) => socket,
                 Err(error) => {
-                    tracing::warn!(worker = self.id, %local, %error, "cannot bind the NAT port for a new session");
-                    self.counters.count_drop(DropReason::NatPortsExhausted);
+                    tracing::warn!(worker = self.core.id, %local, %error, "cannot bind the NAT port for a new session");
+                    self.core.counters.count_drop(DropReason::NatPortsExhausted);
                     return None;
                 }
             };
@@ -280,7 +232,7 @@ impl SocketWorker {
             }
             self.sessions.insert(
                 session.nat_port,
-                SessionSocket { socket, listener, outgoing: SendBatch::new(self.batch_size) },
+                SessionSocket { socket, listener, outgoing: SendBatch::new(self.core.batch_size) },
             );
         }
         self.sessions.get_mut(&session.nat_port)
@@ -288,10 +240,10 @@ impl SocketWorker {
 
     fn flush(&mut self) {
         for session in self.sessions.values_mut() {
-            send_queued(&self.counters, &mut session.outgoing, &session.socket);
+            send_queued(&self.core.counters, &mut session.outgoing, &session.socket);
         }
         for listener in &mut self.listeners {
-            send_queued(&self.counters, &mut listener.replies, &listener.socket);
+            send_queued(&self.core.counters, &mut listener.replies, &listener.socket);
         }
     }
 
@@ -299,8 +251,8 @@ impl SocketWorker {
     fn count_rx(&self, peer: SocketAddr, payload: usize) -> u64 {
         let overhead = if peer.is_ipv4() { IPV4_FRAME_OVERHEAD } else { IPV6_FRAME_OVERHEAD };
         let bytes = payload as u64 + overhead;
-        self.counters.rx_packets.add(1);
-        self.counters.rx_bytes.add(bytes);
+        self.core.counters.rx_packets.add(1);
+        self.core.counters.rx_bytes.add(bytes);
         bytes
     }
 }

@@ -25,16 +25,11 @@ pub enum WorkerUpdate {
     NextHop(UpstreamId, Option<NextHop>),
 }
 
-/// Everything a worker owns; moved onto its thread.
+/// What every worker has, whichever backend drives it.
 #[derive(Debug)]
-pub struct Worker {
+pub struct WorkerCore {
     pub id: usize,
     pub relay: Relay,
-    pub pool: FramePool,
-    /// Indexed by [`IfaceId`].
-    pub sockets: Vec<QueueSocket>,
-    /// Each interface program's established-flows map, kept in step with the sessions.
-    pub flow_maps: Vec<FlowMap>,
     pub counters: Arc<Counters>,
     pub batch_size: usize,
     pub wait: WaitMode,
@@ -44,42 +39,79 @@ pub struct Worker {
     pub epoch: Instant,
 }
 
+impl WorkerCore {
+    /// Whether to go round the loop again; counts the iteration for the watchdog.
+    pub fn running(&self) -> bool {
+        self.counters.loops.add(1);
+        !self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Milliseconds since the relay started: the core's clock, read once per batch.
+    pub fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Takes the control thread's next-hop changes.
+    pub fn apply_updates(&mut self) {
+        while let Ok(update) = self.updates.try_recv() {
+            match update {
+                WorkerUpdate::NextHop(upstream, hop) => self.relay.set_next_hop(upstream, hop),
+            }
+        }
+    }
+
+    /// Asks the control thread to resolve upstreams a packet could not reach.
+    pub fn report_unresolved(&mut self) {
+        for upstream in self.relay.take_unresolved() {
+            // The control thread may be gone during shutdown; nothing to do then.
+            let _ = self.unresolved.send(upstream);
+        }
+    }
+}
+
+/// An AF_XDP worker: its share of the relay plus its frames and sockets; moved onto its thread.
+#[derive(Debug)]
+pub struct Worker {
+    pub core: WorkerCore,
+    pub pool: FramePool,
+    /// Indexed by [`IfaceId`].
+    pub sockets: Vec<QueueSocket>,
+    /// Each interface program's established-flows map, kept in step with the sessions.
+    pub flow_maps: Vec<FlowMap>,
+}
+
 impl Worker {
     /// Runs until `stop` is set.
     pub fn run(mut self) {
-        let mut rx_batch = vec![FrameDesc::default(); self.batch_size];
+        let mut rx_batch = vec![FrameDesc::default(); self.core.batch_size];
         let mut tx_batches: Vec<Vec<FrameDesc>> =
-            self.sockets.iter().map(|_| Vec::with_capacity(self.batch_size * self.sockets.len())).collect();
+            self.sockets.iter().map(|_| Vec::with_capacity(self.core.batch_size * self.sockets.len())).collect();
         let fds: Vec<_> = self.sockets.iter().map(QueueSocket::fd).collect();
-        self.counters.pool_domains.set(self.pool.domain_count() as u64);
+        self.core.counters.pool_domains.set(self.pool.domain_count() as u64);
         // Half of each domain goes to the fill rings right away so every interface can receive.
         let share = self.pool.capacity(0) / 2 / self.sockets.len().div_ceil(self.pool.domain_count());
         for socket in &mut self.sockets {
             socket.refill(&mut self.pool, share);
         }
 
-        while !self.stop.load(Ordering::Relaxed) {
-            self.counters.loops.add(1);
-            self.apply_updates();
-            let now = self.epoch.elapsed().as_millis() as u64;
+        while self.core.running() {
+            self.core.apply_updates();
+            let now = self.core.now();
             let received = self.poll_once(now, &mut rx_batch, &mut tx_batches);
             let flow_maps = &self.flow_maps;
-            self.relay.expire(now, EXPIRY_BUDGET, |session| {
+            self.core.relay.expire(now, EXPIRY_BUDGET, |session| {
                 for map in flow_maps {
                     map.remove(session.flow.client, session.flow.listen.port());
                 }
             });
-            for flow in self.relay.take_admitted() {
+            for flow in self.core.relay.take_admitted() {
                 for map in &self.flow_maps {
                     if let Err(error) = map.insert(flow.client, flow.listen.port()) {
                         tracing::debug!(%error, "registering an established flow with XDP failed");
                     }
                 }
             }
-            for upstream in self.relay.take_unresolved() {
-                // The control thread may be gone during shutdown; nothing to do then.
-                let _ = self.unresolved.send(upstream);
-            }
+            self.core.report_unresolved();
             self.publish_pool();
             if received == 0 {
                 self.idle(&fds);
@@ -100,9 +132,9 @@ impl Worker {
             for desc in &mut rx_batch[..received] {
                 let mut frame = self.pool.packet_mut(desc);
                 let bytes = frame.contents_mut();
-                self.counters.rx_packets.add(1);
-                self.counters.rx_bytes.add(bytes.len() as u64);
-                match self.relay.handle(now, IfaceId(ingress as u8), bytes) {
+                self.core.counters.rx_packets.add(1);
+                self.core.counters.rx_bytes.add(bytes.len() as u64);
+                match self.core.relay.handle(now, IfaceId(ingress as u8), bytes) {
                     Verdict::Forward(egress) => tx_batches[usize::from(egress.0)].push(*desc),
                     Verdict::Drop(_) => self.pool.release(*desc),
                 }
@@ -114,15 +146,15 @@ impl Worker {
             }
             let sent = socket.transmit(batch);
             let bytes: usize = batch[..sent].iter().map(|d| d.lengths().data()).sum();
-            self.counters.tx_packets.add(sent as u64);
-            self.counters.tx_bytes.add(bytes as u64);
+            self.core.counters.tx_packets.add(sent as u64);
+            self.core.counters.tx_bytes.add(bytes as u64);
             for desc in batch.drain(sent..) {
-                self.counters.count_drop(DropReason::TxRingFull);
+                self.core.counters.count_drop(DropReason::TxRingFull);
                 self.pool.release(desc);
             }
             batch.clear();
             if socket.wake_tx_if_needed() {
-                self.counters.wakeups.add(1);
+                self.core.counters.wakeups.add(1);
             }
         }
         received_total
@@ -136,46 +168,38 @@ impl Worker {
                 continue;
             }
             if socket.wake_tx_if_needed() {
-                self.counters.wakeups.add(1);
+                self.core.counters.wakeups.add(1);
             }
             kicked = true;
         }
         if kicked {
             return;
         }
-        match self.wait {
+        match self.core.wait {
             WaitMode::BusyPoll => {
                 if self.sockets.iter().any(QueueSocket::fill_needs_wakeup) {
-                    self.counters.wakeups.add(1);
+                    self.core.counters.wakeups.add(1);
                     let _ = xsk::wait_readable(fds, 0);
                 }
                 std::hint::spin_loop();
             }
             WaitMode::Event => {
-                self.counters.wakeups.add(1);
+                self.core.counters.wakeups.add(1);
                 if let Err(error) = xsk::wait_readable(fds, IDLE_POLL_MS) {
-                    tracing::warn!(worker = self.id, %error, "poll on AF_XDP sockets failed");
+                    tracing::warn!(worker = self.core.id, %error, "poll on AF_XDP sockets failed");
                 }
             }
         }
     }
 
     fn publish_pool(&self) {
-        for (index, counters) in self.counters.pools.iter().enumerate().take(self.pool.domain_count()) {
+        for (index, counters) in self.core.counters.pools.iter().enumerate().take(self.pool.domain_count()) {
             let stats = self.pool.stats(index);
             counters.in_use.set(self.pool.in_use(index) as u64);
             counters.capacity.set(self.pool.capacity(index) as u64);
             counters.allocs.set(stats.allocs);
             counters.frees.set(stats.frees);
             counters.failures.set(stats.failures);
-        }
-    }
-
-    fn apply_updates(&mut self) {
-        while let Ok(update) = self.updates.try_recv() {
-            match update {
-                WorkerUpdate::NextHop(upstream, hop) => self.relay.set_next_hop(upstream, hop),
-            }
         }
     }
 }
