@@ -10,7 +10,12 @@ if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then toolchain=(+nigh
 for target in $(cargo "${toolchain[@]}" fuzz list); do
     scratch="$(mktemp -d)"
     echo "fuzz $target for ${seconds}s"
-    cargo "${toolchain[@]}" fuzz run "$target" "$scratch" "corpus/$target" -- -max_total_time="$seconds" 2>&1 | grep -E '^Done|panicked|SUMMARY' || true
-    test "${PIPESTATUS[0]}" -eq 0 || { echo "fuzz target $target failed"; exit 1; }
-    rm -rf "$scratch"
+    log="$scratch.log"
+    if ! cargo "${toolchain[@]}" fuzz run "$target" "$scratch" "corpus/$target" -- -max_total_time="$seconds" >"$log" 2>&1; then
+        tail -n 40 "$log"
+        echo "fuzz target $target failed"
+        exit 1
+    fi
+    grep -E '^Done' "$log"
+    rm -rf "$scratch" "$log"
 done

@@ -5,6 +5,8 @@
 //!   (65,536 is the most one worker holds: one NAT port per session)
 //! - `reply_lookup/64k`: `by_port_mut` with 65,536 live sessions
 //! - `route_lookup`: listen address to route
+//! - `rate_limit/session_bucket`: one packets+bytes token-bucket check
+//! - `rate_limit/source_table_64k`: a per-source check in a 65,536-slot table, sources cycling
 //! - `handle_burst/64`: one full `Relay::handle` over a 64-packet burst of client
 //!   traffic with established sessions (parse, validate, route, session, rewrite);
 //!   throughput is reported per packet
@@ -15,7 +17,7 @@ use std::sync::Arc;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use oxidize_relay_core::counters::Counters;
-use oxidize_relay_core::ratelimit::{Limit, TokenPair};
+use oxidize_relay_core::ratelimit::{Limit, SourceLimiter, TokenPair};
 use oxidize_relay_core::route::{RouteId, RouteSpec, RouteTable, UpstreamId};
 use oxidize_relay_core::session::{FlowKey, IfaceId, Session, SessionTable};
 use oxidize_relay_core::wire::{Rewrite, UdpFrame, build::udp_frame};
@@ -99,6 +101,24 @@ fn benches(c: &mut Criterion) {
     ]);
     let listen = addr("10.0.0.1:5000");
     c.bench_function("route_lookup", |b| b.iter(|| routes.lookup(black_box(listen))));
+
+    let limit = Limit { packets_per_second: Some(1_000_000_000), bytes_per_second: Some(1_000_000_000_000) };
+    let mut tokens = TokenPair::full(&limit, 0);
+    let mut now = 0u64;
+    c.bench_function("rate_limit/session_bucket", |b| {
+        b.iter(|| {
+            now += 1;
+            tokens.allow(black_box(&limit), now, 100)
+        })
+    });
+    let mut sources = SourceLimiter::new(65_536);
+    let mut source = 0u32;
+    c.bench_function("rate_limit/source_table_64k", |b| {
+        b.iter(|| {
+            source = source.wrapping_mul(2_654_435_761).wrapping_add(1) % 50_000;
+            sources.allow(0, std::net::IpAddr::from(source.to_be_bytes()), black_box(&limit), 1, 100)
+        })
+    });
 
     let mut relay = Relay::new(
         Arc::new(routes),
