@@ -7,6 +7,9 @@
 //! - `route_lookup`: listen address to route
 //! - `rate_limit/session_bucket`: one packets+bytes token-bucket check
 //! - `rate_limit/source_table_64k`: a per-source check in a 65,536-slot table, sources cycling
+//! - `oxtunnel/seal_1400b_text` and `oxtunnel/seal_1400b_random`: wrap a 1400-byte payload
+//!   (LZ4 attempt + keyed BLAKE3 tag), compressible and incompressible
+//! - `oxtunnel/open_1400b_text`: check and unwrap the compressible one
 //! - `handle_burst/64`: one full `Relay::handle` over a 64-packet burst of client
 //!   traffic with established sessions (parse, validate, route, session, rewrite);
 //!   throughput is reported per packet
@@ -17,6 +20,7 @@ use std::sync::Arc;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use oxidize_relay_core::counters::Counters;
+use oxidize_relay_core::oxtunnel::{self, TunnelKey};
 use oxidize_relay_core::ratelimit::{Limit, SourceLimiter, TokenPair};
 use oxidize_relay_core::route::{RouteId, RouteSpec, RouteTable, UpstreamId};
 use oxidize_relay_core::session::{FlowKey, IfaceId, Session, SessionTable};
@@ -118,6 +122,19 @@ fn benches(c: &mut Criterion) {
             source = source.wrapping_mul(2_654_435_761).wrapping_add(1) % 50_000;
             sources.allow(0, std::net::IpAddr::from(source.to_be_bytes()), black_box(&limit), 1, 100)
         })
+    });
+
+    let key = TunnelKey::from_bytes([7; 32]);
+    let text = b"GET /index.html HTTP/1.1\r\nHost: relay.example\r\nAccept: */*\r\n".repeat(25)[..1400].to_vec();
+    let random: Vec<u8> = (0..1400u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let mut wire = vec![0u8; 1400 + oxtunnel::OVERHEAD];
+    for (name, payload) in [("oxtunnel/seal_1400b_text", &text), ("oxtunnel/seal_1400b_random", &random)] {
+        c.bench_function(name, |b| b.iter(|| oxtunnel::seal(&key, 1, false, black_box(payload), &mut wire)));
+    }
+    let sealed = oxtunnel::seal(&key, 1, false, &text, &mut wire).expect("seal");
+    let mut plain = vec![0u8; 1792];
+    c.bench_function("oxtunnel/open_1400b_text", |b| {
+        b.iter(|| oxtunnel::open(&key, black_box(&wire[..sealed.len]), &mut plain))
     });
 
     let mut relay = Relay::new(

@@ -51,6 +51,12 @@ pub enum DropReason {
     RateLimitedSession,
     /// The source already holds its maximum number of sessions.
     SourceSessionLimit,
+    /// An OxTunnel packet that is truncated or not of the format.
+    TunnelMalformed,
+    /// An OxTunnel packet whose authentication tag does not match (wrong key or altered).
+    TunnelAuthFailed,
+    /// An OxTunnel body that does not decompress within the frame.
+    TunnelDecompress,
     /// The egress TX ring or the frame pool had no room.
     TxRingFull,
 }
@@ -84,6 +90,9 @@ impl DropReason {
         DropReason::RateLimitedSource,
         DropReason::RateLimitedSession,
         DropReason::SourceSessionLimit,
+        DropReason::TunnelMalformed,
+        DropReason::TunnelAuthFailed,
+        DropReason::TunnelDecompress,
         DropReason::TxRingFull,
     ];
 
@@ -113,6 +122,9 @@ impl DropReason {
             DropReason::RateLimitedSource => "rate_limited_source",
             DropReason::RateLimitedSession => "rate_limited_session",
             DropReason::SourceSessionLimit => "source_session_limit",
+            DropReason::TunnelMalformed => "tunnel_malformed",
+            DropReason::TunnelAuthFailed => "tunnel_auth_failed",
+            DropReason::TunnelDecompress => "tunnel_decompress",
             DropReason::TxRingFull => "tx_ring_full",
         }
     }

@@ -8,6 +8,7 @@ pub mod checksum;
 pub mod config;
 pub mod counters;
 pub mod drop_reason;
+pub mod oxtunnel;
 pub mod prefix;
 pub mod ratelimit;
 pub mod relay;
