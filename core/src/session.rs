@@ -18,10 +18,36 @@ use crate::wire::MacAddr;
 pub struct IfaceId(pub u8);
 
 /// The client-facing side of a flow: who sent it and which listen address they used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlowKey {
     pub client: SocketAddr,
     pub listen: SocketAddr,
+}
+
+/// Hashes the addresses as a few machine words instead of walking the
+/// `SocketAddr` enums field by field (the flow hash is on every packet's path).
+impl core::hash::Hash for FlowKey {
+    fn hash<H: core::hash::Hasher>(&self, state: &mut H) {
+        let ports = (u64::from(self.client.port()) << 16) | u64::from(self.listen.port());
+        match (self.client.ip(), self.listen.ip()) {
+            (IpAddr::V4(client), IpAddr::V4(listen)) => {
+                state.write_u64((u64::from(client.to_bits()) << 32) | u64::from(listen.to_bits()));
+                state.write_u64(ports);
+            }
+            (client, listen) => {
+                state.write_u128(ip_bits(client));
+                state.write_u128(ip_bits(listen));
+                state.write_u64(ports | 1 << 63);
+            }
+        }
+    }
+}
+
+fn ip_bits(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(v4) => u128::from(v4.to_bits()),
+        IpAddr::V6(v6) => v6.to_bits(),
+    }
 }
 
 /// One live NAT binding.
