@@ -1,6 +1,7 @@
 //! oxidize-relay: the I/O layer (`sys`, the only unsafe code), the AF_XDP
 //! workers and the control thread around the pure `oxidize-relay-core`.
 
+pub mod keepalive;
 pub mod metrics;
 pub mod nexthop;
 pub mod probe;

@@ -33,6 +33,10 @@ pub const NAMES: &[&str] = &[
     INFO,
     XDP_MODE_INFO,
     BUILD_INFO,
+    TUNNEL_BYTES_SAVED,
+    TUNNEL_KEEPALIVES_ANSWERED,
+    TUNNEL_PEER_KEEPALIVES,
+    TUNNEL_PEER_UP,
 ];
 
 pub const RX_PACKETS: &str = "oxidize_relay_rx_packets_total";
@@ -55,6 +59,10 @@ pub const XDP_PACKETS: &str = "oxidize_relay_xdp_packets_total";
 pub const INFO: &str = "oxidize_relay_info";
 pub const XDP_MODE_INFO: &str = "oxidize_relay_xdp_mode_info";
 pub const BUILD_INFO: &str = "oxidize_relay_build_info";
+pub const TUNNEL_BYTES_SAVED: &str = "oxidize_relay_tunnel_compression_saved_bytes_total";
+pub const TUNNEL_KEEPALIVES_ANSWERED: &str = "oxidize_relay_tunnel_keepalives_answered_total";
+pub const TUNNEL_PEER_KEEPALIVES: &str = "oxidize_relay_tunnel_peer_keepalives_total";
+pub const TUNNEL_PEER_UP: &str = "oxidize_relay_tunnel_peer_up";
 
 #[derive(Debug, thiserror::Error)]
 #[error("starting the Prometheus endpoint on {listen} failed")]
@@ -105,6 +113,8 @@ pub fn publish(workers: &[Arc<Counters>], xdp: &[(String, Option<[u64; XdpCounte
             counter!(POOL_FREES, "worker" => worker.clone(), "pool" => name).absolute(pool.frees.get());
             counter!(POOL_FAILURES, "worker" => worker.clone(), "pool" => name).absolute(pool.failures.get());
         }
+        counter!(TUNNEL_BYTES_SAVED, "worker" => worker.clone()).absolute(c.tunnel_bytes_saved.get());
+        counter!(TUNNEL_KEEPALIVES_ANSWERED, "worker" => worker.clone()).absolute(c.tunnel_keepalives.get());
         counter!(WAKEUPS, "worker" => worker).absolute(c.wakeups.get());
     }
     for (interface, counters) in xdp {
@@ -113,6 +123,16 @@ pub fn publish(workers: &[Arc<Counters>], xdp: &[(String, Option<[u64; XdpCounte
             counter!(XDP_PACKETS, "interface" => interface.clone(), "verdict" => kind.name()).absolute(*value);
         }
     }
+}
+
+/// Counts a keepalive this relay sent to, or got back from, a tunnel upstream.
+pub fn tunnel_keepalive(direction: &'static str, upstream: SocketAddr) {
+    counter!(TUNNEL_PEER_KEEPALIVES, "direction" => direction, "upstream" => upstream.to_string()).increment(1);
+}
+
+/// Whether a tunnel upstream answers keepalives.
+pub fn tunnel_peer_up(upstream: SocketAddr, up: bool) {
+    gauge!(TUNNEL_PEER_UP, "upstream" => upstream.to_string()).set(if up { 1.0 } else { 0.0 });
 }
 
 /// Counts one neighbour/route resolution outcome (`resolved` or `pending`).

@@ -11,10 +11,12 @@ use std::time::{Duration, Instant};
 
 use oxidize_relay_core::config::{Config, InterfaceRole, Mode};
 use oxidize_relay_core::counters::Counters;
+use oxidize_relay_core::oxtunnel::TunnelKey;
 use oxidize_relay_core::route::{RouteTable, UpstreamId};
 use oxidize_relay_core::{NextHop, Relay, RelaySettings};
 use serde_json::{Map, Value, json};
 
+use crate::keepalive::Keepalives;
 use crate::metrics::{self, MetricsError};
 use crate::nexthop::NextHopResolver;
 use crate::probe::{self, HostReport};
@@ -52,6 +54,10 @@ pub enum SetupError {
     Metrics(#[from] MetricsError),
     #[error("interface {interface} has {available} RX queues but the config asks for {wanted}")]
     Queues { interface: String, available: u32, wanted: u32 },
+    #[error("reading the OxTunnel key file {path}: {reason}")]
+    KeyFile { path: String, reason: String },
+    #[error("opening the tunnel keepalive sockets failed")]
+    Keepalive(#[source] std::io::Error),
     #[error("dropping capabilities after setup failed")]
     DropCapabilities(#[source] std::io::Error),
     #[error("registering signal handlers failed")]
@@ -106,6 +112,8 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone()).map_err(SetupError::Signals)?;
     }
+    let mut config = config;
+    load_tunnel_keys(&mut config)?;
     let (mode, report) = probe::resolve_mode(&config).map_err(SetupError::Mode)?;
     let routes = Arc::new(RouteTable::new(&config.routes));
     let (unresolved_tx, unresolved_rx) = mpsc::channel();
@@ -155,7 +163,8 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
     let notifier = Notifier::from_env();
     notifier.ready(&format!("{} workers, backend {name}", handles.len()));
 
-    control_loop(&config, &stop, &mut resolver, &unresolved_rx, &updates, &context, &notifier)?;
+    let mut keepalives = Keepalives::new(&routes).map_err(SetupError::Keepalive)?;
+    control_loop(&config, &stop, &mut resolver, &unresolved_rx, &updates, &context, &notifier, &mut keepalives)?;
 
     notifier.stopping();
     tracing::info!("shutting down: stopping workers, detaching XDP");
@@ -330,6 +339,7 @@ impl StatsContext<'_> {
     }
 }
 
+#[expect(clippy::too_many_arguments, reason = "the control thread's pieces, each borrowed from run()")]
 fn control_loop(
     config: &Config,
     stop: &AtomicBool,
@@ -338,6 +348,7 @@ fn control_loop(
     updates: &[Sender<WorkerUpdate>],
     stats: &StatsContext<'_>,
     notifier: &Notifier,
+    keepalives: &mut Keepalives,
 ) -> Result<(), SetupError> {
     let interval = Duration::from_secs(config.runtime.stats_interval_secs.max(1));
     let mut last_summary = (Instant::now(), Totals::collect(stats.counters));
@@ -351,6 +362,7 @@ fn control_loop(
             publish(resolver, stats.attached, updates)?;
             last_refresh = Instant::now();
         }
+        keepalives.tick();
         let totals = Totals::collect(stats.counters);
         stats.write(&totals, true);
         metrics::publish(stats.counters, &stats.xdp_counters());
@@ -373,6 +385,20 @@ fn control_loop(
             }
             watchdog = (Instant::now(), loops);
         }
+    }
+    Ok(())
+}
+
+/// Reads every route's tunnel key files into the config (keys never live in the config text).
+fn load_tunnel_keys(config: &mut Config) -> Result<(), SetupError> {
+    let read = |path: &String| {
+        let failed = |reason: String| SetupError::KeyFile { path: path.clone(), reason };
+        let text = fs::read_to_string(path).map_err(|e| failed(e.to_string()))?;
+        TunnelKey::from_key_file(&text).map_err(|e| failed(e.to_owned()))
+    };
+    for route in &mut config.routes {
+        route.listen_key = route.listen_key_file.as_ref().map(read).transpose()?;
+        route.upstream_key = route.upstream_key_file.as_ref().map(read).transpose()?;
     }
     Ok(())
 }

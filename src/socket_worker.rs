@@ -14,6 +14,7 @@ use mio::net::UdpSocket as MioUdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use oxidize_relay_core::config::WaitMode;
 use oxidize_relay_core::counters::Counters;
+use oxidize_relay_core::relay::ClientAction;
 use oxidize_relay_core::session::Session;
 use oxidize_relay_core::{DropReason, IfaceId};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -158,19 +159,26 @@ impl SocketWorker {
                 }
             };
             let now = self.core.now();
-            for (source, payload) in batch.datagrams() {
+            for (source, slot, len) in batch.datagrams_mut() {
                 let Some(client) = source else { continue };
-                let bytes = self.count_rx(client, payload.len());
-                let session = match self.core.relay.client_session(now, IfaceId(0), client, listen, [0; 6], bytes) {
-                    Ok(session) => session,
-                    Err(_) => continue,
+                let bytes = self.count_rx(client, len);
+                let Ok((action, len)) =
+                    self.core.relay.client_payload(now, IfaceId(0), client, listen, [0; 6], bytes, slot, len)
+                else {
+                    continue;
                 };
-                let counters = self.core.counters.clone();
-                let Some(socket) = self.session_socket(&session, index) else { continue };
-                if socket.outgoing.is_full() {
-                    send_queued(&counters, &mut socket.outgoing, &socket.socket);
+                let payload = &slot[..len];
+                match action {
+                    ClientAction::Forward(session) => {
+                        let counters = self.core.counters.clone();
+                        let Some(socket) = self.session_socket(&session, index) else { continue };
+                        if socket.outgoing.is_full() {
+                            send_queued(&counters, &mut socket.outgoing, &socket.socket);
+                        }
+                        socket.outgoing.push(None, payload);
+                    }
+                    ClientAction::KeepaliveReply => self.queue_reply(index, client, payload),
                 }
-                socket.outgoing.push(None, payload);
             }
             if received < self.core.batch_size {
                 return false;
@@ -197,21 +205,26 @@ impl SocketWorker {
                 }
             };
             let now = self.core.now();
-            for (source, payload) in batch.datagrams() {
+            for (source, slot, len) in batch.datagrams_mut() {
                 let Some(from) = source else { continue };
-                self.count_rx(from, payload.len());
-                let Ok(session) = self.core.relay.reply_session(now, from, local) else { continue };
-                let Listener { socket, replies, .. } = &mut self.listeners[listener];
-                if replies.is_full() {
-                    send_queued(&self.core.counters, replies, socket);
-                }
-                replies.push(Some(session.flow.client), payload);
+                self.count_rx(from, len);
+                let Ok((session, len)) = self.core.relay.reply_payload(now, from, local, slot, len) else { continue };
+                self.queue_reply(listener, session.flow.client, &slot[..len]);
             }
             if received < self.core.batch_size {
                 return false;
             }
         }
         true
+    }
+
+    /// Queues a datagram to a client on a listen socket, sending the batch first when it is full.
+    fn queue_reply(&mut self, listener: usize, client: SocketAddr, payload: &[u8]) {
+        let Listener { socket, replies, .. } = &mut self.listeners[listener];
+        if replies.is_full() {
+            send_queued(&self.core.counters, replies, socket);
+        }
+        replies.push(Some(client), payload);
     }
 
     fn session_socket(&mut self, session: &Session, listener: usize) -> Option<&mut SessionSocket> {

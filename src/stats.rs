@@ -23,6 +23,8 @@ pub struct Totals {
     /// Per pool domain name: (in use, capacity, allocs, frees, failures).
     pub pools: std::collections::BTreeMap<&'static str, [u64; 5]>,
     pub wakeups: u64,
+    pub tunnel_bytes_saved: u64,
+    pub tunnel_keepalives: u64,
 }
 
 impl Totals {
@@ -49,6 +51,8 @@ impl Totals {
                 }
             }
             totals.wakeups += c.wakeups.get();
+            totals.tunnel_bytes_saved += c.tunnel_bytes_saved.get();
+            totals.tunnel_keepalives += c.tunnel_keepalives.get();
         }
         totals
     }
@@ -111,6 +115,8 @@ impl Totals {
                 }))
             }).collect::<Map<String, Value>>(),
             "wakeups": self.wakeups,
+            "tunnel_bytes_saved": self.tunnel_bytes_saved,
+            "tunnel_keepalives": self.tunnel_keepalives,
             "interfaces": interfaces,
         });
         if let Value::Object(map) = &mut value {

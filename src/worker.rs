@@ -131,10 +131,20 @@ impl Worker {
             received_total += received;
             for desc in &mut rx_batch[..received] {
                 let mut frame = self.pool.packet_mut(desc);
-                let bytes = frame.contents_mut();
+                let len = frame.contents().len();
                 self.core.counters.rx_packets.add(1);
-                self.core.counters.rx_bytes.add(bytes.len() as u64);
-                match self.core.relay.handle(now, IfaceId(ingress as u8), bytes) {
+                self.core.counters.rx_bytes.add(len as u64);
+                // Expose the whole frame so a tunnel header can grow it in place, then set its new length.
+                let room = {
+                    let mut cursor = frame.cursor();
+                    let room = cursor.buf_len();
+                    cursor.set_pos(room);
+                    room
+                };
+                let (verdict, new_len) =
+                    self.core.relay.handle_sized(now, IfaceId(ingress as u8), &mut frame.contents_mut()[..room], len);
+                frame.cursor().set_pos(new_len);
+                match verdict {
                     Verdict::Forward(egress) => tx_batches[usize::from(egress.0)].push(*desc),
                     Verdict::Drop(_) => self.pool.release(*desc),
                 }

@@ -76,6 +76,7 @@ scenarios! { af_xdp:
     sigkill_leaves_traffic_to_the_kernel => "sigkill-fallback",
     spoofed_and_malformed_flood_spares_the_legitimate_client => "flood",
     runs_unprivileged_and_drops_capabilities => "least-privilege",
+    relay_chain_over_an_oxtunnel_hop => "chain",
 }
 
 scenarios! { socket:
@@ -87,6 +88,7 @@ scenarios! { socket:
     idle_sessions_expire => "session-expiry",
     tcp_to_the_relay_host_works_while_attached => "tcp-coexistence",
     runs_unprivileged_and_drops_capabilities => "least-privilege",
+    relay_chain_over_an_oxtunnel_hop => "chain",
 }
 
 /// Detection: auto falls back to sockets without capabilities or on an interface AF_XDP cannot serve.

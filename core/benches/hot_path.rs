@@ -51,6 +51,7 @@ fn session_table(sessions: u32) -> SessionTable {
             client_mac: MAC_A,
             last_seen: 0,
             tokens: TokenPair::full(&Limit::default(), 0),
+            peer_flow: 0,
         };
         table.admit(template).expect("room");
     }

@@ -257,6 +257,18 @@ struct RawRoute {
     per_source_bytes_per_second: Option<u64>,
     per_session_packets_per_second: Option<u64>,
     per_session_bytes_per_second: Option<u64>,
+    encap: Option<Spanned<Encap>>,
+    key_file: Option<Spanned<String>>,
+    upstream_encap: Option<Spanned<Encap>>,
+    upstream_key_file: Option<Spanned<String>>,
+}
+
+/// How a hop is wrapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Encap {
+    None,
+    Oxtunnel,
 }
 
 #[derive(Debug, Deserialize)]
@@ -476,6 +488,16 @@ impl RawConfig {
                     packets_per_second: raw.per_session_packets_per_second,
                     bytes_per_second: raw.per_session_bytes_per_second,
                 },
+                listen_key_file: tunnel_key_file(raw.encap, raw.key_file, "encap", "key_file", &at)?,
+                listen_key: None,
+                upstream_key_file: tunnel_key_file(
+                    raw.upstream_encap,
+                    raw.upstream_key_file,
+                    "upstream_encap",
+                    "upstream_key_file",
+                    &at,
+                )?,
+                upstream_key: None,
             });
         }
 
@@ -512,6 +534,22 @@ impl RawConfig {
                 _ => Some(self.metrics.listen.unwrap_or(DEFAULT_METRICS_LISTEN)),
             },
         })
+    }
+}
+
+/// The key file of a tunnel side: required with `encap = "oxtunnel"`, refused without it.
+fn tunnel_key_file(
+    encap: Option<Spanned<Encap>>,
+    key_file: Option<Spanned<String>>,
+    encap_key: &str,
+    file_key: &str,
+    at: &impl Fn(core::ops::Range<usize>, String) -> ConfigError,
+) -> Result<Option<String>, ConfigError> {
+    match (encap.as_ref().map(|e| (*e.get_ref(), e.span())), key_file) {
+        (Some((Encap::Oxtunnel, _)), Some(file)) => Ok(Some(file.into_inner())),
+        (Some((Encap::Oxtunnel, span)), None) => Err(at(span, format!("{encap_key} = \"oxtunnel\" needs {file_key}"))),
+        (_, Some(file)) => Err(at(file.span(), format!("{file_key} is only used with {encap_key} = \"oxtunnel\""))),
+        (_, None) => Ok(None),
     }
 }
 
@@ -655,6 +693,22 @@ upstreams = ["10.1.0.2:7000"]
         let zero =
             Config::from_toml(&format!("[security]\nmax_sessions_per_source = 0\n{MINIMAL}")).expect_err("zero cap");
         assert_eq!(zero.line, Some(2));
+    }
+
+    #[test]
+    fn tunnel_sides_need_their_key_files() {
+        let edge = MINIMAL
+            .replace("upstreams", "upstream_encap = \"oxtunnel\"\nupstream_key_file = \"/etc/hop.key\"\nupstreams");
+        let config = Config::from_toml(&edge).expect("valid");
+        assert_eq!(config.routes[0].upstream_key_file.as_deref(), Some("/etc/hop.key"));
+        assert!(config.routes[0].listen_key_file.is_none());
+        let missing =
+            Config::from_toml(&MINIMAL.replace("upstreams", "encap = \"oxtunnel\"\nupstreams")).expect_err("no key");
+        assert!(missing.message.contains("needs key_file") && missing.line == Some(7), "{missing}");
+        let stray =
+            Config::from_toml(&MINIMAL.replace("upstreams", "key_file = \"/k\"\nupstreams")).expect_err("stray");
+        assert!(stray.message.contains("only used with encap"), "{stray}");
+        assert!(Config::from_toml(&MINIMAL.replace("upstreams", "encap = \"gre\"\nupstreams")).is_err());
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub struct Counters {
     pub pool_domains: Counter,
     /// Wakeup syscalls (sendto/poll) issued by the worker.
     pub wakeups: Counter,
+    /// Payload bytes LZ4 saved on tunnel hops this relay sealed.
+    pub tunnel_bytes_saved: Counter,
+    /// Tunnel keepalives answered.
+    pub tunnel_keepalives: Counter,
     /// Worker loop iterations: the control thread pings systemd's watchdog only while these advance.
     pub loops: Counter,
 }

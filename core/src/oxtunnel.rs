@@ -25,6 +25,13 @@ const MIN_COMPRESSIBLE: usize = 32;
 #[derive(Clone)]
 pub struct TunnelKey([u8; 32]);
 
+/// Compared in constant time, like every secret.
+impl PartialEq for TunnelKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
 impl core::fmt::Debug for TunnelKey {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.write_str("TunnelKey(..)")

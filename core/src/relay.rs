@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::counters::Counters;
 use crate::drop_reason::DropReason;
+use crate::oxtunnel::{self, TunnelError, TunnelKey};
 use crate::ratelimit::{Limit, SourceLimiter, TokenPair};
 use crate::route::{self, RouteTable, UpstreamId};
 use crate::session::{AdmitError, FlowKey, IfaceId, Session, SessionTable, Slot};
@@ -15,6 +16,18 @@ use crate::wire::{MacAddr, Rewrite, UdpFrame};
 
 /// Admissions remembered between two drains by the worker (more than a burst's worth).
 const ADMITTED_BACKLOG: usize = 1024;
+
+/// What the relay does with a client datagram's payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAction {
+    /// Send it to the session's upstream.
+    Forward(Session),
+    /// It was a tunnel keepalive: send the (sealed) answer back to where it came from.
+    KeepaliveReply,
+}
+
+/// Room for one opened or to-be-sealed payload (a 4 KiB frame's worth).
+const SCRATCH: usize = 4096;
 
 /// What to do with a frame after [`Relay::handle`] rewrote it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +103,10 @@ pub struct Relay {
     source_limiter: SourceLimiter,
     /// Flows admitted since the worker last drained them (it registers them with XDP).
     admitted: Vec<FlowKey>,
+    /// Whether any route has a tunnel side (otherwise the tunnel steps are skipped).
+    tunnels: bool,
+    /// Where tunnel payloads are opened and staged; allocated once.
+    scratch: Vec<u8>,
     /// Live sessions per client address; holds only addresses with sessions, so it is bounded by the table.
     sessions_per_source: HashMap<IpAddr, u32, ahash::RandomState>,
     max_sessions_per_source: usize,
@@ -98,6 +115,7 @@ pub struct Relay {
 
 impl Relay {
     pub fn new(routes: Arc<RouteTable>, settings: RelaySettings, counters: Arc<Counters>) -> Self {
+        let tunnels = routes.routes().iter().any(|r| r.listen_key.is_some() || r.upstream_key.is_some());
         let upstreams = routes.upstreams().len();
         Relay {
             sessions: SessionTable::new(settings.nat_ports, settings.max_sessions, settings.idle_timeout),
@@ -112,21 +130,34 @@ impl Relay {
             sessions_per_source: HashMap::with_capacity_and_hasher(settings.max_sessions, ahash::RandomState::new()),
             max_sessions_per_source: settings.max_sessions_per_source,
             admitted: Vec::with_capacity(ADMITTED_BACKLOG),
+            tunnels,
+            scratch: vec![0; SCRATCH],
             counters,
         }
     }
 
-    /// Parses, validates and rewrites `frame` in place. On `Drop` the reason is already counted.
+    /// Parses, validates and rewrites `frame` in place (a frame whose length
+    /// cannot change: tunnel hops that need room are dropped). On `Drop` the
+    /// reason is already counted.
     #[inline]
     pub fn handle(&mut self, now: Millis, ingress: IfaceId, frame: &mut [u8]) -> Verdict {
-        let verdict = match UdpFrame::new_checked(frame) {
-            Ok(mut packet) => self.relay(now, ingress, &mut packet),
-            Err(reason) => Verdict::Drop(reason),
+        let len = frame.len();
+        self.handle_sized(now, ingress, frame, len).0
+    }
+
+    /// Like [`handle`](Self::handle) for a frame of `len` bytes at the start of
+    /// `buffer`, which may have room after it for a tunnel header. Returns the
+    /// verdict and the frame's new length.
+    #[inline]
+    pub fn handle_sized(&mut self, now: Millis, ingress: IfaceId, buffer: &mut [u8], len: usize) -> (Verdict, usize) {
+        let (verdict, new_len) = match self.relay(now, ingress, buffer, len) {
+            Ok((verdict, new_len)) => (verdict, new_len),
+            Err(reason) => (Verdict::Drop(reason), len),
         };
         if let Verdict::Drop(reason) = verdict {
             self.counters.count_drop(reason);
         }
-        verdict
+        (verdict, new_len)
     }
 
     /// Installs or clears the next hop of `upstream`.
@@ -163,24 +194,38 @@ impl Relay {
         }
     }
 
-    /// The session of a client datagram of `bytes` to `listen`, created on first
-    /// sight, after the rate limits. Drops are counted. Used directly by the socket backend.
-    pub fn client_session(
+    /// A client datagram to `listen`: session (created on first sight), rate
+    /// limits, and the tunnel steps of its route. `payload` holds `len` bytes and
+    /// may have room after them; returns the action and the payload's new length.
+    /// Drops are counted. Used directly by the socket backend.
+    #[expect(clippy::too_many_arguments, reason = "one datagram's facts, passed apart to avoid a struct per packet")]
+    pub fn client_payload(
         &mut self,
         now: Millis,
         ingress: IfaceId,
         client: SocketAddr,
         listen: SocketAddr,
         client_mac: MacAddr,
-        bytes: u64,
-    ) -> Result<Session, DropReason> {
-        let result = self.admit_client(now, ingress, FlowKey { client, listen }, client_mac, bytes);
+        frame_bytes: u64,
+        payload: &mut [u8],
+        len: usize,
+    ) -> Result<(ClientAction, usize), DropReason> {
+        let result = self.client_steps(now, ingress, FlowKey { client, listen }, client_mac, frame_bytes, payload, len);
         self.count_error(result)
     }
 
-    /// The session a datagram from `from` to NAT address `to` answers. Drops are counted.
-    pub fn reply_session(&mut self, now: Millis, from: SocketAddr, to: SocketAddr) -> Result<Session, DropReason> {
-        let result = self.find_reply(now, from, to);
+    /// An upstream datagram from `from` to NAT address `to`: its session and the
+    /// tunnel steps of its route, with `payload` as in [`client_payload`](Self::client_payload).
+    /// Drops are counted.
+    pub fn reply_payload(
+        &mut self,
+        now: Millis,
+        from: SocketAddr,
+        to: SocketAddr,
+        payload: &mut [u8],
+        len: usize,
+    ) -> Result<(Session, usize), DropReason> {
+        let result = self.reply_steps(now, from, to, payload, len);
         self.count_error(result)
     }
 
@@ -202,48 +247,171 @@ impl Relay {
         self.sessions.len()
     }
 
-    fn count_error(&self, result: Result<Session, DropReason>) -> Result<Session, DropReason> {
+    fn count_error<T>(&self, result: Result<T, DropReason>) -> Result<T, DropReason> {
         if let Err(reason) = result {
             self.counters.count_drop(reason);
         }
         result
     }
 
-    fn relay(&mut self, now: Millis, ingress: IfaceId, packet: &mut UdpFrame<&mut [u8]>) -> Verdict {
+    fn relay(
+        &mut self,
+        now: Millis,
+        ingress: IfaceId,
+        buffer: &mut [u8],
+        len: usize,
+    ) -> Result<(Verdict, usize), DropReason> {
+        // Validate against the received length only: bytes after it are stale.
+        let received = len.min(buffer.len());
+        let packet = UdpFrame::new_checked(&mut buffer[..received])?;
         if self.verify_checksums && !packet.checksums_valid() {
-            return Verdict::Drop(DropReason::BadChecksum);
+            return Err(DropReason::BadChecksum);
         }
-        let (src, dst) = (packet.src(), packet.dst());
+        let (src, dst, src_mac) = (packet.src(), packet.dst(), packet.src_mac());
+        let (at, payload_len, frame_len) = (packet.payload_offset(), packet.payload().len(), packet.len());
         // Config keeps listen ports out of the NAT range, so the port alone tells the direction.
         if self.sessions.owns_port(dst.port()) {
-            let session = match self.find_reply(now, src, dst) {
-                Ok(session) => session,
-                Err(reason) => return Verdict::Drop(reason),
-            };
+            let (session, new_len) = self.reply_steps(now, src, dst, &mut buffer[at..], payload_len)?;
             let to = Rewrite {
                 src_mac: self.iface_macs[usize::from(session.client_iface.0)],
                 dst_mac: session.client_mac,
                 src: session.flow.listen,
                 dst: session.flow.client,
             };
-            return forward_rewritten(packet, &to, session.client_iface);
+            return finish(buffer, frame_len, payload_len, new_len, &to, session.client_iface);
         }
-        let bytes = packet.len() as u64;
-        let session =
-            match self.admit_client(now, ingress, FlowKey { client: src, listen: dst }, packet.src_mac(), bytes) {
-                Ok(session) => session,
-                Err(reason) => return Verdict::Drop(reason),
-            };
-        let Some(hop) = self.resolved_hop(session.upstream) else {
-            return Verdict::Drop(DropReason::NeighborUnresolved);
+        let (action, new_len) = self.client_steps(
+            now,
+            ingress,
+            FlowKey { client: src, listen: dst },
+            src_mac,
+            frame_len as u64,
+            &mut buffer[at..],
+            payload_len,
+        )?;
+        let (to, egress) = match action {
+            ClientAction::Forward(session) => {
+                let hop = self.resolved_hop(session.upstream).ok_or(DropReason::NeighborUnresolved)?;
+                let to = Rewrite {
+                    src_mac: self.iface_macs[usize::from(hop.iface.0)],
+                    dst_mac: hop.dst_mac,
+                    src: SocketAddr::new(session.nat_ip, session.nat_port),
+                    dst: self.routes.upstream(session.upstream),
+                };
+                (to, hop.iface)
+            }
+            // Straight back to the relay that asked, from the address it asked.
+            ClientAction::KeepaliveReply => {
+                let to =
+                    Rewrite { src_mac: self.iface_macs[usize::from(ingress.0)], dst_mac: src_mac, src: dst, dst: src };
+                (to, ingress)
+            }
         };
-        let to = Rewrite {
-            src_mac: self.iface_macs[usize::from(hop.iface.0)],
-            dst_mac: hop.dst_mac,
-            src: SocketAddr::new(session.nat_ip, session.nat_port),
-            dst: self.routes.upstream(session.upstream),
-        };
-        forward_rewritten(packet, &to, hop.iface)
+        finish(buffer, frame_len, payload_len, new_len, &to, egress)
+    }
+
+    /// Client-side steps: open the listen side's tunnel (answering keepalives),
+    /// admit and limit, then seal for the upstream's tunnel.
+    #[expect(clippy::too_many_arguments, reason = "one datagram's facts, passed apart to avoid a struct per packet")]
+    fn client_steps(
+        &mut self,
+        now: Millis,
+        ingress: IfaceId,
+        flow: FlowKey,
+        client_mac: MacAddr,
+        frame_bytes: u64,
+        payload: &mut [u8],
+        len: usize,
+    ) -> Result<(ClientAction, usize), DropReason> {
+        if !self.tunnels {
+            let session = self.admit_client(now, ingress, flow, client_mac, frame_bytes)?;
+            return Ok((ClientAction::Forward(session), len));
+        }
+        let route = self.routes.route(self.routes.lookup(flow.listen).ok_or(DropReason::NoRoute)?);
+        let (listen_key, upstream_key) = (route.listen_key.clone(), route.upstream_key.clone());
+        let mut opened = None;
+        if let Some(key) = &listen_key {
+            let inner = oxtunnel::open(key, &payload[..len], &mut self.scratch).map_err(TunnelError::drop_reason)?;
+            if inner.keepalive {
+                self.counters.tunnel_keepalives.add(1);
+                let sealed =
+                    oxtunnel::seal(key, inner.flow_id, true, &[], payload).map_err(TunnelError::drop_reason)?;
+                return Ok((ClientAction::KeepaliveReply, sealed.len));
+            }
+            opened = Some(inner);
+        }
+        let session = self.admit_client(now, ingress, flow, client_mac, frame_bytes)?;
+        if let Some(inner) = opened
+            && let Some(stored) = self.sessions.by_port_mut(session.nat_port)
+        {
+            stored.peer_flow = inner.flow_id;
+        }
+        let plain = opened.map(|o| o.len);
+        let new_len = self.tunnel_out(upstream_key.as_ref(), u32::from(session.nat_port), plain, payload, len)?;
+        Ok((ClientAction::Forward(session), new_len))
+    }
+
+    /// Upstream-side steps: the session, then open the upstream's tunnel and seal for the client's.
+    fn reply_steps(
+        &mut self,
+        now: Millis,
+        from: SocketAddr,
+        to: SocketAddr,
+        payload: &mut [u8],
+        len: usize,
+    ) -> Result<(Session, usize), DropReason> {
+        let session = self.find_reply(now, from, to)?;
+        if !self.tunnels {
+            return Ok((session, len));
+        }
+        let route = self.routes.route(session.route);
+        let (listen_key, upstream_key) = (route.listen_key.clone(), route.upstream_key.clone());
+        let mut plain = None;
+        if let Some(key) = &upstream_key {
+            let inner = oxtunnel::open(key, &payload[..len], &mut self.scratch).map_err(TunnelError::drop_reason)?;
+            if inner.keepalive {
+                return Err(DropReason::TunnelMalformed);
+            }
+            plain = Some(inner.len);
+        }
+        let new_len = self.tunnel_out(listen_key.as_ref(), session.peer_flow, plain, payload, len)?;
+        Ok((session, new_len))
+    }
+
+    /// Writes the outgoing payload: sealed with `key` when the next hop is a
+    /// tunnel, the opened plain bytes (in scratch) when only the previous hop
+    /// was, unchanged otherwise. Returns its length.
+    fn tunnel_out(
+        &mut self,
+        key: Option<&TunnelKey>,
+        flow_id: u32,
+        plain: Option<usize>,
+        payload: &mut [u8],
+        len: usize,
+    ) -> Result<usize, DropReason> {
+        match (key, plain) {
+            (Some(key), _) => {
+                let plain_len = match plain {
+                    Some(n) => n,
+                    None => {
+                        let room = self.scratch.get_mut(..len).ok_or(DropReason::TunnelMalformed)?;
+                        room.copy_from_slice(&payload[..len]);
+                        len
+                    }
+                };
+                let sealed = oxtunnel::seal(key, flow_id, false, &self.scratch[..plain_len], payload)
+                    .map_err(TunnelError::drop_reason)?;
+                self.counters
+                    .tunnel_bytes_saved
+                    .add((plain_len + oxtunnel::OVERHEAD).saturating_sub(sealed.len) as u64);
+                Ok(sealed.len)
+            }
+            (None, Some(n)) => {
+                payload.get_mut(..n).ok_or(DropReason::TunnelMalformed)?.copy_from_slice(&self.scratch[..n]);
+                Ok(n)
+            }
+            (None, None) => Ok(len),
+        }
     }
 
     fn find_reply(&mut self, now: Millis, from: SocketAddr, to: SocketAddr) -> Result<Session, DropReason> {
@@ -323,6 +491,7 @@ impl Relay {
             client_mac,
             last_seen: now,
             tokens: TokenPair::full(&per_session, now),
+            peer_flow: 0,
         };
         let slot = self.sessions.admit_slot(template).map_err(|e| match e {
             AdmitError::TableFull => DropReason::SessionTableFull,
@@ -358,13 +527,27 @@ fn release_source(per_source: &mut HashMap<IpAddr, u32, ahash::RandomState>, sou
     }
 }
 
-fn forward_rewritten(packet: &mut UdpFrame<&mut [u8]>, to: &Rewrite, iface: IfaceId) -> Verdict {
-    if packet.rewrite(to) {
-        Verdict::Forward(iface)
-    } else {
+/// Rewrites addresses (and, when the payload changed length, the lengths and
+/// the UDP checksum) of the frame in `buffer`; returns the verdict and its length.
+fn finish(
+    buffer: &mut [u8],
+    frame_len: usize,
+    old_payload: usize,
+    new_payload: usize,
+    to: &Rewrite,
+    egress: IfaceId,
+) -> Result<(Verdict, usize), DropReason> {
+    if new_payload == old_payload {
+        let mut packet = UdpFrame::new_checked(&mut buffer[..frame_len])?;
         // Config validation keeps listen and upstream families equal; this guards the invariant.
-        Verdict::Drop(DropReason::NoRoute)
+        return if packet.rewrite(to) { Ok((Verdict::Forward(egress), frame_len)) } else { Err(DropReason::NoRoute) };
     }
+    let mut packet = UdpFrame::new_checked(&mut buffer[..])?;
+    if !packet.set_payload_len(new_payload) || !packet.rewrite(to) {
+        return Err(DropReason::TunnelMalformed);
+    }
+    packet.recompute_udp_checksum();
+    Ok((Verdict::Forward(egress), packet.len()))
 }
 
 #[cfg(test)]
@@ -581,6 +764,83 @@ mod tests {
         assert!(
             matches!(relay.handle(60_000, IfaceId(0), &mut client_frame(4000)), Verdict::Forward(_)),
             "expiry frees the source's quota"
+        );
+    }
+
+    #[test]
+    fn a_chain_of_two_relays_over_an_oxtunnel_hop() {
+        use crate::oxtunnel::{self, TunnelKey};
+        let key = TunnelKey::from_bytes([9; 32]);
+        let edge_spec = RouteSpec {
+            upstream_key: Some(key.clone()),
+            ..RouteSpec::new(addr("10.0.0.1:5000"), vec![addr("10.1.0.2:6000")])
+        };
+        let exit_spec = RouteSpec {
+            listen_key: Some(key.clone()),
+            ..RouteSpec::new(addr("10.1.0.2:6000"), vec![addr("10.2.0.2:7000")])
+        };
+        let (mut edge, edge_counters) = relay_with(edge_spec, "10.1.0.1", |_| {});
+        let (mut exit, _) = relay_with(exit_spec, "10.2.0.1", |_| {});
+        let payload = b"compress me ".repeat(40);
+        let request = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"), &payload);
+        let mut buffer = request.clone();
+        buffer.resize(2048, 0);
+        let (verdict, len) = edge.handle_sized(1, IfaceId(0), &mut buffer, request.len());
+        assert_eq!(verdict, Verdict::Forward(IfaceId(1)));
+        assert!(len < request.len(), "the hop carries less: {len} < {}", request.len());
+        assert!(UdpFrame::new_checked(&buffer[..len]).expect("valid").checksums_valid());
+        assert!(edge_counters.tunnel_bytes_saved.get() > 0);
+
+        let (verdict, len) = exit.handle_sized(2, IfaceId(0), &mut buffer, len);
+        assert_eq!(verdict, Verdict::Forward(IfaceId(1)));
+        let plain = UdpFrame::new_checked(&buffer[..len]).expect("valid");
+        assert_eq!(plain.payload(), &payload[..], "the exit relay forwards the original payload");
+        assert_eq!(plain.dst(), addr("10.2.0.2:7000"));
+        assert!(plain.checksums_valid());
+        let exit_nat = plain.src();
+
+        let reply = udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.2.0.2:7000"), exit_nat, b"pong");
+        let mut buffer = reply.clone();
+        buffer.resize(2048, 0);
+        let (verdict, len) = exit.handle_sized(3, IfaceId(1), &mut buffer, reply.len());
+        assert_eq!(verdict, Verdict::Forward(IfaceId(0)));
+        assert_eq!(len, reply.len() + oxtunnel::OVERHEAD, "too short to compress: sealed plain");
+        // The sealed reply reaches the edge relay's NAT port.
+        let (verdict, len) = edge.handle_sized(4, IfaceId(1), &mut buffer, len);
+        assert_eq!(verdict, Verdict::Forward(IfaceId(0)));
+        let back = UdpFrame::new_checked(&buffer[..len]).expect("valid");
+        assert_eq!((back.payload(), back.dst()), (&b"pong"[..], addr("10.0.0.2:40000")));
+        assert!(back.checksums_valid());
+    }
+
+    #[test]
+    fn a_tunnel_with_the_wrong_key_or_no_room_is_dropped_by_reason() {
+        use crate::oxtunnel::TunnelKey;
+        let exit_spec = RouteSpec {
+            listen_key: Some(TunnelKey::from_bytes([1; 32])),
+            ..RouteSpec::new(addr("10.1.0.2:6000"), vec![addr("10.2.0.2:7000")])
+        };
+        let (mut exit, counters) = relay_with(exit_spec, "10.2.0.1", |_| {});
+        let mut forged =
+            udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.1.0.1:20000"), addr("10.1.0.2:6000"), &[0x4f; 64]);
+        assert_eq!(exit.handle(0, IfaceId(0), &mut forged), Verdict::Drop(DropReason::TunnelMalformed));
+        let edge_spec = RouteSpec {
+            upstream_key: Some(TunnelKey::from_bytes([2; 32])),
+            ..RouteSpec::new(addr("10.0.0.1:5000"), vec![addr("10.1.0.2:6000")])
+        };
+        let (mut edge, _) = relay_with(edge_spec, "10.1.0.1", |_| {});
+        let mut sealed = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:1"), addr("10.0.0.1:5000"), &[7; 100]);
+        let original = sealed.len();
+        sealed.resize(2048, 0);
+        let (_, len) = edge.handle_sized(0, IfaceId(0), &mut sealed, original);
+        assert_eq!(exit.handle_sized(0, IfaceId(0), &mut sealed, len).0, Verdict::Drop(DropReason::TunnelAuthFailed));
+        assert_eq!(counters.dropped(DropReason::TunnelAuthFailed), 1);
+        let mut no_room =
+            udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:2"), addr("10.0.0.1:5000"), &[7; 100]);
+        assert_eq!(
+            edge.handle(0, IfaceId(0), &mut no_room),
+            Verdict::Drop(DropReason::TunnelMalformed),
+            "no room to grow"
         );
     }
 }

@@ -5,6 +5,7 @@
 use core::net::SocketAddr;
 use std::collections::HashMap;
 
+use crate::oxtunnel::TunnelKey;
 use crate::prefix::IpPrefix;
 use crate::ratelimit::Limit;
 
@@ -25,6 +26,10 @@ pub struct Route {
     pub allowed_clients: Vec<IpPrefix>,
     pub per_source: Limit,
     pub per_session: Limit,
+    /// Clients reach this route through an OxTunnel hop with this key.
+    pub listen_key: Option<TunnelKey>,
+    /// The upstreams are relays reached through an OxTunnel hop with this key.
+    pub upstream_key: Option<TunnelKey>,
 }
 
 /// All routes of one relay, looked up by the destination a client used.
@@ -48,6 +53,12 @@ pub struct RouteSpec {
     pub per_source: Limit,
     /// Rate each session of this route may send.
     pub per_session: Limit,
+    /// `encap = "oxtunnel"`: the key file clients' relay shares with us (read by the binary).
+    pub listen_key_file: Option<String>,
+    pub listen_key: Option<TunnelKey>,
+    /// `upstream_encap = "oxtunnel"`: the key file shared with the upstream relays.
+    pub upstream_key_file: Option<String>,
+    pub upstream_key: Option<TunnelKey>,
 }
 
 impl RouteSpec {
@@ -59,6 +70,10 @@ impl RouteSpec {
             allowed_clients: Vec::new(),
             per_source: Limit::default(),
             per_session: Limit::default(),
+            listen_key_file: None,
+            listen_key: None,
+            upstream_key_file: None,
+            upstream_key: None,
         }
     }
 }
@@ -85,6 +100,8 @@ impl RouteTable {
                 allowed_clients: spec.allowed_clients.clone(),
                 per_source: spec.per_source,
                 per_session: spec.per_session,
+                listen_key: spec.listen_key.clone(),
+                upstream_key: spec.upstream_key.clone(),
             });
             if spec.listen.ip().is_unspecified() {
                 table.wildcard.insert((spec.listen.is_ipv6(), spec.listen.port()), id);

@@ -65,6 +65,8 @@ pub struct Session {
     pub last_seen: Millis,
     /// This session's per-session rate-limit buckets.
     pub tokens: TokenPair,
+    /// The flow id a tunnelled client side (a previous relay) gave this flow; echoed in replies.
+    pub peer_flow: u32,
 }
 
 /// A session's place in the table, valid until that session expires.
@@ -213,6 +215,7 @@ mod tests {
             client_mac: [2, 0, 0, 0, 0, 1],
             last_seen: 0,
             tokens: TokenPair::full(&crate::ratelimit::Limit::default(), 0),
+            peer_flow: 0,
         }
     }
 

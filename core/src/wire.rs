@@ -128,6 +128,11 @@ impl<T: AsRef<[u8]>> UdpFrame<T> {
         &self.bytes()[self.l4 + field::UDP_HEADER_LEN..self.end]
     }
 
+    /// Where the UDP payload starts in the buffer.
+    pub fn payload_offset(&self) -> usize {
+        self.l4 + field::UDP_HEADER_LEN
+    }
+
     /// Bytes of the frame up to the end of the UDP datagram.
     pub fn len(&self) -> usize {
         self.end
@@ -189,6 +194,46 @@ impl<T: AsRef<[u8]>> UdpFrame<T> {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpFrame<T> {
+    /// Declares a new payload length (the payload bytes already written after
+    /// [`payload_offset`](Self::payload_offset)): updates the IP and UDP lengths
+    /// and the IPv4 header checksum. The UDP checksum must be recomputed with
+    /// [`recompute_udp_checksum`](Self::recompute_udp_checksum) once addresses are final.
+    /// Returns `false`, changing nothing, when the buffer or the length field cannot hold it.
+    pub fn set_payload_len(&mut self, payload_len: usize) -> bool {
+        let (l3, l4, ipv6) = (self.l3, self.l4, self.ipv6);
+        let end = l4 + field::UDP_HEADER_LEN + payload_len;
+        let bytes = self.buffer.as_mut();
+        let udp_len = end - l4;
+        let ip_len = if ipv6 { udp_len } else { end - l3 };
+        if end > bytes.len() || ip_len > usize::from(u16::MAX) {
+            return false;
+        }
+        bytes[l4 + 4..l4 + 6].copy_from_slice(&(udp_len as u16).to_be_bytes());
+        if ipv6 {
+            bytes[l3 + 4..l3 + 6].copy_from_slice(&(ip_len as u16).to_be_bytes());
+        } else {
+            bytes[l3 + 2..l3 + 4].copy_from_slice(&(ip_len as u16).to_be_bytes());
+            bytes[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+            let sum = checksum::checksum(&bytes[l3..l4]);
+            bytes[l3 + 10..l3 + 12].copy_from_slice(&sum.to_be_bytes());
+        }
+        self.end = end;
+        true
+    }
+
+    /// Computes the UDP checksum from scratch (after the payload changed).
+    pub fn recompute_udp_checksum(&mut self) {
+        let (l4, end) = (self.l4, self.end);
+        let pseudo = self.pseudo_header_sum();
+        let bytes = self.buffer.as_mut();
+        bytes[l4 + 6..l4 + 8].copy_from_slice(&[0, 0]);
+        let sum = match !checksum::ones_complement_sum(&bytes[l4..end], pseudo) {
+            0 => 0xffff,
+            sum => sum,
+        };
+        bytes[l4 + 6..l4 + 8].copy_from_slice(&sum.to_be_bytes());
+    }
+
     /// Rewrites MACs, addresses, ports and TTL in place, updating the IPv4 and
     /// UDP checksums incrementally. Returns `false` (frame untouched) when the
     /// new addresses are not of the frame's family.
@@ -554,6 +599,29 @@ mod tests {
         let to = Rewrite { src_mac: MAC_B, dst_mac: MAC_A, src: addr("[fd00::1]:1"), dst: addr("[fd00::2]:2") };
         assert!(!UdpFrame::new_checked(&mut frame[..]).expect("valid").rewrite(&to));
         assert_eq!(frame, before);
+    }
+
+    #[test]
+    fn payload_can_grow_and_shrink_in_a_larger_buffer() {
+        for (src, dst) in [("10.0.0.1:1", "10.0.0.2:2"), ("[fd00::1]:1", "[fd00::2]:2")] {
+            let original = udp_frame(MAC_A, MAC_B, addr(src), addr(dst), b"short");
+            let mut buffer = original.clone();
+            buffer.resize(original.len() + 100, 0xee);
+            let mut view = UdpFrame::new_checked(&mut buffer[..]).expect("valid");
+            let at = view.payload_offset();
+            assert!(view.set_payload_len(60));
+            let end = view.len();
+            buffer[at..at + 60].copy_from_slice(&[7u8; 60]);
+            let mut view = UdpFrame::new_checked(&mut buffer[..end]).expect("valid after growing");
+            view.recompute_udp_checksum();
+            assert_eq!(&buffer[..end], &udp_frame(MAC_A, MAC_B, addr(src), addr(dst), &[7u8; 60])[..]);
+            let mut view = UdpFrame::new_checked(&mut buffer[..]).expect("valid");
+            assert!(!view.set_payload_len(1000), "no room");
+            assert!(view.set_payload_len(2));
+            view.recompute_udp_checksum();
+            let end = view.len();
+            assert_eq!(&buffer[..end], &udp_frame(MAC_A, MAC_B, addr(src), addr(dst), &[7u8; 2])[..]);
+        }
     }
 
     #[test]

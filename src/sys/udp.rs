@@ -71,14 +71,15 @@ impl RecvBatch {
         Ok(self.count)
     }
 
-    /// The datagrams of the last `receive`: (source, payload).
-    pub fn datagrams(&self) -> impl Iterator<Item = (Option<SocketAddr>, &[u8])> {
+    /// The datagrams of the last `receive`: (source, the whole slot, payload length).
+    /// The slot has room after the payload for rewriting it in place.
+    pub fn datagrams_mut(&mut self) -> impl Iterator<Item = (Option<SocketAddr>, &mut [u8], usize)> {
         self.sources
             .iter()
-            .zip(self.buffers.chunks_exact(SLOT_SIZE))
+            .zip(self.buffers.chunks_exact_mut(SLOT_SIZE))
             .zip(&self.lengths)
             .take(self.count)
-            .map(|((source, slot), &length)| (socket_addr(source), &slot[..length]))
+            .map(|((source, slot), &length)| (socket_addr(source), slot, length))
     }
 }
 
@@ -197,7 +198,7 @@ mod tests {
         let mut got = Vec::new();
         while got.len() < 5 {
             batch.receive(receiver.as_raw_fd()).expect("recvmmsg");
-            got.extend(batch.datagrams().map(|(from, data)| (from, data.to_vec())));
+            got.extend(batch.datagrams_mut().map(|(from, slot, len)| (from, slot[..len].to_vec())));
         }
         for (i, (from, data)) in got.iter().enumerate() {
             assert_eq!(*from, Some(sender.local_addr().expect("addr")));

@@ -14,4 +14,5 @@ in
   vm-single = runTest ./single-vm.nix;
   vm-three-hosts = runTest ./three-vms.nix;
   vm-kernel-tuning = runTest ./tuning.nix;
+  vm-relay-chain = runTest ./chain.nix;
 }

@@ -36,9 +36,9 @@ class Topology:
     """
 
     def __init__(self, prefix, arm="two_arm", ipv6=False, attacker=False):
-        assert arm in ("one_arm", "two_arm") and not (attacker and arm != "one_arm")
+        assert arm in ("one_arm", "two_arm", "chain") and not (attacker and arm != "one_arm")
         self.prefix, self.arm, self.ipv6, self.attacker = prefix, arm, ipv6, attacker
-        self.ns = {role: f"{prefix}-{role}" for role in ("client", "relay", "upstream", "sw", "attacker")}
+        self.ns = {role: f"{prefix}-{role}" for role in ("client", "relay", "relay2", "upstream", "sw", "attacker")}
         self.processes = []
         self.workdir = tempfile.mkdtemp(prefix=f"{prefix}-")
         self._up = False
@@ -64,7 +64,12 @@ class Topology:
 
     @property
     def upstream_ip(self):
-        return self._addr(1, 3) if self.arm == "one_arm" else self._addr(2, 2)
+        return {"one_arm": self._addr(1, 3), "two_arm": self._addr(2, 2), "chain": self._addr(3, 2)}[self.arm]
+
+    @property
+    def relay2_listen_ip(self):
+        """chain: the second relay's address on the relay-to-relay hop."""
+        return self._addr(2, 2)
 
     def endpoint(self, ip, port):
         return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
@@ -99,6 +104,7 @@ class Topology:
 
     def _create(self):
         roles = ["client", "relay", "upstream"] + (["sw"] if self.arm == "one_arm" else []) + (["attacker"] if self.attacker else [])
+        roles += ["relay2"] if self.arm == "chain" else []
         for role in roles:
             sh("ip", "netns", "add", self.ns[role])
             self.ip(role, "link", "set", "lo", "up")
@@ -114,6 +120,21 @@ class Topology:
                 self.ip("sw", "link", "add", peer, "type", "veth", "peer", "name", dev, "netns", self.ns[role])
                 self.ip("sw", "link", "set", peer, "master", "br0", "up")
                 self._address(role, dev, self._addr(1, host), plen)
+        elif self.arm == "chain":
+            # client -> relay (rc0 | ru0) -> relay2 (bc0 | bu0) -> upstream
+            self.ip("relay", "link", "add", "rc0", "type", "veth", "peer", "name", "c0", "netns", self.ns["client"])
+            self.ip("relay", "link", "add", "ru0", "type", "veth", "peer", "name", "bc0", "netns", self.ns["relay2"])
+            self.ip("relay2", "link", "add", "bu0", "type", "veth", "peer", "name", "u0", "netns", self.ns["upstream"])
+            self._address("client", "c0", self.client_ip, plen)
+            self._address("relay", "rc0", self.listen_ip, plen)
+            self._address("relay", "ru0", self._addr(2, 1), plen)
+            self._address("relay2", "bc0", self._addr(2, 2), plen)
+            self._address("relay2", "bu0", self._addr(3, 1), plen)
+            self._address("upstream", "u0", self.upstream_ip, plen)
+            self.ip("client", "route", "add", "default", "via", self.listen_ip)
+            self.ip("upstream", "route", "add", "default", "via", self._addr(3, 1))
+            self.exec("relay2", "ethtool", "-K", "bc0", "tx", "off", check=True)
+            self.exec("relay", "ethtool", "-K", "ru0", "tx", "off", check=True)
         else:
             self.ip("relay", "link", "add", "rc0", "type", "veth", "peer", "name", "c0", "netns", self.ns["client"])
             self.ip("relay", "link", "add", "ru0", "type", "veth", "peer", "name", "u0", "netns", self.ns["upstream"])
@@ -130,7 +151,11 @@ class Topology:
         # A fresh veth drops the first neighbour solicitation while the link settles
         # (a 1 s stall, relay or not): settle links and neighbour caches before any test traffic.
         self.settle("client", self.listen_ip)
-        self.settle("upstream", self.relay_upstream_ip)
+        if self.arm == "chain":
+            self.settle("relay", self._addr(2, 2))
+            self.settle("upstream", self._addr(3, 1))
+        else:
+            self.settle("upstream", self.relay_upstream_ip)
 
     def _address(self, role, dev, addr, plen):
         extra = ["nodad"] if self.ipv6 else []
@@ -188,10 +213,10 @@ class Topology:
         raise RuntimeError(f"{ip} does not answer pings from {role}")
 
 
-def scrape(topo, port=9184):
-    """The relay's /metrics text, fetched from inside the relay namespace."""
+def scrape(topo, port=9184, role="relay"):
+    """The relay's /metrics text, fetched from inside its namespace."""
     code = f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics', timeout=5).read().decode())"
-    return topo.exec("relay", sys.executable, "-c", code)
+    return topo.exec(role, sys.executable, "-c", code)
 
 
 def metric(text, name, **labels):
@@ -218,18 +243,18 @@ def stop_peer(proc, timeout=10):
 class Relay:
     """The relay under test, running in the relay namespace."""
 
-    def __init__(self, topo, binary, config_text, wrapper=()):
-        self.topo, self.binary, self.wrapper = topo, binary, list(wrapper)
-        self.config = os.path.join(topo.workdir, "relay.toml")
-        self.stats_file = os.path.join(topo.workdir, "stats.json")
-        self.log = os.path.join(topo.workdir, "relay.log")
+    def __init__(self, topo, binary, config_text, wrapper=(), role="relay"):
+        self.topo, self.binary, self.wrapper, self.role = topo, binary, list(wrapper), role
+        self.config = os.path.join(topo.workdir, f"{role}.toml")
+        self.stats_file = os.path.join(topo.workdir, f"{role}-stats.json")
+        self.log = os.path.join(topo.workdir, f"{role}.log")
         with open(self.config, "w") as f:
             f.write(config_text)
         self.proc = None
 
     def start(self, timeout=15):
         log = open(self.log, "w")
-        self.proc = self.topo.spawn("relay", *self.wrapper, self.binary, "run", "--config", self.config,
+        self.proc = self.topo.spawn(self.role, *self.wrapper, self.binary, "run", "--config", self.config,
                                     "--stats-file", self.stats_file, stderr=log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -249,7 +274,7 @@ class Relay:
             return json.load(f)
 
     def scrape(self, port=9184):
-        return scrape(self.topo, port)
+        return scrape(self.topo, port, self.role)
 
     metric = staticmethod(lambda text, name, **labels: metric(text, name, **labels))
 

@@ -26,10 +26,11 @@ def split(addr):
     return host.strip("[]"), int(port)
 
 
-def payload(seq, size):
-    """Deterministic, seq-dependent content so any mix-up or corruption shows."""
+def payload(seq, size, random=False):
+    """Seq-dependent content so any mix-up or corruption shows: a repeating pattern
+    (compressible), or random bytes (incompressible)."""
     head = seq.to_bytes(8, "big")
-    body = bytes((seq * 31 + i * 7) & 0xFF for i in range(max(0, size - 8)))
+    body = os.urandom(max(0, size - 8)) if random else bytes((seq * 31 + i * 7) & 0xFF for i in range(max(0, size - 8)))
     return (head + body)[:size] if size >= 8 else head[8 - size:]
 
 
@@ -76,12 +77,14 @@ def client(args):
     next_seq = 0
     received = corrupt = duplicates = first_try_lost = retransmits = 0
     lost_examples = []
-    delivered = set()  # hashes of payloads already matched: a late original after a retransmit is a duplicate
+    delivered = set()
+    given_up = set()
+    late = 0  # hashes of payloads already matched: a late original after a retransmit is a duplicate
     attempts = {}
     deadline = time.monotonic() + args.timeout
     while (next_seq < expected_total or pending) and time.monotonic() < deadline:
         while next_seq < expected_total and len(pending) < args.window:
-            data = payload(next_seq, sizes[next_seq % len(sizes)] if args.size == 0 else args.size)
+            data = payload(next_seq, sizes[next_seq % len(sizes)] if args.size == 0 else args.size, args.random)
             pending[next_seq] = (data, time.monotonic())
             attempts[next_seq] = 1
             sock.send(data)
@@ -103,7 +106,9 @@ def client(args):
                     # Short payloads carry only the low bytes of seq: find the pending one that matches.
                     match = next((s for s, (d, _) in pending.items() if d == data), None)
                 if match is None:
-                    if hash(data) in delivered:
+                    if hash(data) in given_up:
+                        late += 1
+                    elif hash(data) in delivered:
                         duplicates += 1
                     else:
                         corrupt += 1
@@ -118,13 +123,15 @@ def client(args):
                     first_try_lost += 1
                     lost_examples.append(seq)
                 if attempts[seq] > args.retries:
+                    del pending[seq]  # given up on: frees the window; a late answer counts as late, not corrupt
+                    given_up.add(hash(data))
                     continue
                 attempts[seq] += 1
                 retransmits += 1
                 pending[seq] = (data, now)
                 sock.send(data)
     print(json.dumps({
-        "sent": expected_total, "received": received, "missing": len(pending),
+        "sent": expected_total, "received": received, "missing": expected_total - received, "late": late,
         "corrupt": corrupt, "duplicates": duplicates, "first_try_lost": first_try_lost, "retransmits": retransmits,
         "local": "%s:%d" % sock.getsockname()[:2], "lost_examples": lost_examples[:8],
     }), flush=True)
@@ -217,6 +224,7 @@ def main():
     p.add_argument("--count", type=int, default=1000); p.add_argument("--size", type=int, default=0)
     p.add_argument("--window", type=int, default=32); p.add_argument("--retry-after", type=float, default=0.5)
     p.add_argument("--retries", type=int, default=3); p.add_argument("--timeout", type=float, default=120)
+    p.add_argument("--random", action="store_true", help="incompressible payloads")
     p.set_defaults(run=client)
     p = sub.add_parser("many-clients"); p.add_argument("--to", required=True)
     p.add_argument("--count", type=int, default=1000); p.add_argument("--rounds", type=int, default=2)

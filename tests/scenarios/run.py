@@ -377,6 +377,88 @@ def least_privilege(binary, prefix, backend):
         finish(topo, unprivileged)
 
 
+def chain_config(interfaces, listen, upstream, tunnel):
+    client_if, upstream_if = interfaces
+    return f"""[runtime]
+mode = "{{mode}}"
+stats_interval_secs = 2
+
+[[interface]]
+name = "{client_if}"
+role = "client"
+
+[[interface]]
+name = "{upstream_if}"
+role = "upstream"
+
+[[route]]
+listen = "{listen}"
+upstreams = ["{upstream}"]
+{tunnel}
+"""
+
+
+@scenario("chain")
+def chain(binary, prefix, backend):
+    """client -> relay A -> OxTunnel hop -> relay B -> upstream echo: payloads intact, compressible
+    ones shrink on the hop, keepalives flow, and a relay with the wrong key drops and counts everything."""
+    with Topology(prefix, arm="chain") as topo:
+        hop = topo.endpoint(topo.relay2_listen_ip, 6000)
+        key_a, key_wrong = os.path.join(topo.workdir, "hop.key"), os.path.join(topo.workdir, "wrong.key")
+        for path in (key_a, key_wrong):
+            with open(path, "w") as f:
+                f.write(os.urandom(32).hex() + "\n")
+        config_a = chain_config(("rc0", "ru0"), topo.listen, hop, f'upstream_encap = "oxtunnel"\nupstream_key_file = "{key_a}"')
+        config_b = lambda key: chain_config(("bc0", "bu0"), hop, topo.upstream, f'encap = "oxtunnel"\nkey_file = "{key}"')
+        echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream)
+        relay_b = Relay(topo, binary, config_b(key_a).replace("{mode}", backend), role="relay2").start()
+        relay_a = Relay(topo, binary, config_a.replace("{mode}", backend)).start()
+
+        def hop_bytes():
+            return int(topo.exec("relay", "cat", "/sys/class/net/ru0/statistics/tx_bytes"))
+
+        sent = {}
+        for kind, extra in (("compressible", []), ("incompressible", ["--random"])):
+            before = hop_bytes()
+            report = topo.peer("client", "client", "--to", topo.listen, "--count", "2000", "--size", "1000", *extra)
+            sent[kind] = hop_bytes() - before
+            expect(report["received"] == 2000 and report["corrupt"] == 0, f"{kind}: 2000 datagrams through both relays came back intact")
+        per_datagram = {k: v / (2000 + 0.0) for k, v in sent.items()}
+        expect(per_datagram["compressible"] < 0.5 * per_datagram["incompressible"],
+               f"compressible payloads shrink on the A-B hop ({per_datagram['compressible']:.0f} vs {per_datagram['incompressible']:.0f} bytes per 1000-byte datagram, measured on A's ru0)")
+        expect(per_datagram["incompressible"] <= 1000 + 26 + 42 + 10, "incompressible ones go plain, with only the tunnel overhead")
+        time.sleep(1.5)
+        text_a = relay_a.scrape()
+        expect(relay_a.metric(text_a, "oxidize_relay_tunnel_compression_saved_bytes_total") > 0, "A reports the bytes compression saved")
+        expect(relay_a.metric(text_a, "oxidize_relay_tunnel_peer_keepalives_total", direction="answered") > 0,
+               "A's keepalives are answered by B")
+        expect(relay_b.stats()["tunnel_keepalives"] > 0, "B counts the keepalives it answered")
+
+        finish_role(topo, relay_b, ("bc0", "bu0"), backend)
+        relay_b = Relay(topo, binary, config_b(key_wrong).replace("{mode}", backend), role="relay2").start()
+        report = topo.peer("client", "client", "--to", topo.listen, "--count", "200", "--retries", "0", "--timeout", "3")
+        print(f"  client against the wrong key: {report}")
+        expect(report["received"] == 0, "with the wrong key at B nothing comes back")
+        stats_b = relay_b.wait_stats(lambda s: s["drops"]["tunnel_auth_failed"] >= 200)
+        print(f"  B: drops {dict((k, v) for k, v in stats_b['drops'].items() if v)}, "
+              f"xdp {dict((n, c) for i in stats_b['interfaces'].values() for n, c in i['xdp_counters'].items() if c)}")
+        expect(stats_b["drops"]["tunnel_auth_failed"] >= 200, f"B drops every packet as tunnel_auth_failed ({stats_b['drops']['tunnel_auth_failed']})")
+        deadline = time.monotonic() + 6
+        while "tunnel next hop lost" not in relay_a.log_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        expect("tunnel next hop lost" in relay_a.log_text(), "A logs that its next hop stopped answering keepalives")
+        stop_peer(echo)
+        finish_role(topo, relay_b, ("bc0", "bu0"), backend)
+        finish_role(topo, relay_a, ("rc0", "ru0"), backend)
+
+
+def finish_role(topo, relay, interfaces, backend):
+    code, _ = relay.terminate()
+    expect(code == 0, f"{relay.role} exits 0 on SIGTERM")
+    for dev in interfaces:
+        expect(not topo.xdp_attached(relay.role, dev), f"no XDP program left on {relay.role} {dev}")
+
+
 # For a relay run by someone else (the NixOS module in the VM tests): make the
 # two-arm topology and leave it, check traffic through it, take it down.
 @scenario("topology-up")
