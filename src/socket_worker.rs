@@ -14,7 +14,7 @@ use mio::net::UdpSocket as MioUdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use oxidize_relay_core::config::WaitMode;
 use oxidize_relay_core::counters::Counters;
-use oxidize_relay_core::relay::ClientAction;
+use oxidize_relay_core::relay::{ClientAction, Upstreamward};
 use oxidize_relay_core::session::Session;
 use oxidize_relay_core::{DropReason, IfaceId};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -208,8 +208,8 @@ impl SocketWorker {
             for (source, slot, len) in batch.datagrams_mut() {
                 let Some(from) = source else { continue };
                 self.count_rx(from, len);
-                let Ok((session, len)) = self.core.relay.reply_payload(now, from, local, slot, len) else { continue };
-                self.queue_reply(listener, session.flow.client, &slot[..len]);
+                let Ok((back, len)) = self.core.relay.reply_payload(now, from, local, slot, len) else { continue };
+                self.queue_reply(listener, back.client, &slot[..len]);
             }
             if received < self.core.batch_size {
                 return false;
@@ -227,7 +227,7 @@ impl SocketWorker {
         replies.push(Some(client), payload);
     }
 
-    fn session_socket(&mut self, session: &Session, listener: usize) -> Option<&mut SessionSocket> {
+    fn session_socket(&mut self, session: &Upstreamward, listener: usize) -> Option<&mut SessionSocket> {
         if !self.sessions.contains_key(&session.nat_port) {
             let local = SocketAddr::new(session.nat_ip, session.nat_port);
             let upstream = self.core.relay.routes().upstream(session.upstream);

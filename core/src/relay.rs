@@ -12,16 +12,34 @@ use crate::ratelimit::{Limit, SourceLimiter, TokenPair};
 use crate::route::{self, RouteTable, UpstreamId};
 use crate::session::{AdmitError, FlowKey, IfaceId, Session, SessionTable, Slot};
 use crate::time::Millis;
-use crate::wire::{MacAddr, Rewrite, UdpFrame};
+use crate::wire::{Layout, MacAddr, Rewrite, UdpFrame};
 
 /// Admissions remembered between two drains by the worker (more than a burst's worth).
 const ADMITTED_BACKLOG: usize = 1024;
+
+/// Where a client datagram goes: the session's upstream, from its NAT address.
+/// Small on purpose: it is returned for every packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Upstreamward {
+    pub upstream: UpstreamId,
+    pub nat_ip: IpAddr,
+    pub nat_port: u16,
+}
+
+/// Where an upstream datagram goes: back to the client, from the address it used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clientward {
+    pub client: SocketAddr,
+    pub listen: SocketAddr,
+    pub iface: IfaceId,
+    pub mac: MacAddr,
+}
 
 /// What the relay does with a client datagram's payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClientAction {
     /// Send it to the session's upstream.
-    Forward(Session),
+    Forward(Upstreamward),
     /// It was a tunnel keepalive: send the (sealed) answer back to where it came from.
     KeepaliveReply,
 }
@@ -224,7 +242,7 @@ impl Relay {
         to: SocketAddr,
         payload: &mut [u8],
         len: usize,
-    ) -> Result<(Session, usize), DropReason> {
+    ) -> Result<(Clientward, usize), DropReason> {
         let result = self.reply_steps(now, from, to, payload, len);
         self.count_error(result)
     }
@@ -268,35 +286,35 @@ impl Relay {
             return Err(DropReason::BadChecksum);
         }
         let (src, dst, src_mac) = (packet.src(), packet.dst(), packet.src_mac());
-        let (at, payload_len, frame_len) = (packet.payload_offset(), packet.payload().len(), packet.len());
+        let (at, payload_len, layout) = (packet.payload_offset(), packet.payload().len(), packet.layout());
         // Config keeps listen ports out of the NAT range, so the port alone tells the direction.
         if self.sessions.owns_port(dst.port()) {
-            let (session, new_len) = self.reply_steps(now, src, dst, &mut buffer[at..], payload_len)?;
+            let (back, new_len) = self.reply_steps(now, src, dst, &mut buffer[at..], payload_len)?;
             let to = Rewrite {
-                src_mac: self.iface_macs[usize::from(session.client_iface.0)],
-                dst_mac: session.client_mac,
-                src: session.flow.listen,
-                dst: session.flow.client,
+                src_mac: self.iface_macs[usize::from(back.iface.0)],
+                dst_mac: back.mac,
+                src: back.listen,
+                dst: back.client,
             };
-            return finish(buffer, frame_len, payload_len, new_len, &to, session.client_iface);
+            return finish(buffer, layout, payload_len, new_len, &to, back.iface);
         }
         let (action, new_len) = self.client_steps(
             now,
             ingress,
             FlowKey { client: src, listen: dst },
             src_mac,
-            frame_len as u64,
+            (at + payload_len) as u64,
             &mut buffer[at..],
             payload_len,
         )?;
         let (to, egress) = match action {
-            ClientAction::Forward(session) => {
-                let hop = self.resolved_hop(session.upstream).ok_or(DropReason::NeighborUnresolved)?;
+            ClientAction::Forward(out) => {
+                let hop = self.resolved_hop(out.upstream).ok_or(DropReason::NeighborUnresolved)?;
                 let to = Rewrite {
                     src_mac: self.iface_macs[usize::from(hop.iface.0)],
                     dst_mac: hop.dst_mac,
-                    src: SocketAddr::new(session.nat_ip, session.nat_port),
-                    dst: self.routes.upstream(session.upstream),
+                    src: SocketAddr::new(out.nat_ip, out.nat_port),
+                    dst: self.routes.upstream(out.upstream),
                 };
                 (to, hop.iface)
             }
@@ -307,12 +325,13 @@ impl Relay {
                 (to, ingress)
             }
         };
-        finish(buffer, frame_len, payload_len, new_len, &to, egress)
+        finish(buffer, layout, payload_len, new_len, &to, egress)
     }
 
     /// Client-side steps: open the listen side's tunnel (answering keepalives),
     /// admit and limit, then seal for the upstream's tunnel.
     #[expect(clippy::too_many_arguments, reason = "one datagram's facts, passed apart to avoid a struct per packet")]
+    #[inline]
     fn client_steps(
         &mut self,
         now: Millis,
@@ -324,8 +343,8 @@ impl Relay {
         len: usize,
     ) -> Result<(ClientAction, usize), DropReason> {
         if !self.tunnels {
-            let session = self.admit_client(now, ingress, flow, client_mac, frame_bytes)?;
-            return Ok((ClientAction::Forward(session), len));
+            let out = self.admit_client(now, ingress, flow, client_mac, frame_bytes)?;
+            return Ok((ClientAction::Forward(out), len));
         }
         let route = self.routes.route(self.routes.lookup(flow.listen).ok_or(DropReason::NoRoute)?);
         let (listen_key, upstream_key) = (route.listen_key.clone(), route.upstream_key.clone());
@@ -340,18 +359,19 @@ impl Relay {
             }
             opened = Some(inner);
         }
-        let session = self.admit_client(now, ingress, flow, client_mac, frame_bytes)?;
+        let out = self.admit_client(now, ingress, flow, client_mac, frame_bytes)?;
         if let Some(inner) = opened
-            && let Some(stored) = self.sessions.by_port_mut(session.nat_port)
+            && let Some(stored) = self.sessions.by_port_mut(out.nat_port)
         {
             stored.peer_flow = inner.flow_id;
         }
         let plain = opened.map(|o| o.len);
-        let new_len = self.tunnel_out(upstream_key.as_ref(), u32::from(session.nat_port), plain, payload, len)?;
-        Ok((ClientAction::Forward(session), new_len))
+        let new_len = self.tunnel_out(upstream_key.as_ref(), u32::from(out.nat_port), plain, payload, len)?;
+        Ok((ClientAction::Forward(out), new_len))
     }
 
     /// Upstream-side steps: the session, then open the upstream's tunnel and seal for the client's.
+    #[inline]
     fn reply_steps(
         &mut self,
         now: Millis,
@@ -359,12 +379,12 @@ impl Relay {
         to: SocketAddr,
         payload: &mut [u8],
         len: usize,
-    ) -> Result<(Session, usize), DropReason> {
-        let session = self.find_reply(now, from, to)?;
+    ) -> Result<(Clientward, usize), DropReason> {
+        let (back, route, peer_flow) = self.find_reply(now, from, to)?;
         if !self.tunnels {
-            return Ok((session, len));
+            return Ok((back, len));
         }
-        let route = self.routes.route(session.route);
+        let route = self.routes.route(route);
         let (listen_key, upstream_key) = (route.listen_key.clone(), route.upstream_key.clone());
         let mut plain = None;
         if let Some(key) = &upstream_key {
@@ -374,8 +394,8 @@ impl Relay {
             }
             plain = Some(inner.len);
         }
-        let new_len = self.tunnel_out(listen_key.as_ref(), session.peer_flow, plain, payload, len)?;
-        Ok((session, new_len))
+        let new_len = self.tunnel_out(listen_key.as_ref(), peer_flow, plain, payload, len)?;
+        Ok((back, new_len))
     }
 
     /// Writes the outgoing payload: sealed with `key` when the next hop is a
@@ -414,17 +434,31 @@ impl Relay {
         }
     }
 
-    fn find_reply(&mut self, now: Millis, from: SocketAddr, to: SocketAddr) -> Result<Session, DropReason> {
+    /// The session a reply answers: where it goes back to, its route and the peer's flow id.
+    #[inline]
+    fn find_reply(
+        &mut self,
+        now: Millis,
+        from: SocketAddr,
+        to: SocketAddr,
+    ) -> Result<(Clientward, route::RouteId, u32), DropReason> {
         let session = self.sessions.by_port_mut(to.port()).ok_or(DropReason::NoSession)?;
         if session.nat_ip != to.ip() || self.routes.upstream(session.upstream) != from {
             return Err(DropReason::UnexpectedReplySource);
         }
         session.last_seen = now;
-        Ok(*session)
+        let back = Clientward {
+            client: session.flow.client,
+            listen: session.flow.listen,
+            iface: session.client_iface,
+            mac: session.client_mac,
+        };
+        Ok((back, session.route, session.peer_flow))
     }
 
     /// Client traffic: the global limit, then per-source, then the session (found or
     /// created), then per-session. Cheapest refusal first, so a flood costs little.
+    #[inline]
     fn admit_client(
         &mut self,
         now: Millis,
@@ -432,7 +466,7 @@ impl Relay {
         flow: FlowKey,
         client_mac: MacAddr,
         bytes: u64,
-    ) -> Result<Session, DropReason> {
+    ) -> Result<Upstreamward, DropReason> {
         if !self.global_limit.is_unlimited() && !self.global_tokens.allow(&self.global_limit, now, bytes) {
             return Err(DropReason::RateLimitedGlobal);
         }
@@ -457,7 +491,7 @@ impl Relay {
         if !per_session.is_unlimited() && !session.tokens.allow(&per_session, now, bytes) {
             return Err(DropReason::RateLimitedSession);
         }
-        Ok(*session)
+        Ok(Upstreamward { upstream: session.upstream, nat_ip: session.nat_ip, nat_port: session.nat_port })
     }
 
     /// Creates the session of a new flow: access list, per-source cap, upstream choice, NAT port.
@@ -529,20 +563,25 @@ fn release_source(per_source: &mut HashMap<IpAddr, u32, ahash::RandomState>, sou
 
 /// Rewrites addresses (and, when the payload changed length, the lengths and
 /// the UDP checksum) of the frame in `buffer`; returns the verdict and its length.
+#[inline]
 fn finish(
     buffer: &mut [u8],
-    frame_len: usize,
+    layout: Layout,
     old_payload: usize,
     new_payload: usize,
     to: &Rewrite,
     egress: IfaceId,
 ) -> Result<(Verdict, usize), DropReason> {
+    // The steps changed at most the payload, so the checked layout still holds.
+    let mut packet = UdpFrame::with_layout(&mut buffer[..], layout).ok_or(DropReason::TooShort)?;
     if new_payload == old_payload {
-        let mut packet = UdpFrame::new_checked(&mut buffer[..frame_len])?;
         // Config validation keeps listen and upstream families equal; this guards the invariant.
-        return if packet.rewrite(to) { Ok((Verdict::Forward(egress), frame_len)) } else { Err(DropReason::NoRoute) };
+        return if packet.rewrite(to) {
+            Ok((Verdict::Forward(egress), packet.len()))
+        } else {
+            Err(DropReason::NoRoute)
+        };
     }
-    let mut packet = UdpFrame::new_checked(&mut buffer[..])?;
     if !packet.set_payload_len(new_payload) || !packet.rewrite(to) {
         return Err(DropReason::TunnelMalformed);
     }

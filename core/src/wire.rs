@@ -78,7 +78,33 @@ pub struct Rewrite {
     pub dst: SocketAddr,
 }
 
+/// Where the headers of a validated frame are, to view the same bytes again
+/// (after changing only the payload) without checking them twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    l3: usize,
+    l4: usize,
+    end: usize,
+    ipv6: bool,
+}
+
 impl<T: AsRef<[u8]>> UdpFrame<T> {
+    pub fn layout(&self) -> Layout {
+        Layout { l3: self.l3, l4: self.l4, end: self.end, ipv6: self.ipv6 }
+    }
+
+    /// A view of `buffer` with a layout [`new_checked`](Self::new_checked) produced for these
+    /// same header bytes; `None` if the buffer is now too short for it.
+    pub fn with_layout(buffer: T, layout: Layout) -> Option<Self> {
+        (buffer.as_ref().len() >= layout.end).then_some(UdpFrame {
+            buffer,
+            l3: layout.l3,
+            l4: layout.l4,
+            end: layout.end,
+            ipv6: layout.ipv6,
+        })
+    }
+
     /// Checks every length and the fields the relay relies on; the only way to build a view.
     pub fn new_checked(buffer: T) -> Result<Self, DropReason> {
         let bytes = buffer.as_ref();
