@@ -247,16 +247,6 @@ impl Relay {
         self.count_error(result)
     }
 
-    /// Whether `port` is one of this relay's NAT ports.
-    pub fn is_nat_port(&self, port: u16) -> bool {
-        self.sessions.owns_port(port)
-    }
-
-    /// The current next hop toward `upstream`, if resolved.
-    pub fn next_hop(&self, upstream: UpstreamId) -> Option<NextHop> {
-        self.next_hops.get(usize::from(upstream.0)).copied().flatten()
-    }
-
     pub fn routes(&self) -> &RouteTable {
         &self.routes
     }
