@@ -13,6 +13,7 @@ const INTERVAL: Duration = Duration::from_secs(1);
 /// A peer that has not answered for this long is reported lost.
 const LOST_AFTER: Duration = Duration::from_secs(3);
 
+#[derive(Debug)]
 struct Peer {
     upstream: SocketAddr,
     key: TunnelKey,
@@ -23,15 +24,10 @@ struct Peer {
 }
 
 /// Keepalive state of every tunnel upstream.
+#[derive(Debug)]
 pub struct Keepalives {
     peers: Vec<Peer>,
     started: Instant,
-}
-
-impl std::fmt::Debug for Keepalives {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Keepalives").field("peers", &self.peers.len()).finish()
-    }
 }
 
 impl Keepalives {

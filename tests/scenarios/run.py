@@ -82,12 +82,13 @@ def check_metrics(topo, relay, backend, count):
         expect(used <= exported, f"every metric the dashboard queries is exported ({len(used)} names; missing {used - exported or 'none'})")
 
 
-def finish(topo, relay):
-    """SIGTERM the relay: exit 0, final stats, and no XDP program left on its interfaces."""
+def finish(topo, relay, interfaces=None):
+    """SIGTERM the relay: exit 0, final stats, and no XDP program left on its interfaces
+    (the topology's relay interfaces unless named)."""
     code, final = relay.terminate()
-    expect(code == 0, f"relay exits 0 on SIGTERM (got {code})")
-    for dev in topo.relay_interfaces:
-        expect(not topo.xdp_attached("relay", dev), f"no XDP program left on {dev} after SIGTERM")
+    expect(code == 0, f"{relay.role} exits 0 on SIGTERM (got {code})")
+    for dev in interfaces or topo.relay_interfaces:
+        expect(not topo.xdp_attached(relay.role, dev), f"no XDP program left on {relay.role} {dev} after SIGTERM")
     return final
 
 
@@ -434,7 +435,7 @@ def chain(binary, prefix, backend):
                "A's keepalives are answered by B")
         expect(relay_b.stats()["tunnel_keepalives"] > 0, "B counts the keepalives it answered")
 
-        finish_role(topo, relay_b, ("bc0", "bu0"), backend)
+        finish(topo, relay_b, ("bc0", "bu0"))
         relay_b = Relay(topo, binary, config_b(key_wrong).replace("{mode}", backend), role="relay2").start()
         report = topo.peer("client", "client", "--to", topo.listen, "--count", "200", "--retries", "0", "--timeout", "3")
         print(f"  client against the wrong key: {report}")
@@ -448,15 +449,8 @@ def chain(binary, prefix, backend):
             time.sleep(0.2)
         expect("tunnel next hop lost" in relay_a.log_text(), "A logs that its next hop stopped answering keepalives")
         stop_peer(echo)
-        finish_role(topo, relay_b, ("bc0", "bu0"), backend)
-        finish_role(topo, relay_a, ("rc0", "ru0"), backend)
-
-
-def finish_role(topo, relay, interfaces, backend):
-    code, _ = relay.terminate()
-    expect(code == 0, f"{relay.role} exits 0 on SIGTERM")
-    for dev in interfaces:
-        expect(not topo.xdp_attached(relay.role, dev), f"no XDP program left on {relay.role} {dev}")
+        finish(topo, relay_b, ("bc0", "bu0"))
+        finish(topo, relay_a, ("rc0", "ru0"))
 
 
 # For a relay run by someone else (the NixOS module in the VM tests): make the
