@@ -7,7 +7,7 @@ use std::sync::Arc;
 use metrics::{counter, gauge};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use oxidize_relay_core::DropReason;
-use oxidize_relay_core::counters::{Counters, pool_name};
+use oxidize_relay_core::counters::{Counters, KernelSocketStat, pool_name};
 
 use crate::sys::bpf_abi::XdpCounter;
 
@@ -22,6 +22,9 @@ pub const NAMES: &[&str] = &[
     SESSIONS_CREATED,
     SESSIONS_EXPIRED,
     SESSIONS_REFUSED,
+    REPLIES_CROSS_QUEUE,
+    CLIENTS_CROSS_QUEUE,
+    AF_XDP_KERNEL,
     POOL_FRAMES_IN_USE,
     POOL_FRAMES,
     POOL_ALLOCS,
@@ -48,6 +51,9 @@ pub const SESSIONS_ACTIVE: &str = "oxidize_relay_sessions_active";
 pub const SESSIONS_CREATED: &str = "oxidize_relay_sessions_created_total";
 pub const SESSIONS_EXPIRED: &str = "oxidize_relay_sessions_expired_total";
 pub const SESSIONS_REFUSED: &str = "oxidize_relay_sessions_refused_total";
+pub const REPLIES_CROSS_QUEUE: &str = "oxidize_relay_replies_cross_queue_total";
+pub const CLIENTS_CROSS_QUEUE: &str = "oxidize_relay_clients_cross_queue_total";
+pub const AF_XDP_KERNEL: &str = "oxidize_relay_af_xdp_kernel_total";
 pub const POOL_FRAMES_IN_USE: &str = "oxidize_relay_pool_frames_in_use";
 pub const POOL_FRAMES: &str = "oxidize_relay_pool_frames";
 pub const POOL_ALLOCS: &str = "oxidize_relay_pool_allocs_total";
@@ -104,6 +110,11 @@ pub fn publish(workers: &[Arc<Counters>], xdp: &[(String, Option<[u64; XdpCounte
         gauge!(SESSIONS_ACTIVE, "worker" => worker.clone()).set(c.sessions_active.get() as f64);
         counter!(SESSIONS_CREATED, "worker" => worker.clone()).absolute(c.sessions_created.get());
         counter!(SESSIONS_EXPIRED, "worker" => worker.clone()).absolute(c.sessions_expired.get());
+        counter!(REPLIES_CROSS_QUEUE, "worker" => worker.clone()).absolute(c.replies_cross_queue.get());
+        counter!(CLIENTS_CROSS_QUEUE, "worker" => worker.clone()).absolute(c.clients_cross_queue.get());
+        for (stat, value) in KernelSocketStat::ALL.iter().zip(&c.kernel) {
+            counter!(AF_XDP_KERNEL, "worker" => worker.clone(), "event" => stat.name()).absolute(value.get());
+        }
         let domains = c.pool_domains.get() as usize;
         for (index, pool) in c.pools.iter().enumerate().take(domains) {
             let name = pool_name(index, domains);

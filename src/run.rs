@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use oxidize_relay_core::config::{Config, InterfaceRole, Mode};
 use oxidize_relay_core::counters::Counters;
+use oxidize_relay_core::directory::NatDirectory;
 use oxidize_relay_core::oxtunnel::TunnelKey;
 use oxidize_relay_core::route::{RouteTable, UpstreamId};
 use oxidize_relay_core::{NextHop, Relay, RelaySettings};
@@ -54,6 +55,20 @@ pub enum SetupError {
     Metrics(#[from] MetricsError),
     #[error("interface {interface} has {available} RX queues but the config asks for {wanted}")]
     Queues { interface: String, available: u32, wanted: u32 },
+    #[error(
+        "interface {interface} has {available} RX queues but the config serves only {wanted}: relay traffic \
+         that RSS puts on the other queues would reach the kernel, which answers it with ICMP port unreachable. \
+         Remove `queues` to serve them all, or reduce the channels: `ethtool -L {interface} combined {wanted}` \
+         (NixOS: services.oxidize-relay.nic.{interface}.channels = {wanted})"
+    )]
+    QueuesUnserved { interface: String, available: u32, wanted: u32 },
+    #[error(
+        "the interfaces have different RX queue counts ({counts}); worker N serves queue N of every interface, \
+         so make them equal with `ethtool -L IF combined N`"
+    )]
+    QueueCountsDiffer { counts: String },
+    #[error("reading a random seed from the kernel failed")]
+    Seed(#[source] std::io::Error),
     #[error("reading the OxTunnel key file {path}: {reason}")]
     KeyFile { path: String, reason: String },
     #[error("opening the tunnel keepalive sockets failed")]
@@ -102,6 +117,8 @@ struct Backend {
 /// Per-worker pieces both backends build the same way.
 struct WorkerShared {
     routes: Arc<RouteTable>,
+    /// Every worker's NAT sessions, readable by all (replies land on any queue).
+    directory: Arc<NatDirectory>,
     stop: Arc<AtomicBool>,
     unresolved: Sender<UpstreamId>,
     epoch: Instant,
@@ -117,8 +134,14 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
     let (mode, report) = probe::resolve_mode(&config).map_err(SetupError::Mode)?;
     let routes = Arc::new(RouteTable::new(&config.routes));
     let (unresolved_tx, unresolved_rx) = mpsc::channel();
-    let shared =
-        WorkerShared { routes: routes.clone(), stop: stop.clone(), unresolved: unresolved_tx, epoch: Instant::now() };
+    let directory = Arc::new(NatDirectory::new(config.nat.ports, sys::random_u64().map_err(SetupError::Seed)?));
+    let shared = WorkerShared {
+        routes: routes.clone(),
+        directory,
+        stop: stop.clone(),
+        unresolved: unresolved_tx,
+        epoch: Instant::now(),
+    };
     let backend = match mode {
         Mode::Socket => socket_backend(&config, &shared)?,
         Mode::AfXdp | Mode::Auto => af_xdp_backend(&config, &report, &shared)?,
@@ -188,12 +211,14 @@ fn worker_core(
     worker: u32,
     workers: u32,
     iface_macs: Vec<[u8; 6]>,
-) -> (WorkerCore, Sender<WorkerUpdate>) {
+) -> Result<(WorkerCore, Sender<WorkerUpdate>), SetupError> {
     let per_worker = config.nat_port_count() / workers as usize;
     let first = config.nat.ports.0 + (worker as usize * per_worker) as u16;
     let settings = RelaySettings {
         iface_macs,
+        directory: shared.directory.clone(),
         nat_ports: (first, first + per_worker as u16 - 1),
+        seed: sys::random_u64().map_err(SetupError::Seed)?,
         max_sessions: config.nat.max_sessions.div_ceil(workers as usize),
         idle_timeout: config.nat.idle_timeout_secs * 1000,
         verify_checksums: config.security.verify_checksums,
@@ -214,7 +239,7 @@ fn worker_core(
         stop: shared.stop.clone(),
         epoch: shared.epoch,
     };
-    (core, update_tx)
+    Ok((core, update_tx))
 }
 
 impl Backend {
@@ -225,17 +250,10 @@ impl Backend {
 }
 
 fn af_xdp_backend(config: &Config, report: &HostReport, shared: &WorkerShared) -> Result<Backend, SetupError> {
-    let queues = config.interfaces[0].queues;
+    let infos = config.interfaces.iter().map(|i| IfaceInfo::lookup(&i.name)).collect::<Result<Vec<_>, _>>()?;
+    let queues = served_queues(config, &infos)?;
     let mut attached = Vec::new();
-    for interface in &config.interfaces {
-        let info = IfaceInfo::lookup(&interface.name)?;
-        if interface.queues > info.rx_queues {
-            return Err(SetupError::Queues {
-                interface: info.name,
-                available: info.rx_queues,
-                wanted: interface.queues,
-            });
-        }
+    for (interface, info) in config.interfaces.iter().zip(infos) {
         let mut program = XdpProgram::load(config.nat.max_sessions.try_into().unwrap_or(u32::MAX))?;
         program.configure(config.nat.ports.0, config.nat.ports.1, config.security.new_flows_per_second)?;
         for route in &config.routes {
@@ -277,7 +295,7 @@ fn af_xdp_backend(config: &Config, report: &HostReport, shared: &WorkerShared) -
             tracing::info!(interface = %a.info.name, queue, zero_copy = socket.zero_copy, hugepages = pool.hugepages, "AF_XDP socket bound");
             sockets.push(socket);
         }
-        let (core, updates) = worker_core(config, shared, queue, queues, iface_macs.clone());
+        let (core, updates) = worker_core(config, shared, queue, queues, iface_macs.clone())?;
         backend.add_worker(&core, updates);
         let flow_maps = attached.iter().map(|a| a.program.flow_map()).collect();
         backend.workers.push(AnyWorker::AfXdp(Worker { core, pool, sockets, flow_maps }));
@@ -287,8 +305,10 @@ fn af_xdp_backend(config: &Config, report: &HostReport, shared: &WorkerShared) -
 }
 
 fn socket_backend(config: &Config, shared: &WorkerShared) -> Result<Backend, SetupError> {
-    // One worker per configured queue keeps the core count the operator chose.
-    let workers = config.interfaces[0].queues;
+    // As many workers as AF_XDP would run: the configured queues, else the interface's RX queues.
+    let workers = config.interfaces[0]
+        .queues
+        .unwrap_or_else(|| IfaceInfo::lookup(&config.interfaces[0].name).map_or(1, |info| info.rx_queues.max(1)));
     let mut backend = Backend {
         name: "socket",
         attached: Vec::new(),
@@ -297,12 +317,40 @@ fn socket_backend(config: &Config, shared: &WorkerShared) -> Result<Backend, Set
         updates: Vec::new(),
     };
     for id in 0..workers {
-        let (core, updates) = worker_core(config, shared, id, workers, vec![[0; 6]]);
+        let (core, updates) = worker_core(config, shared, id, workers, vec![[0; 6]])?;
         backend.add_worker(&core, updates);
         backend.workers.push(AnyWorker::Socket(SocketWorker::new(core)?));
     }
     tracing::info!(workers, "socket backend bound its listen sockets (SO_REUSEPORT)");
     Ok(backend)
+}
+
+/// How many queues of each interface the workers serve: every RX queue it has
+/// (RSS may put relay traffic on any of them), the same count on every interface.
+fn served_queues(config: &Config, infos: &[IfaceInfo]) -> Result<u32, SetupError> {
+    for (interface, info) in config.interfaces.iter().zip(infos) {
+        match interface.queues {
+            Some(wanted) if wanted > info.rx_queues => {
+                return Err(SetupError::Queues { interface: info.name.clone(), available: info.rx_queues, wanted });
+            }
+            Some(wanted) if wanted < info.rx_queues => {
+                return Err(SetupError::QueuesUnserved {
+                    interface: info.name.clone(),
+                    available: info.rx_queues,
+                    wanted,
+                });
+            }
+            _ => {}
+        }
+    }
+    let counts: Vec<u32> = infos.iter().map(|info| info.rx_queues.max(1)).collect();
+    if counts.windows(2).any(|pair| pair[0] != pair[1]) {
+        let counts = infos.iter().map(|i| format!("{}: {}", i.name, i.rx_queues)).collect::<Vec<_>>().join(", ");
+        return Err(SetupError::QueueCountsDiffer { counts });
+    }
+    let queues = counts[0];
+    tracing::info!(queues, "one worker per RX queue of each interface");
+    Ok(queues)
 }
 
 struct StatsContext<'a> {

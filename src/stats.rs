@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use oxidize_relay_core::DropReason;
-use oxidize_relay_core::counters::{Counters, pool_name};
+use oxidize_relay_core::counters::{Counters, KernelSocketStat, pool_name};
 use serde_json::{Map, Value, json};
 
 use crate::sys::bpf_abi::XdpCounter;
@@ -20,6 +20,10 @@ pub struct Totals {
     pub sessions_created: u64,
     pub sessions_expired: u64,
     pub sessions_active: u64,
+    pub replies_cross_queue: u64,
+    pub clients_cross_queue: u64,
+    /// The kernel's AF_XDP socket counts, in [`KernelSocketStat::ALL`] order.
+    pub kernel: [u64; KernelSocketStat::COUNT],
     /// Per pool domain name: (in use, capacity, allocs, frees, failures).
     pub pools: std::collections::BTreeMap<&'static str, [u64; 5]>,
     pub wakeups: u64,
@@ -41,6 +45,11 @@ impl Totals {
             totals.sessions_created += c.sessions_created.get();
             totals.sessions_expired += c.sessions_expired.get();
             totals.sessions_active += c.sessions_active.get();
+            totals.replies_cross_queue += c.replies_cross_queue.get();
+            totals.clients_cross_queue += c.clients_cross_queue.get();
+            for (total, counter) in totals.kernel.iter_mut().zip(&c.kernel) {
+                *total += counter.get();
+            }
             let domains = c.pool_domains.get() as usize;
             for (index, pool) in c.pools.iter().enumerate().take(domains) {
                 let entry = totals.pools.entry(pool_name(index, domains)).or_default();
@@ -109,6 +118,10 @@ impl Totals {
             "sessions_created": self.sessions_created,
             "sessions_expired": self.sessions_expired,
             "sessions_active": self.sessions_active,
+            "replies_cross_queue": self.replies_cross_queue,
+            "clients_cross_queue": self.clients_cross_queue,
+            "af_xdp_kernel": KernelSocketStat::ALL.iter().zip(&self.kernel)
+                .map(|(stat, n)| (stat.name().to_owned(), json!(n))).collect::<Map<String, Value>>(),
             "pools": self.pools.iter().map(|(name, [in_use, capacity, allocs, frees, failures])| {
                 ((*name).to_owned(), json!({
                     "in_use": in_use, "capacity": capacity, "allocs": allocs, "frees": frees, "failures": failures,

@@ -158,6 +158,23 @@ pub fn render(samples: &[Sample], previous: Option<(&[Sample], f64)>) -> String 
         let _ = writeln!(out, "  {reason:<28}{n:>12}");
     }
 
+    let sum = |name: &str| samples.iter().filter(|s| s.name == name).map(|s| s.value as u64).sum::<u64>();
+    let _ = writeln!(
+        out,
+        "\ncross-queue (another worker's sessions): replies {}, client packets {}",
+        sum(metrics::REPLIES_CROSS_QUEUE),
+        sum(metrics::CLIENTS_CROSS_QUEUE)
+    );
+    let kernel: Vec<_> = samples.iter().filter(|s| s.name == metrics::AF_XDP_KERNEL && s.value > 0.0).collect();
+    if !kernel.is_empty() {
+        let _ = writeln!(out, "\nAF_XDP socket events counted by the kernel");
+        for s in kernel {
+            let worker = s.labels.get("worker").cloned().unwrap_or_default();
+            let event = s.labels.get("event").cloned().unwrap_or_default();
+            let _ = writeln!(out, "  worker {worker:<6}{event:<24}{:>12}", s.value);
+        }
+    }
+
     let xdp: Vec<_> = samples.iter().filter(|s| s.name == metrics::XDP_PACKETS && s.value > 0.0).collect();
     if !xdp.is_empty() {
         let _ = writeln!(out, "\nXDP verdicts");
@@ -196,12 +213,14 @@ oxidize_relay_build_info{version="0.1.0"} 1
 oxidize_relay_pool_frames{worker="0",pool="umem"} 4096
 oxidize_relay_pool_frames_in_use{worker="0",pool="umem"} 2048
 oxidize_relay_xdp_packets_total{interface="rc0",verdict="redirect_listen"} 20000
+oxidize_relay_replies_cross_queue_total{worker="1"} 7
+oxidize_relay_af_xdp_kernel_total{worker="0",event="rx_ring_full"} 3
 "#;
 
     #[test]
     fn parses_names_labels_and_values() {
         let samples = parse(SCRAPE);
-        assert_eq!(samples.len(), 11);
+        assert_eq!(samples.len(), 13);
         assert_eq!(samples[3].labels.get("reason").map(String::as_str), Some("no_session"));
         assert_eq!(samples[3].value, 5.0);
     }
@@ -214,6 +233,8 @@ oxidize_relay_xdp_packets_total{interface="rc0",verdict="redirect_listen"} 20000
         assert!(text.contains("umem    0             2048      4096"), "{text}");
         assert!(text.contains("no_session") && text.contains("6") && !text.contains("fragment"), "{text}");
         assert!(text.contains("rc0         redirect_listen"), "{text}");
+        assert!(text.contains("replies 7, client packets 0"), "{text}");
+        assert!(text.contains("worker 0     rx_ring_full"), "{text}");
     }
 
     #[test]

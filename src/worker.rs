@@ -5,19 +5,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::time::Instant;
 
-use oxidize_relay_core::config::WaitMode;
-use oxidize_relay_core::counters::Counters;
-use oxidize_relay_core::route::UpstreamId;
-use oxidize_relay_core::{DropReason, IfaceId, NextHop, Relay, Verdict};
-use xsk_rs::FrameDesc;
-
 use crate::sys::xdp::FlowMap;
-use crate::sys::xsk::{self, FramePool, QueueSocket};
+use crate::sys::xsk::{self, Frame, FramePool, QueueSocket};
+use oxidize_relay_core::config::WaitMode;
+use oxidize_relay_core::counters::{Counters, KernelSocketStat};
+use oxidize_relay_core::route::UpstreamId;
+use oxidize_relay_core::{IfaceId, NextHop, Relay, Verdict};
 
 /// How long an idle worker in event mode sleeps before checking for shutdown and updates.
 const IDLE_POLL_MS: i32 = 100;
 /// Session slots examined per batch for expiry: a full sweep of 10,000 ports takes ~40 idle polls or batches.
 const EXPIRY_BUDGET: usize = 256;
+/// How often a worker reads its sockets' kernel counters (one getsockopt per socket).
+const KERNEL_STATS_EVERY_MS: u64 = 200;
 
 /// A change the control thread pushes to every worker.
 #[derive(Debug, Clone, Copy)]
@@ -80,12 +80,34 @@ pub struct Worker {
     pub flow_maps: Vec<FlowMap>,
 }
 
+/// Frames waiting for room in each egress socket's TX ring, and the receive buffer.
+struct Bursts {
+    received: Vec<Frame>,
+    /// Indexed by egress [`IfaceId`]; never longer than [`Bursts::backlog`].
+    outgoing: Vec<Vec<Frame>>,
+    backlog: usize,
+}
+
+impl Bursts {
+    /// How many frames may be received now: every one might go out of the
+    /// fullest egress, which must have room for it (the receive ring holds the rest).
+    fn receivable(&self, batch: usize) -> usize {
+        let room = self.outgoing.iter().map(|queue| self.backlog - queue.len()).min().unwrap_or(0);
+        batch.min(room)
+    }
+}
+
 impl Worker {
     /// Runs until `stop` is set.
     pub fn run(mut self) {
-        let mut rx_batch = vec![FrameDesc::default(); self.core.batch_size];
-        let mut tx_batches: Vec<Vec<FrameDesc>> =
-            self.sockets.iter().map(|_| Vec::with_capacity(self.core.batch_size * self.sockets.len())).collect();
+        let batch = self.core.batch_size;
+        // Two bursts of backlog per egress: one in flight to the ring, one just received.
+        let backlog = 2 * batch;
+        let mut bursts = Bursts {
+            received: Vec::with_capacity(batch),
+            outgoing: self.sockets.iter().map(|_| Vec::with_capacity(backlog)).collect(),
+            backlog,
+        };
         let fds: Vec<_> = self.sockets.iter().map(QueueSocket::fd).collect();
         self.core.counters.pool_domains.set(self.pool.domain_count() as u64);
         // Half of each domain goes to the fill rings right away so every interface can receive.
@@ -93,11 +115,12 @@ impl Worker {
         for socket in &mut self.sockets {
             socket.refill(&mut self.pool, share);
         }
+        let mut kernel_stats_at = 0;
 
         while self.core.running() {
             self.core.apply_updates();
             let now = self.core.now();
-            let received = self.poll_once(now, &mut rx_batch, &mut tx_batches);
+            let received = self.poll_once(now, &mut bursts);
             let flow_maps = &self.flow_maps;
             self.core.relay.expire(now, EXPIRY_BUDGET, |session| {
                 for map in flow_maps {
@@ -112,57 +135,62 @@ impl Worker {
                 }
             }
             self.core.report_unresolved();
-            self.publish_pool();
-            if received == 0 {
+            if now >= kernel_stats_at {
+                self.publish_pool();
+                self.publish_kernel_stats();
+                kernel_stats_at = now + KERNEL_STATS_EVERY_MS;
+            }
+            if received == 0 && bursts.outgoing.iter().all(Vec::is_empty) {
                 self.idle(&fds);
             }
         }
     }
 
     /// One pass over every socket: reclaim, refill, receive, relay, transmit.
-    fn poll_once(&mut self, now: u64, rx_batch: &mut [FrameDesc], tx_batches: &mut [Vec<FrameDesc>]) -> usize {
+    fn poll_once(&mut self, now: u64, bursts: &mut Bursts) -> usize {
         let mut received_total = 0;
         for socket in &mut self.sockets {
-            socket.reclaim(&mut self.pool, rx_batch);
-            socket.refill(&mut self.pool, rx_batch.len());
+            socket.reclaim(&mut self.pool);
+            socket.refill(&mut self.pool, self.core.batch_size);
         }
         for (ingress, socket) in self.sockets.iter_mut().enumerate() {
-            let received = socket.receive(rx_batch);
+            let received = socket.receive(bursts.receivable(self.core.batch_size), &mut bursts.received);
             received_total += received;
-            for desc in &mut rx_batch[..received] {
-                let mut frame = self.pool.packet_mut(desc);
-                let len = frame.contents().len();
+            for mut frame in bursts.received.drain(..) {
+                let len = frame.len();
                 self.core.counters.rx_packets.add(1);
                 self.core.counters.rx_bytes.add(len as u64);
-                // Expose the whole frame so a tunnel header can grow it in place, then set its new length.
-                let room = {
-                    let mut cursor = frame.cursor();
-                    let room = cursor.buf_len();
-                    cursor.set_pos(room);
-                    room
+                let (verdict, _) = {
+                    let mut data = self.pool.packet_mut(&mut frame);
+                    // Expose the whole frame so a tunnel header can grow it in place, then set its new length.
+                    let room = {
+                        let mut cursor = data.cursor();
+                        let room = cursor.buf_len();
+                        cursor.set_pos(room);
+                        room
+                    };
+                    let outcome = self.core.relay.handle_sized(
+                        now,
+                        IfaceId(ingress as u8),
+                        &mut data.contents_mut()[..room],
+                        len,
+                    );
+                    data.cursor().set_pos(outcome.1);
+                    outcome
                 };
-                let (verdict, new_len) =
-                    self.core.relay.handle_sized(now, IfaceId(ingress as u8), &mut frame.contents_mut()[..room], len);
-                frame.cursor().set_pos(new_len);
                 match verdict {
-                    Verdict::Forward(egress) => tx_batches[usize::from(egress.0)].push(*desc),
-                    Verdict::Drop(_) => self.pool.release(*desc),
+                    Verdict::Forward(egress) => bursts.outgoing[usize::from(egress.0)].push(frame),
+                    Verdict::Drop(_) => self.pool.release(frame),
                 }
             }
         }
-        for (socket, batch) in self.sockets.iter_mut().zip(tx_batches.iter_mut()) {
-            if batch.is_empty() {
+        for (socket, queue) in self.sockets.iter_mut().zip(bursts.outgoing.iter_mut()) {
+            if queue.is_empty() {
                 continue;
             }
-            let sent = socket.transmit(batch);
-            let bytes: usize = batch[..sent].iter().map(|d| d.lengths().data()).sum();
+            let (sent, bytes) = socket.transmit(queue);
             self.core.counters.tx_packets.add(sent as u64);
             self.core.counters.tx_bytes.add(bytes as u64);
-            for desc in batch.drain(sent..) {
-                self.core.counters.count_drop(DropReason::TxRingFull);
-                self.pool.release(desc);
-            }
-            batch.clear();
             if socket.wake_tx_if_needed() {
                 self.core.counters.wakeups.add(1);
             }
@@ -187,6 +215,7 @@ impl Worker {
         }
         match self.core.wait {
             WaitMode::BusyPoll => {
+                // As xsk_fwd.c: with nothing received, wake the kernel if it waits for fill-ring entries.
                 if self.sockets.iter().any(QueueSocket::fill_needs_wakeup) {
                     self.core.counters.wakeups.add(1);
                     let _ = xsk::wait_readable(fds, 0);
@@ -210,6 +239,20 @@ impl Worker {
             counters.allocs.set(stats.allocs);
             counters.frees.set(stats.frees);
             counters.failures.set(stats.failures);
+        }
+    }
+
+    /// Copies the kernel's per-socket counts (drops the relay never sees) into the worker's counters.
+    fn publish_kernel_stats(&self) {
+        let mut sums = [0u64; KernelSocketStat::COUNT];
+        for socket in &self.sockets {
+            match socket.kernel_stats() {
+                Ok(stats) => sums.iter_mut().zip(stats).for_each(|(sum, value)| *sum += value),
+                Err(error) => tracing::debug!(worker = self.core.id, %error, "reading XDP_STATISTICS failed"),
+            }
+        }
+        for (counter, value) in self.core.counters.kernel.iter().zip(sums) {
+            counter.set(value);
         }
     }
 }

@@ -1,9 +1,9 @@
 //! Hot-path micro-benchmarks of the relay core. Cases:
 //! - `parse_validate/ipv4_64b`: `UdpFrame::new_checked` on a 64-byte-payload frame
 //! - `rewrite/ipv4` and `rewrite/ipv6`: in-place rewrite with incremental checksums
-//! - `session_lookup/{1k,64k}`: `touch_flow` with 1,000 and 65,536 live sessions
+//! - `session_lookup/{1k,64k}`: the owner's flow lookup and refresh with 1,000 and 65,536 live sessions
 //!   (65,536 is the most one worker holds: one NAT port per session)
-//! - `reply_lookup/64k`: `by_port_mut` with 65,536 live sessions
+//! - `reply_lookup/64k`: a reply's binding read from the shared NAT directory, 65,536 live sessions
 //! - `route_lookup`: listen address to route
 //! - `rate_limit/session_bucket`: one packets+bytes token-bucket check
 //! - `rate_limit/source_table_64k`: a per-source check in a 65,536-slot table, sources cycling
@@ -20,9 +20,11 @@ use std::sync::Arc;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use oxidize_relay_core::counters::Counters;
+use oxidize_relay_core::directory::NatDirectory;
 use oxidize_relay_core::oxtunnel::{self, TunnelKey};
 use oxidize_relay_core::ratelimit::{Limit, SourceLimiter, TokenPair};
 use oxidize_relay_core::route::{RouteId, RouteSpec, RouteTable, UpstreamId};
+use oxidize_relay_core::seed::Seeds;
 use oxidize_relay_core::session::{FlowKey, IfaceId, Session, SessionTable};
 use oxidize_relay_core::wire::{Rewrite, UdpFrame, build::udp_frame};
 use oxidize_relay_core::{NextHop, Relay, RelaySettings, Verdict};
@@ -38,8 +40,9 @@ fn client(i: u32) -> SocketAddr {
     SocketAddr::new(std::net::Ipv4Addr::from(0x0a00_0000 + (i >> 14)).into(), 1024 + (i & 0x3fff) as u16)
 }
 
-fn session_table(sessions: u32) -> SessionTable {
-    let mut table = SessionTable::new((1, 65535), 65535, 60_000);
+fn session_table(sessions: u32) -> (SessionTable, Arc<NatDirectory>) {
+    let directory = Arc::new(NatDirectory::new((1, 65535), 1));
+    let mut table = SessionTable::new(directory.clone(), (1, 65535), 65535, 60_000, Seeds::new(2));
     for i in 0..sessions {
         let template = Session {
             flow: FlowKey { client: client(i), listen: addr("10.0.0.1:5000") },
@@ -53,9 +56,9 @@ fn session_table(sessions: u32) -> SessionTable {
             tokens: TokenPair::full(&Limit::default(), 0),
             peer_flow: 0,
         };
-        table.admit(template).expect("room");
+        table.admit_slot(template).expect("room");
     }
-    table
+    (table, directory)
 }
 
 fn benches(c: &mut Criterion) {
@@ -79,24 +82,25 @@ fn benches(c: &mut Criterion) {
     }
 
     for (name, sessions) in [("session_lookup/1k", 1_000u32), ("session_lookup/64k", 65_535)] {
-        let mut table = session_table(sessions);
+        let (mut table, _) = session_table(sessions);
         let keys: Vec<FlowKey> =
             (0..sessions).map(|i| FlowKey { client: client(i), listen: addr("10.0.0.1:5000") }).collect();
         let mut next = 0usize;
         c.bench_function(name, |b| {
             b.iter(|| {
                 next = (next + 7919) % keys.len();
-                table.touch_flow(black_box(&keys[next]), 1).map(|s| s.nat_port)
+                let slot = table.find(black_box(&keys[next]))?;
+                table.refresh(slot, 1).map(|s| s.nat_port)
             })
         });
     }
 
-    let mut table = session_table(65_535);
+    let (_table, directory) = session_table(65_535);
     let mut port = 1u16;
     c.bench_function("reply_lookup/64k", |b| {
         b.iter(|| {
             port = port.wrapping_mul(31).wrapping_add(7).max(1);
-            table.by_port_mut(black_box(port)).map(|s| s.nat_port)
+            directory.binding(black_box(port)).map(|s| s.upstream)
         })
     });
 
@@ -116,7 +120,7 @@ fn benches(c: &mut Criterion) {
             tokens.allow(black_box(&limit), now, 100)
         })
     });
-    let mut sources = SourceLimiter::new(65_536);
+    let mut sources = SourceLimiter::new(65_536, Seeds::new(3).hasher());
     let mut source = 0u32;
     c.bench_function("rate_limit/source_table_64k", |b| {
         b.iter(|| {
@@ -140,7 +144,7 @@ fn benches(c: &mut Criterion) {
 
     let mut relay = Relay::new(
         Arc::new(routes),
-        RelaySettings::unlimited(vec![MAC_B], (20000, 29999), 10_000, 60_000),
+        RelaySettings::unlimited(vec![MAC_B], (20000, 29999), 10_000, 60_000, 4),
         Arc::new(Counters::default()),
     );
     relay.set_next_hop(

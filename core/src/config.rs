@@ -94,7 +94,8 @@ pub struct Pool {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Interface {
     pub name: String,
-    pub queues: u32,
+    /// Queues to serve (one worker each); `None`: every RX queue the interface has when the relay starts.
+    pub queues: Option<u32>,
     pub xdp_mode: XdpMode,
     pub role: InterfaceRole,
 }
@@ -384,8 +385,8 @@ impl RawConfig {
                 Some(q) if *q.get_ref() == 0 || *q.get_ref() > 256 => {
                     return Err(at(q.span(), format!("queues must be between 1 and 256, not {}", q.get_ref())));
                 }
-                Some(q) => q.into_inner(),
-                None => 1,
+                Some(q) => Some(q.into_inner()),
+                None => None,
             };
             interfaces.push(Interface {
                 name: raw.name.into_inner(),
@@ -394,7 +395,7 @@ impl RawConfig {
                 role: raw.role.unwrap_or(InterfaceRole::Both),
             });
         }
-        let queue_counts: HashSet<u32> = interfaces.iter().map(|i| i.queues).collect();
+        let queue_counts: HashSet<Option<u32>> = interfaces.iter().map(|i| i.queues).collect();
         if queue_counts.len() > 1 {
             return Err(ConfigError {
                 line: None,

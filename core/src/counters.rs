@@ -38,6 +38,10 @@ pub struct Counters {
     pub sessions_created: Counter,
     pub sessions_expired: Counter,
     pub sessions_active: Counter,
+    /// Replies this worker relayed for a session another worker owns (RSS put them on this queue).
+    pub replies_cross_queue: Counter,
+    /// Client packets this worker relayed through a session another worker owns.
+    pub clients_cross_queue: Counter,
     /// Per frame-pool domain (client-facing, upstream-facing; one shared domain in one-arm).
     pub pools: [PoolCounters; POOL_DOMAINS],
     /// How many of `pools` are in use.
@@ -50,6 +54,44 @@ pub struct Counters {
     pub tunnel_keepalives: Counter,
     /// Worker loop iterations: the control thread pings systemd's watchdog only while these advance.
     pub loops: Counter,
+    /// The kernel's own counts for this worker's AF_XDP sockets (`XDP_STATISTICS`), summed over its interfaces.
+    pub kernel: [Counter; KernelSocketStat::COUNT],
+}
+
+/// What the kernel counts per AF_XDP socket: drops the relay itself never sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelSocketStat {
+    /// Frames the kernel dropped for this socket (no room, or any other reason).
+    RxDropped,
+    /// Frames dropped because the RX ring was full: the worker did not keep up.
+    RxRingFull,
+    /// Times the kernel found the fill ring empty: no frame to receive into.
+    RxFillRingEmpty,
+    /// Times the kernel found the TX ring empty when woken to send.
+    TxRingEmpty,
+    /// Descriptors the kernel refused as invalid (RX or TX): a relay bug if ever non-zero.
+    InvalidDescriptors,
+}
+
+impl KernelSocketStat {
+    pub const COUNT: usize = 5;
+    pub const ALL: [KernelSocketStat; Self::COUNT] = [
+        KernelSocketStat::RxDropped,
+        KernelSocketStat::RxRingFull,
+        KernelSocketStat::RxFillRingEmpty,
+        KernelSocketStat::TxRingEmpty,
+        KernelSocketStat::InvalidDescriptors,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            KernelSocketStat::RxDropped => "rx_dropped",
+            KernelSocketStat::RxRingFull => "rx_ring_full",
+            KernelSocketStat::RxFillRingEmpty => "rx_fill_ring_empty",
+            KernelSocketStat::TxRingEmpty => "tx_ring_empty",
+            KernelSocketStat::InvalidDescriptors => "invalid_descriptors",
+        }
+    }
 }
 
 /// At most two frame-pool domains: client-facing and upstream-facing.

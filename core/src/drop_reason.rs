@@ -39,6 +39,9 @@ pub enum DropReason {
     SessionTableFull,
     /// Every NAT port is in use.
     NatPortsExhausted,
+    /// Two workers created the same new flow's session at one instant and both
+    /// withdrew (the flow's next packet creates it).
+    SessionContended,
     /// The upstream's next-hop MAC is not resolved yet (resolution was requested).
     NeighborUnresolved,
     /// The client address is not in the route's allowed prefixes.
@@ -84,6 +87,7 @@ impl DropReason {
         DropReason::UnexpectedReplySource,
         DropReason::SessionTableFull,
         DropReason::NatPortsExhausted,
+        DropReason::SessionContended,
         DropReason::NeighborUnresolved,
         DropReason::ClientNotAllowed,
         DropReason::RateLimitedGlobal,
@@ -116,6 +120,7 @@ impl DropReason {
             DropReason::UnexpectedReplySource => "unexpected_reply_source",
             DropReason::SessionTableFull => "session_table_full",
             DropReason::NatPortsExhausted => "nat_ports_exhausted",
+            DropReason::SessionContended => "session_contended",
             DropReason::NeighborUnresolved => "neighbor_unresolved",
             DropReason::ClientNotAllowed => "client_not_allowed",
             DropReason::RateLimitedGlobal => "rate_limited_global",

@@ -7,12 +7,14 @@
 pub mod checksum;
 pub mod config;
 pub mod counters;
+pub mod directory;
 pub mod drop_reason;
 pub mod oxtunnel;
 pub mod prefix;
 pub mod ratelimit;
 pub mod relay;
 pub mod route;
+pub mod seed;
 pub mod session;
 pub mod time;
 pub mod wire;

@@ -61,6 +61,11 @@ impl TokenPair {
         TokenPair { packets: fill(limit.packets_per_second), bytes: fill(limit.bytes_per_second), last: now }
     }
 
+    /// A pair with no tokens yet: it allows traffic only as time refills it.
+    pub fn empty(now: Millis) -> Self {
+        TokenPair { packets: Bucket::default(), bytes: Bucket::default(), last: now }
+    }
+
     /// Takes one packet of `bytes` if both buckets allow it; takes nothing otherwise.
     pub fn allow(&mut self, limit: &Limit, now: Millis, bytes: u64) -> bool {
         let elapsed = now.saturating_sub(self.last);
@@ -78,8 +83,10 @@ impl TokenPair {
 
 /// Per-source buckets in fixed memory: a two-way set-associative table.
 /// A source that finds its set full evicts the less recently seen entry, so a
-/// spoofed flood recycles slots instead of growing the table; an evicted
-/// legitimate source just starts again with a full bucket.
+/// spoofed flood recycles slots instead of growing the table. A source that
+/// takes a free slot starts with its burst; one that had to evict starts empty
+/// and earns its tokens, so a limited source cannot refill its bucket by having
+/// a spoofed flood evict it (fail closed under pressure).
 #[derive(Debug)]
 pub struct SourceLimiter {
     slots: Vec<Option<SourceSlot>>,
@@ -95,9 +102,10 @@ struct SourceSlot {
 
 impl SourceLimiter {
     /// A table of at least `entries` slots (rounded up to a power of two).
-    pub fn new(entries: usize) -> Self {
+    /// `hasher` must be keyed from the OS: sources are chosen by whoever sends packets.
+    pub fn new(entries: usize, hasher: ahash::RandomState) -> Self {
         let size = entries.max(2).next_power_of_two();
-        SourceLimiter { slots: vec![None; size], mask: size - 1, hasher: ahash::RandomState::new() }
+        SourceLimiter { slots: vec![None; size], mask: size - 1, hasher }
     }
 
     /// Whether `source` may send `bytes` more on route `route` under `limit`.
@@ -110,7 +118,11 @@ impl SourceLimiter {
             None => {
                 let victim =
                     *pair.iter().min_by_key(|&&i| self.slots[i].map_or(0, |s| s.tokens.last + 1)).unwrap_or(&first);
-                self.slots[victim] = Some(SourceSlot { key, tokens: TokenPair::full(limit, now) });
+                let tokens = match self.slots[victim] {
+                    None => TokenPair::full(limit, now),
+                    Some(_) => TokenPair::empty(now),
+                };
+                self.slots[victim] = Some(SourceSlot { key, tokens });
                 victim
             }
         };
@@ -173,7 +185,7 @@ mod tests {
     #[test]
     fn sources_are_limited_separately_in_fixed_memory() {
         let limit = pps(10);
-        let mut limiter = SourceLimiter::new(1024);
+        let mut limiter = SourceLimiter::new(1024, crate::seed::Seeds::new(1).hasher());
         let a: IpAddr = "10.0.0.1".parse().expect("ip");
         let b: IpAddr = "10.0.0.2".parse().expect("ip");
         assert_eq!((0..10).filter(|_| limiter.allow(0, a, &limit, 0, 1)).count(), 2, "burst of 2 at 10 pps");
@@ -187,9 +199,22 @@ mod tests {
     }
 
     #[test]
+    fn a_limited_source_evicted_by_a_flood_gets_no_fresh_burst() {
+        let limit = pps(10);
+        let mut limiter = SourceLimiter::new(2, crate::seed::Seeds::new(1).hasher());
+        let limited: IpAddr = "10.0.0.1".parse().expect("ip");
+        assert_eq!((0..10).filter(|_| limiter.allow(0, limited, &limit, 0, 1)).count(), 2, "its burst, then refused");
+        for i in 0..100u32 {
+            limiter.allow(0, IpAddr::from((i + 1000).to_be_bytes()), &limit, 0, 1);
+        }
+        assert!(!limiter.allow(0, limited, &limit, 0, 1), "back in the table after eviction, still empty");
+        assert!(limiter.allow(0, limited, &limit, 100, 1), "it earns tokens at its rate");
+    }
+
+    #[test]
     fn a_busy_source_survives_a_flood_in_its_set() {
         let limit = pps(1_000_000);
-        let mut limiter = SourceLimiter::new(2);
+        let mut limiter = SourceLimiter::new(2, crate::seed::Seeds::new(1).hasher());
         let busy: IpAddr = "10.0.0.1".parse().expect("ip");
         for t in 0..1000u64 {
             assert!(limiter.allow(0, busy, &limit, t * 2 + 1, 1));

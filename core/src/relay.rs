@@ -6,10 +6,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::counters::Counters;
+use crate::directory::{Binding, NatDirectory};
 use crate::drop_reason::DropReason;
 use crate::oxtunnel::{self, TunnelError, TunnelKey};
 use crate::ratelimit::{Limit, SourceLimiter, TokenPair};
 use crate::route::{self, RouteTable, UpstreamId};
+use crate::seed::Seeds;
 use crate::session::{AdmitError, FlowKey, IfaceId, Session, SessionTable, Slot};
 use crate::time::Millis;
 use crate::wire::{Layout, MacAddr, Rewrite, UdpFrame};
@@ -71,8 +73,12 @@ pub struct NextHop {
 pub struct RelaySettings {
     /// MAC address of each of the worker's interfaces, indexed by [`IfaceId`].
     pub iface_macs: Vec<MacAddr>,
-    /// This worker's NAT port range, inclusive.
+    /// Every worker's sessions, readable by all; this worker publishes its own there.
+    pub directory: Arc<NatDirectory>,
+    /// This worker's share of the directory's NAT ports, inclusive.
     pub nat_ports: (u16, u16),
+    /// From the OS: keys this worker's hashes and its NAT port choice.
+    pub seed: u64,
     pub max_sessions: usize,
     pub idle_timeout: Millis,
     pub verify_checksums: bool,
@@ -86,15 +92,19 @@ pub struct RelaySettings {
 
 impl RelaySettings {
     /// Settings with no rate limits and no per-source session cap.
+    /// A single worker owning all of `nat_ports`; `seed` as from the OS.
     pub fn unlimited(
         iface_macs: Vec<MacAddr>,
         nat_ports: (u16, u16),
         max_sessions: usize,
         idle_timeout: Millis,
+        seed: u64,
     ) -> Self {
         RelaySettings {
             iface_macs,
+            directory: Arc::new(NatDirectory::new(nat_ports, seed)),
             nat_ports,
+            seed,
             max_sessions,
             idle_timeout,
             verify_checksums: false,
@@ -110,6 +120,7 @@ impl RelaySettings {
 pub struct Relay {
     routes: Arc<RouteTable>,
     sessions: SessionTable,
+    directory: Arc<NatDirectory>,
     next_hops: Vec<Option<NextHop>>,
     /// Upstreams whose next hop was missing when a packet needed it; the
     /// worker drains this to ask the control thread for resolution.
@@ -135,8 +146,17 @@ impl Relay {
     pub fn new(routes: Arc<RouteTable>, settings: RelaySettings, counters: Arc<Counters>) -> Self {
         let tunnels = routes.routes().iter().any(|r| r.listen_key.is_some() || r.upstream_key.is_some());
         let upstreams = routes.upstreams().len();
+        let mut seeds = Seeds::new(settings.seed);
+        let session_seeds = Seeds::new(seeds.next_u64());
         Relay {
-            sessions: SessionTable::new(settings.nat_ports, settings.max_sessions, settings.idle_timeout),
+            sessions: SessionTable::new(
+                settings.directory.clone(),
+                settings.nat_ports,
+                settings.max_sessions,
+                settings.idle_timeout,
+                session_seeds,
+            ),
+            directory: settings.directory,
             next_hops: vec![None; upstreams],
             unresolved: vec![false; upstreams],
             routes,
@@ -144,8 +164,8 @@ impl Relay {
             verify_checksums: settings.verify_checksums,
             global_tokens: TokenPair::full(&settings.global_limit, 0),
             global_limit: settings.global_limit,
-            source_limiter: SourceLimiter::new(settings.source_table_entries),
-            sessions_per_source: HashMap::with_capacity_and_hasher(settings.max_sessions, ahash::RandomState::new()),
+            source_limiter: SourceLimiter::new(settings.source_table_entries, seeds.hasher()),
+            sessions_per_source: HashMap::with_capacity_and_hasher(settings.max_sessions, seeds.hasher()),
             max_sessions_per_source: settings.max_sessions_per_source,
             admitted: Vec::with_capacity(ADMITTED_BACKLOG),
             tunnels,
@@ -272,13 +292,16 @@ impl Relay {
         // Validate against the received length only: bytes after it are stale.
         let received = len.min(buffer.len());
         let packet = UdpFrame::new_checked(&mut buffer[..received])?;
+        // A sender that offloaded its checksum (veth, tap, virtio) leaves only the
+        // pseudo-header sum in the field: that cannot be verified, and must be completed on the way out.
+        let partial = packet.udp_checksum_partial();
         if self.verify_checksums && !packet.checksums_valid() {
             return Err(DropReason::BadChecksum);
         }
         let (src, dst, src_mac) = (packet.src(), packet.dst(), packet.src_mac());
         let (at, payload_len, layout) = (packet.payload_offset(), packet.payload().len(), packet.layout());
         // Config keeps listen ports out of the NAT range, so the port alone tells the direction.
-        if self.sessions.owns_port(dst.port()) {
+        if self.directory.covers(dst.port()) {
             let (back, new_len) = self.reply_steps(now, src, dst, &mut buffer[at..], payload_len)?;
             let to = Rewrite {
                 src_mac: self.iface_macs[usize::from(back.iface.0)],
@@ -286,7 +309,7 @@ impl Relay {
                 src: back.listen,
                 dst: back.client,
             };
-            return finish(buffer, layout, payload_len, new_len, &to, back.iface);
+            return finish(buffer, layout, payload_len, new_len, partial, &to, back.iface);
         }
         let (action, new_len) = self.client_steps(
             now,
@@ -315,7 +338,7 @@ impl Relay {
                 (to, ingress)
             }
         };
-        finish(buffer, layout, payload_len, new_len, &to, egress)
+        finish(buffer, layout, payload_len, new_len, partial, &to, egress)
     }
 
     /// Client-side steps: open the listen side's tunnel (answering keepalives),
@@ -333,7 +356,7 @@ impl Relay {
         len: usize,
     ) -> Result<(ClientAction, usize), DropReason> {
         if !self.tunnels {
-            let out = self.admit_client(now, ingress, flow, client_mac, frame_bytes)?;
+            let out = self.admit_client(now, ingress, flow, client_mac, frame_bytes, 0)?;
             return Ok((ClientAction::Forward(out), len));
         }
         let route = self.routes.route(self.routes.lookup(flow.listen).ok_or(DropReason::NoRoute)?);
@@ -349,12 +372,8 @@ impl Relay {
             }
             opened = Some(inner);
         }
-        let out = self.admit_client(now, ingress, flow, client_mac, frame_bytes)?;
-        if let Some(inner) = opened
-            && let Some(stored) = self.sessions.by_port_mut(out.nat_port)
-        {
-            stored.peer_flow = inner.flow_id;
-        }
+        let peer_flow = opened.map_or(0, |o| o.flow_id);
+        let out = self.admit_client(now, ingress, flow, client_mac, frame_bytes, peer_flow)?;
         let plain = opened.map(|o| o.len);
         let new_len = self.tunnel_out(upstream_key.as_ref(), u32::from(out.nat_port), plain, payload, len)?;
         Ok((ClientAction::Forward(out), new_len))
@@ -432,22 +451,27 @@ impl Relay {
         from: SocketAddr,
         to: SocketAddr,
     ) -> Result<(Clientward, route::RouteId, u32), DropReason> {
-        let session = self.sessions.by_port_mut(to.port()).ok_or(DropReason::NoSession)?;
-        if session.nat_ip != to.ip() || self.routes.upstream(session.upstream) != from {
+        // Whichever worker's queue the reply landed on, the directory has its session.
+        let binding = self.directory.binding(to.port()).ok_or(DropReason::NoSession)?;
+        if binding.nat_ip != to.ip() || self.routes.upstream(binding.upstream) != from {
             return Err(DropReason::UnexpectedReplySource);
         }
-        session.last_seen = now;
+        self.directory.touch(to.port(), now);
+        if !self.sessions.owns_port(to.port()) {
+            self.counters.replies_cross_queue.add(1);
+        }
         let back = Clientward {
-            client: session.flow.client,
-            listen: session.flow.listen,
-            iface: session.client_iface,
-            mac: session.client_mac,
+            client: binding.flow.client,
+            listen: binding.flow.listen,
+            iface: binding.client_iface,
+            mac: binding.client_mac,
         };
-        Ok((back, session.route, session.peer_flow))
+        Ok((back, binding.route, binding.peer_flow))
     }
 
-    /// Client traffic: the global limit, then per-source, then the session (found or
-    /// created), then per-session. Cheapest refusal first, so a flood costs little.
+    /// Client traffic: the global limit, then per-source, then the session (this
+    /// worker's, another worker's, or created), then per-session. Cheapest refusal
+    /// first, so a flood costs little.
     #[inline]
     fn admit_client(
         &mut self,
@@ -456,15 +480,18 @@ impl Relay {
         flow: FlowKey,
         client_mac: MacAddr,
         bytes: u64,
+        peer_flow: u32,
     ) -> Result<Upstreamward, DropReason> {
         if !self.global_limit.is_unlimited() && !self.global_tokens.allow(&self.global_limit, now, bytes) {
             return Err(DropReason::RateLimitedGlobal);
         }
         // An established flow knows its route; only a new one needs the route lookup.
         let existing = self.sessions.find(&flow);
-        let route_id = match existing.and_then(|slot| self.sessions.get(slot)) {
-            Some(session) => session.route,
-            None => self.routes.lookup(flow.listen).ok_or(DropReason::NoRoute)?,
+        let elsewhere = if existing.is_none() { self.directory.find(&flow) } else { None };
+        let route_id = match (existing.and_then(|slot| self.sessions.get(slot)), elsewhere) {
+            (Some(session), _) => session.route,
+            (None, Some((_, binding))) => binding.route,
+            (None, None) => self.routes.lookup(flow.listen).ok_or(DropReason::NoRoute)?,
         };
         let route = self.routes.route(route_id);
         let (per_source, per_session) = (route.per_source, route.per_session);
@@ -473,15 +500,30 @@ impl Relay {
         {
             return Err(DropReason::RateLimitedSource);
         }
+        if let Some((port, binding)) = elsewhere {
+            return Ok(self.relay_for_owner(now, port, &binding));
+        }
         let slot = match existing {
             Some(slot) => slot,
-            None => self.admit(now, ingress, flow, client_mac, route_id)?,
+            None => match self.admit(now, ingress, flow, client_mac, route_id, peer_flow)? {
+                Admitted::Here(slot) => slot,
+                Admitted::Elsewhere(port, binding) => return Ok(self.relay_for_owner(now, port, &binding)),
+            },
         };
         let session = self.sessions.refresh(slot, now).ok_or(DropReason::NoSession)?;
         if !per_session.is_unlimited() && !session.tokens.allow(&per_session, now, bytes) {
             return Err(DropReason::RateLimitedSession);
         }
         Ok(Upstreamward { upstream: session.upstream, nat_ip: session.nat_ip, nat_port: session.nat_port })
+    }
+
+    /// A client packet of a session another worker owns (the NIC's RSS moved the
+    /// flow to this queue): relay it through that session, keeping it alive. The
+    /// per-session limit is the owner's; this worker applies the global and per-source ones.
+    fn relay_for_owner(&self, now: Millis, port: u16, binding: &Binding) -> Upstreamward {
+        self.directory.touch(port, now);
+        self.counters.clients_cross_queue.add(1);
+        Upstreamward { upstream: binding.upstream, nat_ip: binding.nat_ip, nat_port: port }
     }
 
     /// Creates the session of a new flow: access list, per-source cap, upstream choice, NAT port.
@@ -492,7 +534,8 @@ impl Relay {
         flow: FlowKey,
         client_mac: MacAddr,
         route_id: route::RouteId,
-    ) -> Result<Slot, DropReason> {
+        peer_flow: u32,
+    ) -> Result<Admitted, DropReason> {
         let route = self.routes.route(route_id);
         if !route::client_allowed(route, flow.client) {
             return Err(DropReason::ClientNotAllowed);
@@ -515,12 +558,20 @@ impl Relay {
             client_mac,
             last_seen: now,
             tokens: TokenPair::full(&per_session, now),
-            peer_flow: 0,
+            peer_flow,
         };
-        let slot = self.sessions.admit_slot(template).map_err(|e| match e {
-            AdmitError::TableFull => DropReason::SessionTableFull,
-            AdmitError::PortsExhausted => DropReason::NatPortsExhausted,
-        })?;
+        let slot = match self.sessions.admit_slot(template) {
+            Ok(slot) => slot,
+            Err(AdmitError::TableFull) => return Err(DropReason::SessionTableFull),
+            Err(AdmitError::PortsExhausted) => return Err(DropReason::NatPortsExhausted),
+            // Another worker created this flow's session at this very moment: use that one.
+            Err(AdmitError::Contended(port)) => {
+                return match self.directory.binding(port).filter(|b| b.flow == flow) {
+                    Some(binding) => Ok(Admitted::Elsewhere(port, binding)),
+                    None => Err(DropReason::SessionContended),
+                };
+            }
+        };
         *self.sessions_per_source.entry(flow.client.ip()).or_insert(0) += 1;
         // Bounded so the hot path never allocates; a flow past it only meets the XDP new-flow budget.
         if self.admitted.len() < ADMITTED_BACKLOG {
@@ -528,7 +579,7 @@ impl Relay {
         }
         self.counters.sessions_created.add(1);
         self.counters.sessions_active.set(self.sessions.len() as u64);
-        Ok(slot)
+        Ok(Admitted::Here(slot))
     }
 
     /// The next hop of `upstream`; when missing, flags it for the control thread.
@@ -539,6 +590,12 @@ impl Relay {
         }
         hop
     }
+}
+
+/// Where a new flow's session ended up.
+enum Admitted {
+    Here(Slot),
+    Elsewhere(u16, Binding),
 }
 
 /// One session of `source` ended: forget the source once it holds none.
@@ -559,6 +616,7 @@ fn finish(
     layout: Layout,
     old_payload: usize,
     new_payload: usize,
+    partial_checksum: bool,
     to: &Rewrite,
     egress: IfaceId,
 ) -> Result<(Verdict, usize), DropReason> {
@@ -566,11 +624,14 @@ fn finish(
     let mut packet = UdpFrame::with_layout(&mut buffer[..], layout).ok_or(DropReason::TooShort)?;
     if new_payload == old_payload {
         // Config validation keeps listen and upstream families equal; this guards the invariant.
-        return if packet.rewrite(to) {
-            Ok((Verdict::Forward(egress), packet.len()))
-        } else {
-            Err(DropReason::NoRoute)
-        };
+        if !packet.rewrite(to) {
+            return Err(DropReason::NoRoute);
+        }
+        // An incremental update of a partial sum would still be partial: the receiver would reject it.
+        if partial_checksum {
+            packet.recompute_udp_checksum();
+        }
+        return Ok((Verdict::Forward(egress), packet.len()));
     }
     if !packet.set_payload_len(new_payload) || !packet.rewrite(to) {
         return Err(DropReason::TunnelMalformed);
@@ -604,7 +665,7 @@ mod tests {
         let counters = Arc::new(Counters::default());
         let mut settings = RelaySettings {
             verify_checksums: true,
-            ..RelaySettings::unlimited(vec![RELAY_CLIENT_SIDE, RELAY_UPSTREAM_SIDE], (20000, 20999), 1000, 30_000)
+            ..RelaySettings::unlimited(vec![RELAY_CLIENT_SIDE, RELAY_UPSTREAM_SIDE], (20000, 20999), 1000, 30_000, 7)
         };
         tune(&mut settings);
         let mut relay = Relay::new(routes, settings, counters.clone());
@@ -615,18 +676,115 @@ mod tests {
         (relay, counters)
     }
 
+    /// The NAT address a forwarded frame leaves from.
+    fn source_of(frame: &[u8]) -> SocketAddr {
+        UdpFrame::new_checked(frame).expect("valid").src()
+    }
+
+    /// A relay split into two workers over one directory, as `run` builds them.
+    fn two_workers() -> [(Relay, Arc<Counters>); 2] {
+        let routes = Arc::new(RouteTable::new(&[RouteSpec::new(addr("10.0.0.1:5000"), vec![addr("10.1.0.2:7000")])]));
+        let directory = Arc::new(NatDirectory::new((20000, 20199), 5));
+        [(20000, 20099), (20100, 20199)].map(|nat_ports| {
+            let counters = Arc::new(Counters::default());
+            let settings = RelaySettings {
+                directory: directory.clone(),
+                nat_ports,
+                ..RelaySettings::unlimited(vec![RELAY_CLIENT_SIDE, RELAY_UPSTREAM_SIDE], nat_ports, 100, 30_000, 7)
+            };
+            let mut relay = Relay::new(routes.clone(), settings, counters.clone());
+            let hop = NextHop { iface: IfaceId(1), src_ip: "10.1.0.1".parse().expect("ip"), dst_mac: UPSTREAM_MAC };
+            relay.set_next_hop(UpstreamId(0), Some(hop));
+            (relay, counters)
+        })
+    }
+
+    #[test]
+    fn a_reply_on_another_workers_queue_reaches_the_client() {
+        let [(mut first, first_counters), (mut second, second_counters)] = two_workers();
+        let mut request = client_frame(40000);
+        assert_eq!(first.handle(1, IfaceId(0), &mut request), Verdict::Forward(IfaceId(1)));
+        let nat = source_of(&request);
+        let mut reply = udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.2:7000"), nat, b"pong");
+        assert_eq!(second.handle(2, IfaceId(1), &mut reply), Verdict::Forward(IfaceId(0)));
+        let expected = udp_frame(RELAY_CLIENT_SIDE, CLIENT_MAC, addr("10.0.0.1:5000"), addr("10.0.0.2:40000"), b"pong");
+        assert_eq!(reply, expected);
+        assert_eq!(second_counters.replies_cross_queue.get(), 1);
+        assert_eq!(first_counters.replies_cross_queue.get(), 0);
+        assert_eq!(second_counters.total_drops() + first_counters.total_drops(), 0);
+
+        // The reply kept the session alive though its owner saw nothing since.
+        first.expire(30_001, usize::MAX, |_| {});
+        assert_eq!(first.session_count(), 1);
+        first.expire(30_002, usize::MAX, |_| {});
+        assert_eq!(first.session_count(), 0);
+        let mut late = udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.2:7000"), nat, b"late");
+        assert_eq!(second.handle(30_003, IfaceId(1), &mut late), Verdict::Drop(DropReason::NoSession));
+    }
+
+    #[test]
+    fn a_client_flow_moved_to_another_queue_keeps_its_session() {
+        let [(mut first, _), (mut second, second_counters)] = two_workers();
+        let mut request = client_frame(40000);
+        first.handle(1, IfaceId(0), &mut request);
+        let nat = source_of(&request);
+        let mut moved = client_frame(40000);
+        assert_eq!(second.handle(2, IfaceId(0), &mut moved), Verdict::Forward(IfaceId(1)));
+        assert_eq!(source_of(&moved), nat, "the same NAT port: no second session");
+        assert_eq!((second.session_count(), second_counters.clients_cross_queue.get()), (0, 1));
+        assert_eq!(second_counters.sessions_created.get(), 0);
+    }
+
+    #[test]
+    fn partial_checksums_from_offloading_senders_leave_complete() {
+        for (client, listen, upstream, nat_ip) in [
+            ("10.0.0.2:40000", "10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1"),
+            ("[fd00::2]:40000", "[fd00::1]:5000", "[fd01::2]:7000", "fd01::1"),
+        ] {
+            let (mut relay, counters) = two_arm_relay(listen, upstream, nat_ip);
+            let mut request = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr(client), addr(listen), b"offloaded");
+            make_partial(&mut request);
+            assert!(UdpFrame::new_checked(&request[..]).expect("valid").udp_checksum_partial());
+            assert_eq!(relay.handle(1, IfaceId(0), &mut request), Verdict::Forward(IfaceId(1)));
+            let nat = source_of(&request);
+            let expected = udp_frame(RELAY_UPSTREAM_SIDE, UPSTREAM_MAC, nat, addr(upstream), b"offloaded");
+            assert_eq!(request, expected, "a complete checksum, though verification was on");
+
+            let mut reply = udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr(upstream), nat, b"back");
+            make_partial(&mut reply);
+            assert_eq!(relay.handle(2, IfaceId(1), &mut reply), Verdict::Forward(IfaceId(0)));
+            assert_eq!(reply, udp_frame(RELAY_CLIENT_SIDE, CLIENT_MAC, addr(listen), addr(client), b"back"));
+            assert_eq!(counters.total_drops(), 0);
+        }
+    }
+
+    /// What a checksum-offloading sender puts on the wire: the folded pseudo-header sum only.
+    fn make_partial(frame: &mut [u8]) {
+        let view = UdpFrame::new_checked(&*frame).expect("valid");
+        let (src, dst, payload) = (view.src(), view.dst(), view.payload().len());
+        let at = view.payload_offset() - 8;
+        let words = |ip: IpAddr| match ip {
+            IpAddr::V4(v4) => v4.octets().to_vec(),
+            IpAddr::V6(v6) => v6.octets().to_vec(),
+        };
+        let mut pseudo = words(src.ip());
+        pseudo.extend(words(dst.ip()));
+        let sum = crate::checksum::ones_complement_sum(&pseudo, 17 + 8 + payload as u32);
+        frame[at + 6..at + 8].copy_from_slice(&sum.to_be_bytes());
+    }
+
     #[test]
     fn round_trip_ipv4_two_arm() {
         let (mut relay, counters) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
         let mut request =
             udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"), b"ping");
         assert_eq!(relay.handle(1, IfaceId(0), &mut request), Verdict::Forward(IfaceId(1)));
-        let expected =
-            udp_frame(RELAY_UPSTREAM_SIDE, UPSTREAM_MAC, addr("10.1.0.1:20000"), addr("10.1.0.2:7000"), b"ping");
+        let nat = source_of(&request);
+        assert!((20000..=20999).contains(&nat.port()) && nat.ip() == addr("10.1.0.1:0").ip());
+        let expected = udp_frame(RELAY_UPSTREAM_SIDE, UPSTREAM_MAC, nat, addr("10.1.0.2:7000"), b"ping");
         assert_eq!(request, expected);
 
-        let mut reply =
-            udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.2:7000"), addr("10.1.0.1:20000"), b"pong");
+        let mut reply = udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.2:7000"), nat, b"pong");
         assert_eq!(relay.handle(2, IfaceId(1), &mut reply), Verdict::Forward(IfaceId(0)));
         let expected = udp_frame(RELAY_CLIENT_SIDE, CLIENT_MAC, addr("10.0.0.1:5000"), addr("10.0.0.2:40000"), b"pong");
         assert_eq!(reply, expected);
@@ -641,7 +799,7 @@ mod tests {
             udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("[fd00::2]:40000"), addr("[fd00::1]:5000"), b"ping6");
         assert_eq!(relay.handle(1, IfaceId(0), &mut request), Verdict::Forward(IfaceId(1)));
         let mut reply =
-            udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("[fd01::2]:7000"), addr("[fd01::1]:20000"), b"pong6");
+            udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("[fd01::2]:7000"), source_of(&request), b"pong6");
         assert_eq!(relay.handle(2, IfaceId(1), &mut reply), Verdict::Forward(IfaceId(0)));
         let expected =
             udp_frame(RELAY_CLIENT_SIDE, CLIENT_MAC, addr("[fd00::1]:5000"), addr("[fd00::2]:40000"), b"pong6");
@@ -683,18 +841,17 @@ mod tests {
         let (mut relay, counters) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
         let mut request = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"), b"x");
         relay.handle(0, IfaceId(0), &mut request);
+        let nat = source_of(&request);
 
-        let mut stranger =
-            udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.66:7000"), addr("10.1.0.1:20000"), b"evil");
+        let mut stranger = udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.66:7000"), nat, b"evil");
         assert_eq!(relay.handle(1, IfaceId(1), &mut stranger), Verdict::Drop(DropReason::UnexpectedReplySource));
-        let mut unknown_port =
-            udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.2:7000"), addr("10.1.0.1:20001"), b"?");
+        let other_port = SocketAddr::new(nat.ip(), if nat.port() == 20000 { 20001 } else { 20000 });
+        let mut unknown_port = udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.2:7000"), other_port, b"?");
         assert_eq!(relay.handle(1, IfaceId(1), &mut unknown_port), Verdict::Drop(DropReason::NoSession));
 
         relay.expire(30_000, usize::MAX, |_| {});
         assert_eq!(relay.session_count(), 0);
-        let mut late =
-            udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.2:7000"), addr("10.1.0.1:20000"), b"late");
+        let mut late = udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.2:7000"), nat, b"late");
         assert_eq!(relay.handle(30_001, IfaceId(1), &mut late), Verdict::Drop(DropReason::NoSession));
         assert_eq!(counters.sessions_expired.get(), 1);
         assert_eq!(counters.dropped(DropReason::NoSession), 2);

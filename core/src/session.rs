@@ -1,17 +1,24 @@
 //! NAT sessions: each (client, listen address) pair owns one relay port toward
 //! its upstream until it has been idle for the configured timeout.
 //!
-//! Replies are found by direct indexing with the NAT port; new packets by a
-//! hash of the flow. Memory is allocated once, at construction, for the full
+//! The owning worker finds its sessions by a keyed hash of the flow; every
+//! worker finds any session's binding by NAT port (or flow) in the shared
+//! [`NatDirectory`]. Memory is allocated once, at construction, for the full
 //! capacity: a flood of new clients can fill the table, never grow it.
 
 use core::net::{IpAddr, SocketAddr};
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
+use crate::directory::{Binding, IndexError, NatDirectory};
 use crate::ratelimit::TokenPair;
 use crate::route::{RouteId, UpstreamId};
+use crate::seed::Seeds;
 use crate::time::Millis;
 use crate::wire::MacAddr;
+
+/// Most freed ports held back from reuse at once.
+const MAX_QUARANTINE: usize = 1024;
 
 /// Which of the worker's interfaces a frame arrived on or leaves by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -50,7 +57,7 @@ fn ip_bits(ip: IpAddr) -> u128 {
     }
 }
 
-/// One live NAT binding.
+/// One live NAT binding, as its owning worker keeps it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Session {
     pub flow: FlowKey,
@@ -62,11 +69,27 @@ pub struct Session {
     /// Where replies to the client go: the interface and MAC the client's packet came from.
     pub client_iface: IfaceId,
     pub client_mac: MacAddr,
+    /// The owner's latest client packet; replies and other workers refresh the directory's time.
     pub last_seen: Millis,
     /// This session's per-session rate-limit buckets.
     pub tokens: TokenPair,
     /// The flow id a tunnelled client side (a previous relay) gave this flow; echoed in replies.
     pub peer_flow: u32,
+}
+
+impl Session {
+    /// What every worker may read of this session.
+    pub fn binding(&self) -> Binding {
+        Binding {
+            flow: self.flow,
+            nat_ip: self.nat_ip,
+            upstream: self.upstream,
+            route: self.route,
+            client_iface: self.client_iface,
+            client_mac: self.client_mac,
+            peer_flow: self.peer_flow,
+        }
+    }
 }
 
 /// A session's place in the table, valid until that session expires.
@@ -78,77 +101,85 @@ pub struct Slot(u16);
 pub enum AdmitError {
     TableFull,
     PortsExhausted,
+    /// Another worker created this flow's session at the same moment, under this NAT port.
+    Contended(u16),
 }
 
-/// A fixed-capacity NAT table over a contiguous port range.
+/// One worker's share of the NAT table: a fixed port range it alone allocates
+/// from, publishes into the shared [`NatDirectory`] and expires.
 #[derive(Debug)]
 pub struct SessionTable {
     first_port: u16,
     slots: Vec<Option<Session>>,
     by_flow: HashMap<FlowKey, u16, ahash::RandomState>,
-    /// Free slot indexes, oldest-freed first, so a port is not reused right after it expires.
-    free: VecDeque<u16>,
+    /// Free slot indexes, drawn at random (RFC 6056), so the next port cannot be guessed.
+    free: Vec<u16>,
+    /// Recently freed slots wait here, oldest first, so a port is not reused right after it expires.
+    quarantine: VecDeque<u16>,
+    quarantine_len: usize,
     capacity: usize,
     idle_timeout: Millis,
     sweep_cursor: usize,
+    directory: Arc<NatDirectory>,
+    seeds: Seeds,
 }
 
 impl SessionTable {
-    /// A table owning ports `ports.0..=ports.1` that holds at most `capacity` sessions.
-    pub fn new(ports: (u16, u16), capacity: usize, idle_timeout: Millis) -> Self {
+    /// A table owning ports `ports.0..=ports.1` of `directory`'s range that holds
+    /// at most `capacity` sessions; `seeds` key its hash and its port choice.
+    pub fn new(
+        directory: Arc<NatDirectory>,
+        ports: (u16, u16),
+        capacity: usize,
+        idle_timeout: Millis,
+        mut seeds: Seeds,
+    ) -> Self {
         let (first, last) = ports;
         let slot_count = usize::from(last.saturating_sub(first)) + 1;
         SessionTable {
             first_port: first,
             slots: vec![None; slot_count],
-            by_flow: HashMap::with_capacity_and_hasher(capacity.min(slot_count), ahash::RandomState::new()),
+            by_flow: HashMap::with_capacity_and_hasher(capacity.min(slot_count), seeds.hasher()),
             free: (0..slot_count as u32).map(|s| s as u16).collect(),
+            quarantine: VecDeque::with_capacity(slot_count),
+            quarantine_len: (slot_count / 4).min(MAX_QUARANTINE),
             capacity,
             idle_timeout,
             sweep_cursor: 0,
+            directory,
+            seeds,
         }
     }
 
-    /// The session for `flow`, refreshed to `now`.
-    #[inline]
-    pub fn touch_flow(&mut self, flow: &FlowKey, now: Millis) -> Option<&Session> {
-        let slot = self.find(flow)?;
-        self.refresh(slot, now).map(|s| &*s)
-    }
-
-    /// The session owning `nat_port`. The caller refreshes `last_seen` only
-    /// once the packet proved it belongs to the session, so strangers cannot keep it alive.
-    #[inline]
-    pub fn by_port_mut(&mut self, nat_port: u16) -> Option<&mut Session> {
-        let slot = usize::from(nat_port.checked_sub(self.first_port)?);
-        self.slots.get_mut(slot)?.as_mut()
-    }
-
-    /// Whether `port` belongs to this table's range.
+    /// Whether `port` belongs to this worker's share.
     #[inline]
     pub fn owns_port(&self, port: u16) -> bool {
         port.checked_sub(self.first_port).is_some_and(|slot| usize::from(slot) < self.slots.len())
     }
 
-    /// Creates a session; `template.nat_port` is ignored and assigned here.
-    pub fn admit(&mut self, template: Session) -> Result<&Session, AdmitError> {
-        let slot = self.admit_slot(template)?;
-        self.slots[usize::from(slot.0)].as_ref().ok_or(AdmitError::TableFull)
-    }
-
-    /// Like [`admit`](Self::admit), returning the new session's slot.
+    /// Creates a session, publishes it to every worker and returns its slot;
+    /// `template.nat_port` is ignored and chosen here at random.
     pub fn admit_slot(&mut self, mut template: Session) -> Result<Slot, AdmitError> {
         if self.by_flow.len() >= self.capacity {
             return Err(AdmitError::TableFull);
         }
-        let slot = self.free.pop_front().ok_or(AdmitError::PortsExhausted)?;
+        let slot = self.take_free().ok_or(AdmitError::PortsExhausted)?;
         template.nat_port = self.first_port + slot;
+        self.directory.publish(template.nat_port, Some(&template.binding()), template.last_seen);
+        if let Err(error) = self.directory.insert(&template.flow, template.nat_port) {
+            self.directory.publish(template.nat_port, None, template.last_seen);
+            self.free.push(slot);
+            return Err(match error {
+                IndexError::Taken(port) => AdmitError::Contended(port),
+                IndexError::Full => AdmitError::TableFull,
+            });
+        }
         self.by_flow.insert(template.flow, slot);
         self.slots[usize::from(slot)] = Some(template);
         Ok(Slot(slot))
     }
 
-    /// Where the session of `flow` lives, if it has one (one hash lookup).
+    /// Where the session of `flow` lives, if this worker has it (one hash lookup).
     #[inline]
     pub fn find(&self, flow: &FlowKey) -> Option<Slot> {
         self.by_flow.get(flow).copied().map(Slot)
@@ -168,9 +199,9 @@ impl SessionTable {
         Some(session)
     }
 
-    /// Removes sessions idle for at least the timeout, examining at most
-    /// `budget` slots from where the previous call stopped; `on_expired` sees
-    /// each removed session. Returns how many expired.
+    /// Removes sessions idle (in both directions, on every worker) for at least
+    /// the timeout, examining at most `budget` slots from where the previous call
+    /// stopped; `on_expired` sees each removed session. Returns how many expired.
     pub fn expire(&mut self, now: Millis, budget: usize, mut on_expired: impl FnMut(&Session)) -> usize {
         let mut expired = 0;
         for _ in 0..budget.min(self.slots.len()) {
@@ -179,13 +210,21 @@ impl SessionTable {
             let Some(session) = &self.slots[slot] else {
                 continue;
             };
-            if now.saturating_sub(session.last_seen) < self.idle_timeout {
+            let last = session.last_seen.max(self.directory.last_active(session.nat_port));
+            if now.saturating_sub(last) < self.idle_timeout {
                 continue;
             }
             on_expired(session);
+            self.directory.remove(&session.flow, session.nat_port);
+            self.directory.publish(session.nat_port, None, now);
             self.by_flow.remove(&session.flow);
             self.slots[slot] = None;
-            self.free.push_back(slot as u16);
+            self.quarantine.push_back(slot as u16);
+            if self.quarantine.len() > self.quarantine_len
+                && let Some(released) = self.quarantine.pop_front()
+            {
+                self.free.push(released);
+            }
             expired += 1;
         }
         expired
@@ -197,6 +236,15 @@ impl SessionTable {
 
     pub fn is_empty(&self) -> bool {
         self.by_flow.is_empty()
+    }
+
+    /// A random free slot; the longest-quarantined one when no other is left.
+    fn take_free(&mut self) -> Option<u16> {
+        if self.free.is_empty() {
+            return self.quarantine.pop_front();
+        }
+        let index = self.seeds.below(self.free.len());
+        Some(self.free.swap_remove(index))
     }
 }
 
@@ -219,53 +267,87 @@ mod tests {
         }
     }
 
+    fn new_table(ports: (u16, u16), capacity: usize, idle_timeout: Millis) -> (SessionTable, Arc<NatDirectory>) {
+        let directory = Arc::new(NatDirectory::new(ports, 1));
+        (SessionTable::new(directory.clone(), ports, capacity, idle_timeout, Seeds::new(42)), directory)
+    }
+
+    fn admit(table: &mut SessionTable, client: &str) -> Session {
+        let slot = table.admit_slot(session(client)).expect("room");
+        *table.get(slot).expect("admitted")
+    }
+
     #[test]
-    fn admit_then_find_by_flow_and_by_port() {
-        let mut table = SessionTable::new((20000, 20009), 100, 1000);
-        let created = *table.admit(session("10.0.0.7:4000")).expect("room");
-        assert_eq!(created.nat_port, 20000);
-        assert_eq!(table.touch_flow(&created.flow, 5).map(|s| s.nat_port), Some(20000));
-        assert_eq!(table.by_port_mut(20000).map(|s| s.flow), Some(created.flow));
-        assert!(table.by_port_mut(20001).is_none());
-        assert!(table.by_port_mut(19999).is_none());
-        assert!(table.by_port_mut(30000).is_none());
-        assert!(table.owns_port(20009) && !table.owns_port(20010));
+    fn admit_publishes_the_binding_to_every_worker() {
+        let (mut table, directory) = new_table((20000, 20009), 100, 1000);
+        let created = admit(&mut table, "10.0.0.7:4000");
+        assert!(table.owns_port(created.nat_port));
+        assert_eq!(table.find(&created.flow).and_then(|s| table.get(s)).map(|s| s.nat_port), Some(created.nat_port));
+        assert_eq!(directory.binding(created.nat_port), Some(created.binding()));
+        assert_eq!(directory.find(&created.flow).map(|(port, _)| port), Some(created.nat_port));
+        assert!(table.owns_port(20009) && !table.owns_port(20010) && !table.owns_port(19999));
+    }
+
+    #[test]
+    fn nat_ports_are_not_handed_out_in_sequence() {
+        let (mut table, _) = new_table((20000, 29999), 10_000, 1000);
+        let ports: Vec<u16> = (0..50).map(|i| admit(&mut table, &format!("10.0.0.7:{}", 1000 + i)).nat_port).collect();
+        let sequential = ports.windows(2).filter(|w| w[1] == w[0].wrapping_add(1)).count();
+        assert!(sequential <= 2, "ports look sequential: {ports:?}");
     }
 
     #[test]
     fn idle_sessions_expire_and_active_ones_stay() {
-        let mut table = SessionTable::new((20000, 20009), 100, 1000);
-        let idle = table.admit(session("10.0.0.7:1")).expect("room").flow;
-        let busy = table.admit(session("10.0.0.7:2")).expect("room").flow;
-        table.touch_flow(&busy, 900);
+        let (mut table, directory) = new_table((20000, 20009), 100, 1000);
+        let idle = admit(&mut table, "10.0.0.7:1");
+        let busy = admit(&mut table, "10.0.0.7:2");
+        let answered = admit(&mut table, "10.0.0.7:3");
+        let slot = table.find(&busy.flow).expect("busy");
+        table.refresh(slot, 900);
+        directory.touch(answered.nat_port, 950);
         assert_eq!(table.expire(999, 10, |_| {}), 0, "nothing is idle for a full timeout yet");
         assert_eq!(table.expire(1000, 10, |_| {}), 1);
-        assert!(table.touch_flow(&idle, 1000).is_none());
-        assert!(table.touch_flow(&busy, 1000).is_some());
-        assert_eq!(table.expire(1999, 10, |_| {}), 0, "touched at 1000: not idle for a full timeout until 2000");
-        assert_eq!(table.expire(2000, 10, |_| {}), 1);
+        assert!(table.find(&idle.flow).is_none());
+        assert_eq!(directory.binding(idle.nat_port), None, "the expired binding is withdrawn");
+        assert!(table.find(&busy.flow).is_some() && table.find(&answered.flow).is_some());
+        assert_eq!(table.expire(1949, 10, |_| {}), 1, "the client-active one goes at 1900");
+        assert_eq!(table.expire(1950, 10, |_| {}), 1, "a reply seen by any worker kept the other until 1950");
     }
 
     #[test]
-    fn freed_ports_are_reused_last() {
-        let mut table = SessionTable::new((20000, 20002), 10, 10);
-        let first = table.admit(session("10.0.0.7:1")).expect("room").nat_port;
-        table.expire(100, 3, |_| {});
-        let next = table.admit(session("10.0.0.7:2")).expect("room").nat_port;
-        assert_ne!(first, next, "the expired port goes to the back of the queue");
+    fn freed_ports_are_not_reused_at_once() {
+        let (mut table, _) = new_table((20000, 20007), 10, 10);
+        let first = admit(&mut table, "10.0.0.7:1").nat_port;
+        table.expire(100, 8, |_| {});
+        for i in 0..7 {
+            assert_ne!(admit(&mut table, &format!("10.0.0.7:{}", 10 + i)).nat_port, first, "quarantined");
+        }
+        assert_eq!(admit(&mut table, "10.0.0.7:99").nat_port, first, "the last free port, once no other is left");
     }
 
     #[test]
     fn capacity_and_port_exhaustion_refuse_without_touching_existing() {
-        let mut table = SessionTable::new((20000, 20001), 10, 1000);
-        let a = table.admit(session("10.0.0.7:1")).expect("room").flow;
-        table.admit(session("10.0.0.7:2")).expect("room");
-        assert_eq!(table.admit(session("10.0.0.7:3")).err(), Some(AdmitError::PortsExhausted));
-        assert!(table.touch_flow(&a, 1).is_some());
+        let (mut table, _) = new_table((20000, 20001), 10, 1000);
+        let a = admit(&mut table, "10.0.0.7:1").flow;
+        admit(&mut table, "10.0.0.7:2");
+        assert_eq!(table.admit_slot(session("10.0.0.7:3")).err(), Some(AdmitError::PortsExhausted));
+        assert!(table.find(&a).is_some());
 
-        let mut small = SessionTable::new((20000, 20100), 1, 1000);
-        small.admit(session("10.0.0.7:1")).expect("room");
-        assert_eq!(small.admit(session("10.0.0.7:2")).err(), Some(AdmitError::TableFull));
+        let (mut small, _) = new_table((20000, 20100), 1, 1000);
+        admit(&mut small, "10.0.0.7:1");
+        assert_eq!(small.admit_slot(session("10.0.0.7:2")).err(), Some(AdmitError::TableFull));
         assert_eq!(small.len(), 1);
+    }
+
+    #[test]
+    fn a_flow_another_worker_holds_is_refused_with_its_port() {
+        let directory = Arc::new(NatDirectory::new((20000, 20019), 1));
+        let mut first = SessionTable::new(directory.clone(), (20000, 20009), 10, 1000, Seeds::new(1));
+        let mut second = SessionTable::new(directory.clone(), (20010, 20019), 10, 1000, Seeds::new(2));
+        let held = admit(&mut first, "10.0.0.7:1");
+        // The second worker missed the directory (a race) and tries to create the same flow.
+        assert_eq!(second.admit_slot(session("10.0.0.7:1")).err(), Some(AdmitError::Contended(held.nat_port)));
+        assert!(second.is_empty());
+        assert_eq!(directory.find(&held.flow).map(|(port, _)| port), Some(held.nat_port));
     }
 }

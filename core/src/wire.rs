@@ -169,17 +169,28 @@ impl<T: AsRef<[u8]>> UdpFrame<T> {
     }
 
     /// Verifies the IPv4 header checksum and the UDP checksum (a zero UDP
-    /// checksum over IPv4 means "none" and passes).
+    /// checksum over IPv4 means "none" and passes; a partial one, see
+    /// [`udp_checksum_partial`](Self::udp_checksum_partial), cannot be checked and passes).
     pub fn checksums_valid(&self) -> bool {
         let bytes = self.bytes();
         if !self.ipv6 && checksum::checksum(&bytes[self.l3..self.l4]) != 0 {
             return false;
         }
         let udp = &bytes[self.l4..self.end];
-        if !self.ipv6 && be16(udp, field::UDP_CHECKSUM) == 0 {
+        if (!self.ipv6 && be16(udp, field::UDP_CHECKSUM) == 0) || self.udp_checksum_partial() {
             return true;
         }
         checksum::ones_complement_sum(udp, self.pseudo_header_sum()) == 0xffff
+    }
+
+    /// Whether the UDP checksum field holds only the folded pseudo-header sum:
+    /// what a sender that offloads its checksum (veth, tap, virtio-net with
+    /// `tx-checksumming` on) leaves for the device to complete, and what AF_XDP
+    /// and generic XDP hand over unchanged. A complete checksum that happens to
+    /// equal it (one in 65,536) is recomputed to the same value, so the test is safe.
+    pub fn udp_checksum_partial(&self) -> bool {
+        let field = be16(self.udp(), field::UDP_CHECKSUM);
+        field != 0 && field == checksum::ones_complement_sum(&[], self.pseudo_header_sum())
     }
 
     fn pseudo_header_sum(&self) -> u32 {

@@ -31,7 +31,7 @@ fuzz_target!(|data: &[u8]| {
         global_limit: Limit { packets_per_second: Some(2_000), bytes_per_second: None },
         max_sessions_per_source: 4,
         source_table_entries: 4,
-        ..RelaySettings::unlimited(vec![[2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]], (20000, 20015), MAX_SESSIONS, 1000)
+        ..RelaySettings::unlimited(vec![[2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]], (20000, 20015), MAX_SESSIONS, 1000, 1)
     };
     let mut relay = Relay::new(Arc::new(routes), settings, counters.clone());
     for (id, ip) in [(0, "10.1.0.1"), (1, "10.1.0.1"), (2, "fd01::1")] {

@@ -15,14 +15,15 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use oxidize_relay::sys::iface::IfaceInfo;
 use oxidize_relay::sys::xdp::XdpProgram;
-use oxidize_relay::sys::xsk::{self, FramePool, QueueSocket};
+use oxidize_relay::sys::xsk::{self, Frame, FramePool, QueueSocket};
 use oxidize_relay_core::config::{XdpMode, parse_mac};
 use oxidize_relay_core::wire::{UdpFrame, build::udp_frame};
 use serde_json::json;
-use xsk_rs::FrameDesc;
 
 const BATCH: usize = 64;
 const FRAMES: u32 = 8192;
+/// Source ports the generator cycles through: flows for the relay's RSS to spread over its queues.
+const FLOWS: u64 = 64;
 /// Payload bytes used for the sequence number and the send timestamp.
 const STAMP: usize = 16;
 
@@ -77,11 +78,17 @@ enum Command {
     },
 }
 
-/// The AF_XDP plumbing both modes share.
+/// The AF_XDP plumbing every mode shares: a socket (with its own frames) on
+/// every RX queue of the interface, since the relay's workers answer on theirs.
 struct Port {
     _program: XdpProgram,
+    queues: Vec<Queue>,
+}
+
+struct Queue {
     pool: FramePool,
     socket: QueueSocket,
+    outgoing: Vec<Frame>,
 }
 
 impl Port {
@@ -92,10 +99,34 @@ impl Port {
         // Keep the NAT range empty so only `listen` is taken.
         program.configure(1, 0, 0)?;
         program.attach(info.index, XdpMode::Auto)?;
-        let pool = FramePool::new(FRAMES, 2048, false, 1)?;
-        let socket = QueueSocket::bind(&pool, interface, 0, 0)?;
-        program.register_socket(0, socket.fd())?;
-        Ok((Port { _program: program, pool, socket }, info))
+        let mut queues = Vec::new();
+        for queue in 0..info.rx_queues.max(1) {
+            let pool = FramePool::new(FRAMES, 2048, false, 1)?;
+            let mut socket = QueueSocket::bind(&pool, interface, queue, 0)?;
+            program.register_socket(queue, socket.fd())?;
+            let mut pool = pool;
+            socket.refill(&mut pool, (FRAMES / 2) as usize);
+            queues.push(Queue { pool, socket, outgoing: Vec::with_capacity(BATCH) });
+        }
+        Ok((Port { _program: program, queues }, info))
+    }
+
+    fn fds(&self) -> Vec<i32> {
+        self.queues.iter().map(|q| q.socket.fd()).collect()
+    }
+}
+
+impl Queue {
+    /// Reclaims sent frames and refills the fill ring.
+    fn recycle(&mut self) {
+        self.socket.reclaim(&mut self.pool);
+        self.socket.refill(&mut self.pool, BATCH);
+    }
+
+    /// Sends what fits of `outgoing` (the rest waits for the next call); returns frames sent and wakeups.
+    fn flush(&mut self) -> (u64, u64) {
+        let (sent, _) = self.socket.transmit(&mut self.outgoing);
+        (sent as u64, u64::from(self.socket.wake_tx_if_needed()))
     }
 }
 
@@ -125,6 +156,7 @@ fn generate(
     }
     let dst_mac = parse_mac(dst_mac).context("--dst-mac is not a MAC address")?;
     let (mut port, info) = Port::open(interface, src)?;
+    let fds = port.fds();
     let mut template = udp_frame(info.mac, dst_mac, src, dst, &vec![0x5a; size]);
     // No UDP checksum (allowed over IPv4), so stamping the payload needs no checksum update.
     template[40..42].copy_from_slice(&[0, 0]);
@@ -132,67 +164,66 @@ fn generate(
 
     let mut rtts: Vec<u32> = Vec::with_capacity(count.min(10_000_000) as usize);
     let mut seen = vec![false; count as usize];
-    let (mut sent, mut received, mut duplicates, mut wakeups) = (0u64, 0u64, 0u64, 0u64);
-    let mut batch = vec![FrameDesc::default(); BATCH];
-    let mut outgoing = Vec::with_capacity(BATCH);
+    let (mut sent, mut queued, mut received, mut duplicates, mut wakeups) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut batch = Vec::with_capacity(BATCH);
     let start = Instant::now();
     let mut last_receive = start;
     let interval = (rate > 0).then(|| Duration::from_secs_f64(1.0 / rate as f64));
-    port.socket.refill(&mut port.pool, (FRAMES / 2) as usize);
+    let mut turn = 0usize;
     loop {
-        port.socket.reclaim(&mut port.pool, &mut batch);
-        port.socket.refill(&mut port.pool, BATCH);
-        // Sending: as many as the pacing allows, in bursts.
+        // Sending: as many as the pacing allows, in bursts, each burst from the next queue
+        // with a source port of its own so the relay's RSS spreads them too.
         let due = match interval {
             Some(interval) => ((start.elapsed().as_nanos() / interval.as_nanos()) as u64 + 1).min(count),
             None => count,
         };
-        outgoing.clear();
-        while sent + (outgoing.len() as u64) < due && outgoing.len() < BATCH {
-            let Some(mut desc) = port.pool.take(0) else { break };
-            let seq = sent + outgoing.len() as u64;
-            let mut data = port.pool.packet_mut(&mut desc);
+        let queue_count = port.queues.len();
+        turn = (turn + 1) % queue_count;
+        let queue = &mut port.queues[turn];
+        while queued < due && queue.outgoing.len() < BATCH {
+            let Some(mut frame) = queue.pool.take(0) else { break };
+            let seq = queued;
+            let mut data = queue.pool.packet_mut(&mut frame);
             let mut cursor = data.cursor();
             cursor.set_pos(0);
             std::io::Write::write_all(&mut cursor, &template)?;
             let stamp = start.elapsed().as_nanos() as u64;
-            let frame = data.contents_mut();
-            frame[payload_at..payload_at + 8].copy_from_slice(&seq.to_be_bytes());
-            frame[payload_at + 8..payload_at + 16].copy_from_slice(&stamp.to_be_bytes());
-            outgoing.push(desc);
+            let bytes = data.contents_mut();
+            bytes[34..36].copy_from_slice(&(src.port().wrapping_add((seq % FLOWS) as u16)).to_be_bytes());
+            bytes[payload_at..payload_at + 8].copy_from_slice(&seq.to_be_bytes());
+            bytes[payload_at + 8..payload_at + 16].copy_from_slice(&stamp.to_be_bytes());
+            queue.outgoing.push(frame);
+            queued += 1;
         }
-        if !outgoing.is_empty() {
-            let produced = port.socket.transmit(&outgoing);
-            sent += produced as u64;
-            for desc in outgoing.drain(produced..) {
-                port.pool.release(desc);
-            }
-        }
-        if port.socket.wake_tx_if_needed() {
-            wakeups += 1;
-        }
-        // Receiving: count, check the sequence, time the round trip.
-        let got = port.socket.receive(&mut batch);
-        for desc in &mut batch[..got] {
-            let data = port.pool.packet_mut(desc);
-            if let Ok(frame) = UdpFrame::new_checked(data.contents()) {
-                let payload = frame.payload();
-                if payload.len() >= STAMP {
-                    let seq = u64::from_be_bytes(payload[..8].try_into().unwrap_or_default());
-                    let stamp = u64::from_be_bytes(payload[8..16].try_into().unwrap_or_default());
-                    match seen.get_mut(seq as usize) {
-                        Some(flag) if !*flag => {
-                            *flag = true;
-                            received += 1;
-                            let rtt = (start.elapsed().as_nanos() as u64).saturating_sub(stamp);
-                            rtts.push(rtt.min(u64::from(u32::MAX)) as u32);
+        let mut got = 0;
+        for queue in &mut port.queues {
+            queue.recycle();
+            let (flushed, kicked) = queue.flush();
+            sent += flushed;
+            wakeups += kicked;
+            // Receiving: count, check the sequence, time the round trip.
+            got += queue.socket.receive(BATCH, &mut batch);
+            for mut frame in batch.drain(..) {
+                let data = queue.pool.packet_mut(&mut frame);
+                if let Ok(frame) = UdpFrame::new_checked(data.contents()) {
+                    let payload = frame.payload();
+                    if payload.len() >= STAMP {
+                        let seq = u64::from_be_bytes(payload[..8].try_into().unwrap_or_default());
+                        let stamp = u64::from_be_bytes(payload[8..16].try_into().unwrap_or_default());
+                        match seen.get_mut(seq as usize) {
+                            Some(flag) if !*flag => {
+                                *flag = true;
+                                received += 1;
+                                let rtt = (start.elapsed().as_nanos() as u64).saturating_sub(stamp);
+                                rtts.push(rtt.min(u64::from(u32::MAX)) as u32);
+                            }
+                            Some(_) => duplicates += 1,
+                            None => {}
                         }
-                        Some(_) => duplicates += 1,
-                        None => {}
                     }
                 }
+                queue.pool.release(frame);
             }
-            port.pool.release(*desc);
         }
         if got > 0 {
             last_receive = Instant::now();
@@ -203,7 +234,7 @@ fn generate(
         }
         if got == 0 && finished_sending {
             wakeups += 1;
-            xsk::wait_readable(&[port.socket.fd()], 10)?;
+            xsk::wait_readable(&fds, 10)?;
         }
     }
     let active = last_receive.duration_since(start).as_secs_f64().max(1e-9);
@@ -227,30 +258,29 @@ fn reflect(interface: &str, listen: SocketAddr) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
     let (mut port, _) = Port::open(interface, listen)?;
+    let fds = port.fds();
     eprintln!("ready");
-    let mut batch = vec![FrameDesc::default(); BATCH];
-    let mut scratch = vec![FrameDesc::default(); BATCH];
     let (mut reflected, mut wakeups) = (0u64, 0u64);
-    port.socket.refill(&mut port.pool, (FRAMES / 2) as usize);
     while !stop.load(Ordering::Relaxed) {
-        port.socket.reclaim(&mut port.pool, &mut scratch);
-        port.socket.refill(&mut port.pool, BATCH);
-        let got = port.socket.receive(&mut batch);
-        for desc in &mut batch[..got] {
-            let mut data = port.pool.packet_mut(desc);
-            swap_endpoints(data.contents_mut());
+        let mut busy = false;
+        for queue in &mut port.queues {
+            queue.recycle();
+            let room = BATCH.saturating_sub(queue.outgoing.len());
+            let mut received = Vec::with_capacity(room);
+            queue.socket.receive(room, &mut received);
+            for mut frame in received {
+                let mut data = queue.pool.packet_mut(&mut frame);
+                swap_endpoints(data.contents_mut());
+                queue.outgoing.push(frame);
+            }
+            let (sent, kicked) = queue.flush();
+            reflected += sent;
+            wakeups += kicked;
+            busy |= !queue.outgoing.is_empty() || queue.socket.tx_pending() || sent > 0;
         }
-        let sent = port.socket.transmit(&batch[..got]);
-        for desc in &batch[sent..got] {
-            port.pool.release(*desc);
-        }
-        reflected += sent as u64;
-        if port.socket.wake_tx_if_needed() {
+        if !busy {
             wakeups += 1;
-        }
-        if got == 0 && !port.socket.tx_pending() {
-            wakeups += 1;
-            xsk::wait_readable(&[port.socket.fd()], 100)?;
+            xsk::wait_readable(&fds, 100)?;
         }
     }
     println!("{}", json!({ "reflected": reflected, "wakeups": wakeups, "cpu_seconds": cpu_seconds() }));
@@ -293,18 +323,18 @@ fn flood(interface: &str, dst: SocketAddr, dst_mac: &str, seconds: u64, sources:
     let total = u16::from_be_bytes([with_options[16], with_options[17]]) + 4;
     with_options[16..18].copy_from_slice(&total.to_be_bytes());
     let mut sent = [0u64; 5];
-    let mut batch = vec![FrameDesc::default(); BATCH];
-    let mut outgoing = Vec::with_capacity(BATCH);
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut counter = 0u64;
+    let mut turn = 0usize;
     while Instant::now() < deadline {
-        port.socket.reclaim(&mut port.pool, &mut batch);
-        outgoing.clear();
-        while outgoing.len() < BATCH {
-            let Some(mut desc) = port.pool.take(0) else { break };
+        turn = (turn + 1) % port.queues.len();
+        let queue = &mut port.queues[turn];
+        queue.socket.reclaim(&mut queue.pool);
+        while queue.outgoing.len() < BATCH {
+            let Some(mut desc) = queue.pool.take(0) else { break };
             let kind = FLOOD_MIX[(counter % FLOOD_MIX.len() as u64) as usize];
             let source = 0x0a80_0000 + (counter as u32 % sources.max(1));
-            let mut data = port.pool.packet_mut(&mut desc);
+            let mut data = queue.pool.packet_mut(&mut desc);
             let mut cursor = data.cursor();
             cursor.set_pos(0);
             let (template, l4) = match kind {
@@ -327,13 +357,9 @@ fn flood(interface: &str, dst: SocketAddr, dst_mac: &str, seconds: u64, sources:
             frame[24..26].copy_from_slice(&header.to_be_bytes());
             sent[kind as usize] += 1;
             counter += 1;
-            outgoing.push(desc);
+            queue.outgoing.push(desc);
         }
-        let produced = port.socket.transmit(&outgoing);
-        for desc in outgoing.drain(produced..) {
-            port.pool.release(desc);
-        }
-        port.socket.wake_tx_if_needed();
+        queue.flush();
     }
     println!(
         "{}",

@@ -9,3 +9,14 @@ pub mod netlink;
 pub mod udp;
 pub mod xdp;
 pub mod xsk;
+
+/// A random 64-bit value from the kernel's CSPRNG (getrandom(2)), for hash keys and port choice.
+pub fn random_u64() -> std::io::Result<u64> {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the live buffer.
+    let filled = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if filled != bytes.len() as isize {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(u64::from_ne_bytes(bytes))
+}

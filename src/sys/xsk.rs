@@ -10,8 +10,9 @@ use xsk_rs::config::{BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, So
 pub use xsk_rs::umem::frame::DataMut;
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 
-/// Ring sizes: twice the largest burst keeps producers from stalling on consumers.
-const RING_SIZE: u32 = 2048;
+/// Ring sizes are derived from the pool: half a domain's frames, within these bounds.
+const MIN_RING: u32 = 64;
+const MAX_RING: u32 = 4096;
 const SOL_XDP: libc::c_int = 283;
 const XDP_OPTIONS: libc::c_int = 8;
 const XDP_OPTIONS_ZEROCOPY: u32 = 1;
@@ -38,6 +39,28 @@ pub enum XskError {
     MissingRings { interface: String, queue: u32 },
 }
 
+/// A UMEM frame userspace holds. Neither `Copy` nor `Clone`: whoever holds the
+/// value owns the frame, and giving it to a ring or back to the pool consumes
+/// it, so a frame cannot be released twice or touched after the kernel got it.
+/// Only this module makes them, from one pool's UMEM and the rings bound to it.
+#[derive(Debug)]
+pub struct Frame(FrameDesc);
+
+impl Frame {
+    /// Bytes of packet data in the frame.
+    pub fn len(&self) -> usize {
+        self.0.lengths().data()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The kernel's counts for one AF_XDP socket (`XDP_STATISTICS`), in
+/// [`KernelSocketStat::ALL`](oxidize_relay_core::counters::KernelSocketStat::ALL) order.
+pub type KernelSocketStats = [u64; oxidize_relay_core::counters::KernelSocketStat::COUNT];
+
 /// A worker's frames: one UMEM split into security domains (client-facing and
 /// upstream-facing in a two-arm relay). Each socket refills from its own domain
 /// and every frame returns to the domain it belongs to by address, so a flood on
@@ -48,13 +71,15 @@ pub struct FramePool {
     domains: Vec<Domain>,
     /// Bytes of UMEM per domain: a frame's address divided by this is its domain.
     domain_bytes: usize,
+    /// Entries of every ring of the sockets on this pool.
+    ring_size: u32,
     pub hugepages: bool,
 }
 
 /// The frames of one domain that userspace holds, and what moved through it.
 #[derive(Debug)]
 struct Domain {
-    free: Vec<FrameDesc>,
+    free: Vec<Frame>,
     capacity: usize,
     stats: PoolStats,
 }
@@ -77,7 +102,10 @@ impl FramePool {
     pub fn new(frames: u32, frame_size: u32, hugepages: bool, domains: usize) -> Result<Self, XskError> {
         let geometry = |e: &dyn std::fmt::Display| XskError::Geometry(e.to_string());
         let size = FrameSize::new(frame_size).map_err(|e| geometry(&e))?;
-        let ring = QueueSize::new(RING_SIZE).map_err(|e| geometry(&e))?;
+        let domain_count = domains.max(1);
+        // Half a domain fits in the fill ring, so both halves of a two-arm pool can be receiving.
+        let ring_size = (frames / domain_count as u32 / 2).clamp(MIN_RING, MAX_RING).next_power_of_two();
+        let ring = QueueSize::new(ring_size).map_err(|e| geometry(&e))?;
         let config = UmemConfig::builder()
             .frame_size(size)
             .fill_queue_size(ring)
@@ -99,15 +127,18 @@ impl FramePool {
                 (umem, descs, false)
             }
         };
-        let domain_count = domains.max(1);
         let frames_per_domain = descs.len() / domain_count;
         let domains = descs
             .chunks(frames_per_domain)
             .take(domain_count)
-            .map(|chunk| Domain { free: chunk.to_vec(), capacity: chunk.len(), stats: PoolStats::default() })
+            .map(|chunk| Domain {
+                free: chunk.iter().copied().map(Frame).collect(),
+                capacity: chunk.len(),
+                stats: PoolStats::default(),
+            })
             .collect();
         let domain_bytes = (frames_per_domain * frame_size as usize).max(1);
-        Ok(FramePool { umem, domains, domain_bytes, hugepages })
+        Ok(FramePool { umem, domains, domain_bytes, ring_size, hugepages })
     }
 
     pub fn domain_count(&self) -> usize {
@@ -127,8 +158,13 @@ impl FramePool {
         self.domains.get(domain).map_or_else(PoolStats::default, |d| d.stats)
     }
 
+    /// Entries of each ring of a socket on this pool.
+    pub fn ring_size(&self) -> u32 {
+        self.ring_size
+    }
+
     /// Takes a free frame of `domain` (for generating traffic), if any.
-    pub fn take(&mut self, domain: usize) -> Option<FrameDesc> {
+    pub fn take(&mut self, domain: usize) -> Option<Frame> {
         let domain = self.domains.get_mut(domain)?;
         let frame = domain.free.pop();
         match frame {
@@ -140,23 +176,23 @@ impl FramePool {
 
     /// Returns a frame to the domain its address belongs to.
     #[inline]
-    pub fn release(&mut self, desc: FrameDesc) {
+    pub fn release(&mut self, frame: Frame) {
         let index = match self.domains.len() {
             1 => 0,
-            count => (desc.addr() / self.domain_bytes).min(count - 1),
+            count => (frame.0.addr() / self.domain_bytes).min(count - 1),
         };
         let domain = &mut self.domains[index];
         domain.stats.frees += 1;
-        domain.free.push(desc);
+        domain.free.push(frame);
     }
 
-    /// The packet bytes of a received frame, for in-place rewriting.
+    /// The packet bytes of a held frame, for in-place rewriting.
     #[inline]
-    pub fn packet_mut<'a>(&'a self, desc: &'a mut FrameDesc) -> DataMut<'a> {
-        // SAFETY: every FrameDesc the worker holds came from this pool's UMEM
-        // (Umem::new or a ring of a socket on it), and the worker holds each
-        // descriptor exactly once, so no other reference to this frame exists.
-        unsafe { self.umem.data_mut(desc) }
+    pub fn packet_mut<'a>(&'a self, frame: &'a mut Frame) -> DataMut<'a> {
+        // SAFETY: a Frame is only made from this pool's UMEM (Umem::new, or a
+        // ring of a socket bound to it) and is neither Copy nor Clone, so the
+        // `&mut Frame` is the only handle to these bytes while the borrow lasts.
+        unsafe { self.umem.data_mut(&mut frame.0) }
     }
 }
 
@@ -169,6 +205,9 @@ pub struct QueueSocket {
     completion: CompQueue,
     /// Frames handed to the TX ring and not yet completed.
     tx_in_flight: usize,
+    ring_size: u32,
+    /// Descriptors staged for a ring operation (rings take plain descriptors); sized once.
+    staging: Vec<FrameDesc>,
     /// The pool domain this socket's fill ring draws from.
     domain: usize,
     pub zero_copy: bool,
@@ -180,7 +219,7 @@ impl QueueSocket {
     pub fn bind(pool: &FramePool, interface: &str, queue: u32, domain: usize) -> Result<Self, XskError> {
         let failed = |source| XskError::Socket { interface: interface.to_owned(), queue, source };
         let name: Interface = interface.parse().map_err(|_| failed(io::Error::from(io::ErrorKind::InvalidInput)))?;
-        let ring = QueueSize::new(RING_SIZE).map_err(|e| XskError::Geometry(e.to_string()))?;
+        let ring = QueueSize::new(pool.ring_size).map_err(|e| XskError::Geometry(e.to_string()))?;
         let config = SocketConfig::builder()
             .rx_queue_size(ring)
             .tx_queue_size(ring)
@@ -199,6 +238,8 @@ impl QueueSocket {
             fill,
             completion,
             tx_in_flight: 0,
+            ring_size: pool.ring_size,
+            staging: Vec::with_capacity(pool.ring_size as usize),
             domain: domain.min(pool.domain_count() - 1),
             zero_copy,
         })
@@ -220,9 +261,12 @@ impl QueueSocket {
             return 0;
         }
         let start = domain.free.len() - wanted;
-        // SAFETY: these descriptors belong to pool's UMEM (shared by this socket) and
-        // are owned by userspace; the ones produced become the kernel's.
-        let produced = unsafe { self.fill.produce(&domain.free[start..]) };
+        self.staging.clear();
+        self.staging.extend(domain.free[start..].iter().map(|frame| frame.0));
+        // SAFETY: these frames belong to pool's UMEM (shared by this socket) and are
+        // held by userspace; the ones produced become the kernel's, and their Frame
+        // tokens are dropped below so userspace no longer holds them.
+        let produced = unsafe { self.fill.produce(&self.staging) };
         domain.free.truncate(domain.free.len() - produced);
         domain.stats.allocs += produced as u64;
         produced
@@ -233,21 +277,36 @@ impl QueueSocket {
         self.fill.needs_wakeup()
     }
 
-    /// Receives up to `descs.len()` frames.
+    /// Receives up to `max` frames into `out`; returns how many.
     #[inline]
-    pub fn receive(&mut self, descs: &mut [FrameDesc]) -> usize {
-        // SAFETY: the RX ring only returns frames of the UMEM this socket is bound to.
-        unsafe { self.rx.consume(descs) }
+    pub fn receive(&mut self, max: usize, out: &mut Vec<Frame>) -> usize {
+        self.staging.resize(max.min(self.ring_size as usize), FrameDesc::default());
+        // SAFETY: the RX ring only returns frames of the UMEM this socket is bound to,
+        // each of which the kernel hands back exactly once.
+        let received = unsafe { self.rx.consume(&mut self.staging) };
+        out.extend(self.staging[..received].iter().copied().map(Frame));
+        received
     }
 
-    /// Queues frames for transmission; returns how many the TX ring took (a prefix).
+    /// Moves the longest prefix of `queue` that fits into the TX ring (the rest
+    /// stays queued for the next pass: nothing is dropped for want of room);
+    /// returns how many frames and bytes left.
     #[inline]
-    pub fn transmit(&mut self, descs: &[FrameDesc]) -> usize {
-        // SAFETY: these frames belong to the shared UMEM and are owned by
-        // userspace; those produced become the kernel's until completion.
-        let produced = unsafe { self.tx.produce(descs) };
+    pub fn transmit(&mut self, queue: &mut Vec<Frame>) -> (usize, usize) {
+        // libxdp's reserve is all-or-nothing: ask for no more than the ring has room for.
+        let room = self.tx.nb_free(queue.len() as u32) as usize;
+        let count = room.min(queue.len());
+        if count == 0 {
+            return (0, 0);
+        }
+        self.staging.clear();
+        self.staging.extend(queue[..count].iter().map(|frame| frame.0));
+        // SAFETY: these frames belong to the shared UMEM and are held by userspace;
+        // those produced become the kernel's until completion, and their tokens are dropped.
+        let produced = unsafe { self.tx.produce(&self.staging) };
+        let bytes = queue.drain(..produced).map(|frame| frame.len()).sum();
         self.tx_in_flight += produced;
-        produced
+        (produced, bytes)
     }
 
     /// Whether frames wait in the TX ring or for completion.
@@ -259,7 +318,7 @@ impl QueueSocket {
     /// one wakeup sends at most 32 frames, so the worker kicks again while this holds;
     /// frames already taken only wait for their completion, which needs no kick.
     pub fn tx_unsent(&mut self) -> bool {
-        self.tx_in_flight > 0 && self.tx.nb_free_exact() < RING_SIZE
+        self.tx_in_flight > 0 && self.tx.nb_free_exact() < self.ring_size
     }
 
     /// Kicks the kernel to send if it asked for it; returns whether a syscall was made.
@@ -273,15 +332,35 @@ impl QueueSocket {
         true
     }
 
-    /// Returns frames whose transmission completed to `pool`; returns how many.
-    pub fn reclaim(&mut self, pool: &mut FramePool, scratch: &mut [FrameDesc]) -> usize {
-        // SAFETY: the completion ring only returns frames of this socket's UMEM.
-        let done = unsafe { self.completion.consume(scratch) };
-        for desc in &scratch[..done] {
-            pool.release(*desc);
+    /// Returns every frame whose transmission completed to `pool`; returns how many.
+    pub fn reclaim(&mut self, pool: &mut FramePool) -> usize {
+        let mut total = 0;
+        loop {
+            self.staging.resize(self.ring_size as usize, FrameDesc::default());
+            // SAFETY: the completion ring only returns frames of this socket's UMEM,
+            // each of which the kernel hands back exactly once.
+            let done = unsafe { self.completion.consume(&mut self.staging) };
+            for desc in &self.staging[..done] {
+                pool.release(Frame(*desc));
+            }
+            self.tx_in_flight -= done;
+            total += done;
+            if done < self.staging.len() {
+                return total;
+            }
         }
-        self.tx_in_flight -= done;
-        done
+    }
+
+    /// The kernel's drop and ring counts for this socket since it was bound.
+    pub fn kernel_stats(&self) -> io::Result<KernelSocketStats> {
+        let stats = self.rx.fd().xdp_statistics()?;
+        Ok([
+            stats.rx_dropped(),
+            stats.rx_ring_full(),
+            stats.rx_fill_ring_empty_descs(),
+            stats.tx_ring_empty_descs(),
+            stats.rx_invalid_descs() + stats.tx_invalid_descs(),
+        ])
     }
 }
 

@@ -19,6 +19,8 @@ PEER = os.path.join(HERE, "peer.py")
 LISTEN_PORT = 5000
 UPSTREAM_PORT = 7000
 NAT_PORTS = (20000, 29999)
+# Operators' NICs have several queues and RSS spreads flows over them: so do the test links.
+DEFAULT_QUEUES = 2
 
 
 def sh(*cmd, check=True, capture=True):
@@ -33,11 +35,15 @@ class Topology:
 
     one_arm: client, upstream and the relay's single interface share a bridge (the `sw` namespace).
     two_arm: client <-> relay (client side), relay (upstream side) <-> upstream.
+
+    Every veth has `queues` RX and TX queues: a packet's RX queue is the sender's
+    flow-hashed TX queue, as RSS spreads flows on a NIC. Offloads stay at their
+    defaults (veth offloads checksums: frames arrive with partial checksums).
     """
 
-    def __init__(self, prefix, arm="two_arm", ipv6=False, attacker=False):
+    def __init__(self, prefix, arm="two_arm", ipv6=False, attacker=False, queues=DEFAULT_QUEUES):
         assert arm in ("one_arm", "two_arm", "chain") and not (attacker and arm != "one_arm")
-        self.prefix, self.arm, self.ipv6, self.attacker = prefix, arm, ipv6, attacker
+        self.prefix, self.arm, self.ipv6, self.attacker, self.queues = prefix, arm, ipv6, attacker, queues
         self.ns = {role: f"{prefix}-{role}" for role in ("client", "relay", "relay2", "upstream", "sw", "attacker")}
         self.processes = []
         self.workdir = tempfile.mkdtemp(prefix=f"{prefix}-")
@@ -102,6 +108,11 @@ class Topology:
         self.destroy()
         return False
 
+    def _veth(self, role, dev, peer, peer_role):
+        """A veth pair with `self.queues` queues each way: `dev` in `role`, `peer` in `peer_role`."""
+        q = [f"numrxqueues", str(self.queues), "numtxqueues", str(self.queues)]
+        self.ip(role, "link", "add", dev, *q, "type", "veth", "peer", "name", peer, *q, "netns", self.ns[peer_role])
+
     def _create(self):
         roles = ["client", "relay", "upstream"] + (["sw"] if self.arm == "one_arm" else []) + (["attacker"] if self.attacker else [])
         roles += ["relay2"] if self.arm == "chain" else []
@@ -117,14 +128,14 @@ class Topology:
             if self.attacker:
                 hosts.append(("attacker", "a0", "swa", 66))
             for role, dev, peer, host in hosts:
-                self.ip("sw", "link", "add", peer, "type", "veth", "peer", "name", dev, "netns", self.ns[role])
+                self._veth("sw", peer, dev, role)
                 self.ip("sw", "link", "set", peer, "master", "br0", "up")
                 self._address(role, dev, self._addr(1, host), plen)
         elif self.arm == "chain":
             # client -> relay (rc0 | ru0) -> relay2 (bc0 | bu0) -> upstream
-            self.ip("relay", "link", "add", "rc0", "type", "veth", "peer", "name", "c0", "netns", self.ns["client"])
-            self.ip("relay", "link", "add", "ru0", "type", "veth", "peer", "name", "bc0", "netns", self.ns["relay2"])
-            self.ip("relay2", "link", "add", "bu0", "type", "veth", "peer", "name", "u0", "netns", self.ns["upstream"])
+            self._veth("relay", "rc0", "c0", "client")
+            self._veth("relay", "ru0", "bc0", "relay2")
+            self._veth("relay2", "bu0", "u0", "upstream")
             self._address("client", "c0", self.client_ip, plen)
             self._address("relay", "rc0", self.listen_ip, plen)
             self._address("relay", "ru0", self._addr(2, 1), plen)
@@ -133,21 +144,15 @@ class Topology:
             self._address("upstream", "u0", self.upstream_ip, plen)
             self.ip("client", "route", "add", "default", "via", self.listen_ip)
             self.ip("upstream", "route", "add", "default", "via", self._addr(3, 1))
-            self.exec("relay2", "ethtool", "-K", "bc0", "tx", "off", check=True)
-            self.exec("relay", "ethtool", "-K", "ru0", "tx", "off", check=True)
         else:
-            self.ip("relay", "link", "add", "rc0", "type", "veth", "peer", "name", "c0", "netns", self.ns["client"])
-            self.ip("relay", "link", "add", "ru0", "type", "veth", "peer", "name", "u0", "netns", self.ns["upstream"])
+            self._veth("relay", "rc0", "c0", "client")
+            self._veth("relay", "ru0", "u0", "upstream")
             self._address("client", "c0", self.client_ip, plen)
             self._address("relay", "rc0", self.listen_ip, plen)
             self._address("relay", "ru0", self.relay_upstream_ip, plen)
             self._address("upstream", "u0", self.upstream_ip, plen)
             self.ip("client", "route", "add", "default", "via", self.listen_ip)
             self.ip("upstream", "route", "add", "default", "via", self.relay_upstream_ip)
-        # Peers compute full checksums in software: a partial (offloaded) checksum
-        # would reach the relay unfinished, as no real NIC would deliver it.
-        for role, dev in (("client", "c0"), ("upstream", "u0")):
-            self.exec(role, "ethtool", "-K", dev, "tx", "off", check=True)
         # A fresh veth drops the first neighbour solicitation while the link settles
         # (a 1 s stall, relay or not): settle links and neighbour caches before any test traffic.
         self.settle("client", self.listen_ip)
@@ -298,7 +303,7 @@ class Relay:
         self.proc.wait()
 
 
-def relay_config(topo, mode, idle_timeout_secs=120, interfaces=None):
+def relay_config(topo, mode, idle_timeout_secs=120, interfaces=None, extra=""):
     if interfaces is None and topo.arm == "one_arm":
         interfaces = '[[interface]]\nname = "rc0"\nrole = "both"\n'
     elif interfaces is None:
@@ -315,4 +320,4 @@ stats_interval_secs = 2
 [[route]]
 listen = "{topo.listen}"
 upstreams = ["{topo.upstream}"]
-"""
+{extra}"""

@@ -62,20 +62,29 @@ def echo(args):
 
 
 def client(args):
-    """Send `count` datagrams of mixed sizes with a bounded window; check every echo byte for byte."""
+    """Send `count` datagrams of mixed sizes with a bounded window from `sockets` sockets
+    (flows) in turn; check every echo byte for byte, and that it came back to the socket that sent it."""
     host, port = split(args.to)
     family = family_of(host)
     sizes = SIZES + [MAX_PAYLOAD[family]]
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    if args.bind:
-        sock.bind(split(args.bind))
-    sock.connect((host, port))
-    sock.setblocking(False)
-    pending = {}
+    socks = []
+    for i in range(args.sockets):
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        if args.bind:
+            bind_host, bind_port = split(args.bind)
+            sock.bind((bind_host, bind_port + i))
+        sock.connect((host, port))
+        sock.setblocking(False)
+        socks.append(sock)
+    by_fd = {sock.fileno(): index for index, sock in enumerate(socks)}
+    poller = select.poll()
+    for sock in socks:
+        poller.register(sock, select.POLLIN)
+    pending = {}  # seq -> (payload, sent at, socket index)
     expected_total = args.count
     next_seq = 0
-    received = corrupt = duplicates = first_try_lost = retransmits = 0
+    received = corrupt = duplicates = first_try_lost = retransmits = wrong_socket = 0
     lost_examples = []
     delivered = set()
     given_up = set()
@@ -85,15 +94,16 @@ def client(args):
     while (next_seq < expected_total or pending) and time.monotonic() < deadline:
         while next_seq < expected_total and len(pending) < args.window:
             data = payload(next_seq, sizes[next_seq % len(sizes)] if args.size == 0 else args.size, args.random)
-            pending[next_seq] = (data, time.monotonic())
+            index = next_seq % len(socks)
+            pending[next_seq] = (data, time.monotonic(), index)
             attempts[next_seq] = 1
-            sock.send(data)
+            socks[index].send(data)
             next_seq += 1
-        ready, _, _ = select.select([sock], [], [], 0.05)
-        if ready:
+        for fd, _ in poller.poll(50):
+            index = by_fd[fd]
             while True:
                 try:
-                    data = sock.recv(65535)
+                    data = socks[index].recv(65535)
                 except BlockingIOError:
                     break
                 except ConnectionRefusedError:
@@ -104,7 +114,7 @@ def client(args):
                     match = seq
                 else:
                     # Short payloads carry only the low bytes of seq: find the pending one that matches.
-                    match = next((s for s, (d, _) in pending.items() if d == data), None)
+                    match = next((s for s, (d, _, _) in pending.items() if d == data), None)
                 if match is None:
                     if hash(data) in given_up:
                         late += 1
@@ -113,11 +123,13 @@ def client(args):
                     else:
                         corrupt += 1
                     continue
+                if pending[match][2] != index:
+                    wrong_socket += 1
                 del pending[match]
                 delivered.add(hash(data))
                 received += 1
         now = time.monotonic()
-        for seq, (data, sent) in list(pending.items()):
+        for seq, (data, sent, index) in list(pending.items()):
             if now - sent > args.retry_after:
                 if attempts[seq] == 1:
                     first_try_lost += 1
@@ -128,12 +140,13 @@ def client(args):
                     continue
                 attempts[seq] += 1
                 retransmits += 1
-                pending[seq] = (data, now)
-                sock.send(data)
+                pending[seq] = (data, now, index)
+                socks[index].send(data)
     print(json.dumps({
         "sent": expected_total, "received": received, "missing": expected_total - received, "late": late,
-        "corrupt": corrupt, "duplicates": duplicates, "first_try_lost": first_try_lost, "retransmits": retransmits,
-        "local": "%s:%d" % sock.getsockname()[:2], "lost_examples": lost_examples[:8],
+        "corrupt": corrupt + wrong_socket, "wrong_socket": wrong_socket, "duplicates": duplicates,
+        "first_try_lost": first_try_lost, "retransmits": retransmits, "sockets": len(socks),
+        "local": "%s:%d" % socks[0].getsockname()[:2], "lost_examples": lost_examples[:8],
     }), flush=True)
 
 
@@ -225,6 +238,7 @@ def main():
     p.add_argument("--window", type=int, default=32); p.add_argument("--retry-after", type=float, default=0.5)
     p.add_argument("--retries", type=int, default=3); p.add_argument("--timeout", type=float, default=120)
     p.add_argument("--random", action="store_true", help="incompressible payloads")
+    p.add_argument("--sockets", type=int, default=1, help="client sockets (flows), used in turn; --bind gives the first port")
     p.set_defaults(run=client)
     p = sub.add_parser("many-clients"); p.add_argument("--to", required=True)
     p.add_argument("--count", type=int, default=1000); p.add_argument("--rounds", type=int, default=2)

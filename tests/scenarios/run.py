@@ -17,7 +17,9 @@ from oxr import NAT_PORTS, Relay, Topology, metric, relay_config, scrape, stop_p
 
 SCENARIOS = {}
 # Scenarios that only make sense for one backend.
-AF_XDP_ONLY = {"sigkill-fallback", "flood"}
+AF_XDP_ONLY = {"sigkill-fallback", "flood", "tx-pressure", "unserved-queues"}
+# Client sockets (flows) of the traffic scenarios: enough for RSS to use every queue.
+FLOWS = 64
 
 
 def scenario(name):
@@ -35,6 +37,22 @@ def expect(condition, message):
 
 def xdp_counter(stats, name):
     return sum(i["xdp_counters"].get(name, 0) for i in stats["interfaces"].values())
+
+
+def expect_default_offloads(topo):
+    """The peers keep veth's default checksum offload: the relay gets partial checksums, as on tap and virtio."""
+    features = topo.exec("client", "ethtool", "-k", "c0")
+    expect("tx-checksumming: on" in features, "the client's veth offloads checksums (the default)")
+
+
+def expect_queues_shared(relay, topo, count):
+    """With several queues every worker carried traffic, replies crossed queues, and nothing lacked a route."""
+    text = relay.scrape()
+    per_worker = [relay.metric(text, "oxidize_relay_rx_packets_total", worker=str(w)) for w in range(topo.queues)]
+    expect(all(rx > 0 for rx in per_worker), f"all {topo.queues} workers received traffic: rx {per_worker}")
+    crossed = relay.metric(text, "oxidize_relay_replies_cross_queue_total")
+    expect(crossed > 0, f"{crossed:.0f} replies landed on a queue whose worker does not own their session, and went back")
+    expect(relay.metric(text, "oxidize_relay_drops_total", reason="no_route") == 0, "no packet was dropped for want of a route")
 
 
 def start_relay(topo, binary, backend, **config):
@@ -98,7 +116,8 @@ def relay_traffic(topo, binary, backend, count):
     # AF_XDP: a kernel socket on the listen port would answer if the relay's traffic reached the kernel.
     decoy = topo.spawn_peer("relay", "echo", "--bind", topo.listen) if backend == "af_xdp" else None
     relay = start_relay(topo, binary, backend)
-    report = topo.peer("client", "client", "--to", topo.listen, "--count", str(count))
+    expect_default_offloads(topo)
+    report = topo.peer("client", "client", "--to", topo.listen, "--count", str(count), "--sockets", str(FLOWS))
     print(f"  client: {report}")
     # The stats file is rewritten every 200 ms: wait until it covers the whole exchange.
     stats = relay.wait_stats(lambda s: s["tx_packets"] >= 2 * count)
@@ -111,19 +130,24 @@ def relay_traffic(topo, binary, backend, count):
     if decoy:
         decoy_report = stop_peer(decoy)
         expect(decoy_report["received"] == 0, "the kernel socket on the listen port saw nothing: AF_XDP took the traffic")
-    for source in echo_report["sources"]:
-        host, port = source.rsplit(":", 1)
-        expect(host == topo.relay_upstream_ip and NAT_PORTS[0] <= int(port) <= NAT_PORTS[1],
-               f"upstream saw the relay's NAT address {source}, not the client")
+    strangers = [source for source in echo_report["sources"]
+                 if source.rsplit(":", 1)[0] != topo.relay_upstream_ip
+                 or not NAT_PORTS[0] <= int(source.rsplit(":", 1)[1]) <= NAT_PORTS[1]]
+    expect(echo_report["sources"] and not strangers,
+           f"upstream saw only the relay's NAT addresses ({len(echo_report['sources'])} ports), never a client {strangers[:3]}")
     expect_backend_carried(stats, backend, count, count + report["retransmits"], topo.arm)
     check_metrics(topo, relay, backend, count)
+    # A Linux bridge forwards every frame toward the relay on one TX queue (no RSS to emulate
+    # it with on this kernel), so only the two-arm links spread flows over the relay's queues.
+    if backend == "af_xdp" and topo.queues > 1 and topo.arm == "two_arm":
+        expect_queues_shared(relay, topo, count)
     final = finish(topo, relay)
     return report, final
 
 
-def traffic_scenario(arm, ipv6, count):
+def traffic_scenario(arm, ipv6, count, queues=2):
     def run(binary, prefix, backend):
-        with Topology(prefix, arm=arm, ipv6=ipv6) as topo:
+        with Topology(prefix, arm=arm, ipv6=ipv6, queues=queues) as topo:
             relay_traffic(topo, binary, backend, count)
     return run
 
@@ -132,6 +156,56 @@ SCENARIOS["ipv4-one-arm"] = traffic_scenario("one_arm", False, 100_000)
 SCENARIOS["ipv6-one-arm"] = traffic_scenario("one_arm", True, 20_000)
 SCENARIOS["ipv4-two-arm"] = traffic_scenario("two_arm", False, 20_000)
 SCENARIOS["ipv6-two-arm"] = traffic_scenario("two_arm", True, 100_000)
+SCENARIOS["four-queues"] = traffic_scenario("two_arm", False, 20_000, queues=4)
+
+
+@scenario("tx-pressure")
+def tx_pressure(binary, prefix, backend):
+    """Bursts ten times the size of a small TX ring: frames that do not fit wait for the next pass instead of
+    being dropped, and the kernel's own AF_XDP socket counters are exported."""
+    with Topology(prefix, arm="two_arm") as topo:
+        echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream)
+        # 256 frames per worker, two domains: rings of 64 entries; bursts of 640 datagrams.
+        relay = start_relay(topo, binary, backend, extra="\n[pool]\nframes_per_worker = 256\n")
+        report = topo.peer("client", "client", "--to", topo.listen, "--count", "6400", "--window", "640",
+                           "--sockets", str(FLOWS), "--size", "1000")
+        print(f"  client: {report}")
+        expect(report["received"] == 6400 and report["corrupt"] == 0, "every datagram of the bursts came back intact")
+        stats = relay.wait_stats(lambda s: s["tx_packets"] >= 12800)
+        print(f"  relay drops: { {k: v for k, v in stats['drops'].items() if v} }, kernel: {stats['af_xdp_kernel']}")
+        expect(stats["drops"]["tx_ring_full"] == 0, "no frame was dropped for want of TX ring room")
+        time.sleep(0.5)
+        text = relay.scrape()
+        exported = {line.split('event="')[1].split('"')[0] for line in text.splitlines()
+                    if line.startswith("oxidize_relay_af_xdp_kernel_total{")}
+        expect({"rx_dropped", "rx_ring_full", "rx_fill_ring_empty", "tx_ring_empty", "invalid_descriptors"} <= exported,
+               f"the kernel's XDP_STATISTICS are in /metrics ({sorted(exported)})")
+        expect(relay.metric(text, "oxidize_relay_af_xdp_kernel_total", event="invalid_descriptors") == 0,
+               "the kernel refused no descriptor")
+        stop_peer(echo)
+        finish(topo, relay)
+
+
+@scenario("unserved-queues")
+def unserved_queues(binary, prefix, backend):
+    """A config serving fewer queues than the NIC has is refused, saying how to fix it; by default all are served."""
+    with Topology(prefix, arm="two_arm", queues=4) as topo:
+        one_queue = relay_config(topo, backend).replace('role = "client"', 'role = "client"\nqueues = 1') \
+            .replace('role = "upstream"', 'role = "upstream"\nqueues = 1')
+        refused = Relay(topo, binary, one_queue)
+        try:
+            refused.start(timeout=10)
+            raise AssertionError("a relay serving 1 of 4 queues must not start")
+        except RuntimeError:
+            pass
+        log = refused.log_text()
+        expect(refused.proc.returncode not in (0, None) and "ethtool -L rc0 combined 1" in log,
+               "refused with the fix: " + log.strip().splitlines()[-1][-160:])
+        expect(not any(topo.xdp_attached("relay", dev) for dev in topo.relay_interfaces), "nothing was left attached")
+        relay = start_relay(topo, binary, backend)
+        expect("one worker per RX queue" in relay.log_text() and relay.stats()["workers"] == 4,
+               f"without `queues` the relay serves all 4 with {relay.stats()['workers']} workers")
+        finish(topo, relay)
 
 
 @scenario("many-clients")
