@@ -92,10 +92,13 @@ struct Queue {
 }
 
 impl Port {
-    fn open(interface: &str, listen: SocketAddr) -> anyhow::Result<(Self, IfaceInfo)> {
+    /// Takes traffic to `ports` consecutive ports from `listen`'s.
+    fn open(interface: &str, listen: SocketAddr, ports: u16) -> anyhow::Result<(Self, IfaceInfo)> {
         let info = IfaceInfo::lookup(interface)?;
         let mut program = XdpProgram::load(1)?;
-        program.add_listen(listen)?;
+        for offset in 0..ports {
+            program.add_listen(SocketAddr::new(listen.ip(), listen.port().wrapping_add(offset)))?;
+        }
         // Keep the NAT range empty so only `listen` is taken.
         program.configure(1, 0, 0)?;
         program.attach(info.index, XdpMode::Auto)?;
@@ -155,7 +158,7 @@ fn generate(
         bail!("payload must be at least {STAMP} bytes and addresses IPv4");
     }
     let dst_mac = parse_mac(dst_mac).context("--dst-mac is not a MAC address")?;
-    let (mut port, info) = Port::open(interface, src)?;
+    let (mut port, info) = Port::open(interface, src, FLOWS as u16)?;
     let fds = port.fds();
     let mut template = udp_frame(info.mac, dst_mac, src, dst, &vec![0x5a; size]);
     // No UDP checksum (allowed over IPv4), so stamping the payload needs no checksum update.
@@ -257,7 +260,7 @@ fn generate(
 fn reflect(interface: &str, listen: SocketAddr) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
-    let (mut port, _) = Port::open(interface, listen)?;
+    let (mut port, _) = Port::open(interface, listen, 1)?;
     let fds = port.fds();
     eprintln!("ready");
     let (mut reflected, mut wakeups) = (0u64, 0u64);
@@ -313,7 +316,7 @@ const FLOOD_MIX: [FloodKind; 10] = [
 fn flood(interface: &str, dst: SocketAddr, dst_mac: &str, seconds: u64, sources: u32) -> anyhow::Result<()> {
     let dst_mac = parse_mac(dst_mac).context("--dst-mac is not a MAC address")?;
     // Listen on an address nobody answers: the flooder only sends.
-    let (mut port, info) = Port::open(interface, "10.255.255.254:9".parse()?)?;
+    let (mut port, info) = Port::open(interface, "10.255.255.254:9".parse()?, 1)?;
     let small = udp_frame(info.mac, dst_mac, "10.128.0.1:1024".parse()?, dst, &[0x41; 64]);
     let large = udp_frame(info.mac, dst_mac, "10.128.0.1:1024".parse()?, dst, &[0x42; 1472]);
     // IHL 6 with one 4-byte option (four NOPs) before the UDP header.
