@@ -580,6 +580,8 @@ def demo(binary, prefix, backend):
             print(f"  XDP on {name} ({iface['xdp_mode']} mode): {counters}")
         drops = {k: v for k, v in final["drops"].items() if v}
         print(f"  sessions created {final['sessions_created']}, drops {drops or 'none'}, wakeups {final['wakeups']}")
+        print(f"  {final['workers']} workers on {topo.queues} queues with default checksum offload: "
+              f"{final['replies_cross_queue']} replies relayed by a worker other than their session's owner")
 
 
 def main():
