@@ -129,6 +129,8 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone()).map_err(SetupError::Signals)?;
     }
+    // Their default action would kill the relay silently, leaving the stats file saying it runs.
+    let ignored = IgnoredSignals::register()?;
     let mut config = config;
     load_tunnel_keys(&mut config)?;
     let (mode, report) = probe::resolve_mode(&config).map_err(SetupError::Mode)?;
@@ -187,7 +189,17 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
     notifier.ready(&format!("{} workers, backend {name}", handles.len()));
 
     let mut keepalives = Keepalives::new(&routes).map_err(SetupError::Keepalive)?;
-    control_loop(&config, &stop, &mut resolver, &unresolved_rx, &updates, &context, &notifier, &mut keepalives)?;
+    control_loop(
+        &config,
+        &stop,
+        &ignored,
+        &mut resolver,
+        &unresolved_rx,
+        &updates,
+        &context,
+        &notifier,
+        &mut keepalives,
+    )?;
 
     notifier.stopping();
     tracing::info!("shutting down: stopping workers, detaching XDP");
@@ -391,6 +403,7 @@ impl StatsContext<'_> {
 fn control_loop(
     config: &Config,
     stop: &AtomicBool,
+    ignored: &IgnoredSignals,
     resolver: &mut NextHopResolver,
     unresolved: &Receiver<UpstreamId>,
     updates: &[Sender<WorkerUpdate>],
@@ -411,6 +424,7 @@ fn control_loop(
             last_refresh = Instant::now();
         }
         keepalives.tick();
+        ignored.log_received();
         let totals = Totals::collect(stats.counters);
         stats.write(&totals, true);
         metrics::publish(stats.counters, &stats.xdp_counters());
@@ -435,6 +449,33 @@ fn control_loop(
         }
     }
     Ok(())
+}
+
+/// Signals an operator or a service manager may send that have no meaning yet
+/// (SIGHUP will reload once reload exists): caught, logged, otherwise ignored.
+struct IgnoredSignals {
+    flags: Vec<(&'static str, Arc<AtomicBool>)>,
+}
+
+impl IgnoredSignals {
+    fn register() -> Result<Self, SetupError> {
+        use signal_hook::consts::{SIGHUP, SIGUSR1, SIGUSR2};
+        let mut flags = Vec::new();
+        for (name, signal) in [("SIGHUP", SIGHUP), ("SIGUSR1", SIGUSR1), ("SIGUSR2", SIGUSR2)] {
+            let flag = Arc::new(AtomicBool::new(false));
+            signal_hook::flag::register(signal, flag.clone()).map_err(SetupError::Signals)?;
+            flags.push((name, flag));
+        }
+        Ok(IgnoredSignals { flags })
+    }
+
+    fn log_received(&self) {
+        for (name, flag) in &self.flags {
+            if flag.swap(false, Ordering::Relaxed) {
+                tracing::warn!(signal = name, "received {name}: it has no meaning for this relay yet; ignored");
+            }
+        }
+    }
 }
 
 /// Reads every route's tunnel key files into the config (keys never live in the config text).

@@ -77,6 +77,7 @@ scenarios! { af_xdp:
     idle_sessions_expire => "session-expiry",
     tcp_to_the_relay_host_works_while_attached => "tcp-coexistence",
     sigkill_leaves_traffic_to_the_kernel => "sigkill-fallback",
+    hup_and_usr_signals_are_logged_not_fatal => "signals",
     spoofed_and_malformed_flood_spares_the_legitimate_client => "flood",
     runs_unprivileged_and_drops_capabilities => "least-privilege",
     relay_chain_over_an_oxtunnel_hop => "chain",
@@ -92,6 +93,7 @@ scenarios! { socket:
     tcp_to_the_relay_host_works_while_attached => "tcp-coexistence",
     runs_unprivileged_and_drops_capabilities => "least-privilege",
     relay_chain_over_an_oxtunnel_hop => "chain",
+    hup_and_usr_signals_are_logged_not_fatal => "signals",
 }
 
 /// Detection: auto falls back to sockets without capabilities or on an interface AF_XDP cannot serve.

@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 import time
 
@@ -276,6 +277,27 @@ def tcp_coexistence(binary, prefix, backend):
             expect(topo.xdp_attached("relay", "rc0"), "the XDP program was attached throughout")
         stop_peer(echo)
         finish(topo, relay)
+
+
+@scenario("signals")
+def signals(binary, prefix, backend):
+    """SIGHUP, SIGUSR1 and SIGUSR2 neither kill the relay nor go unnoticed; SIGTERM still ends it cleanly."""
+    with Topology(prefix, arm="two_arm") as topo:
+        echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream)
+        relay = start_relay(topo, binary, backend)
+        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+            relay.proc.send_signal(sig)
+            deadline = time.monotonic() + 3
+            while f"received {sig.name}" not in relay.log_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            expect(relay.proc.poll() is None and f"received {sig.name}" in relay.log_text(),
+                   f"{sig.name}: still running, and logged")
+        report = topo.peer("client", "client", "--to", topo.listen, "--count", "500", "--sockets", "8")
+        expect(report["received"] == 500, "and still relaying")
+        expect(relay.stats()["running"], "the stats file says running while it runs")
+        stop_peer(echo)
+        finish(topo, relay)
+        expect(not relay.stats()["running"], "and no longer after it stopped")
 
 
 @scenario("sigkill-fallback")
