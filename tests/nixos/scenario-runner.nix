@@ -4,14 +4,17 @@
 
 let
   scenarios = ../scenarios;
-  tools = [ pkgs.python3 pkgs.iproute2 pkgs.ethtool pkgs.iputils pkgs.libcap ];
+  # clang (unwrapped: no hardening flags for the BPF target) builds the one-arm topology's
+  # RSS-emulating tc program against the kernel headers named in OXR_BPF_INCLUDE.
+  tools = [ pkgs.python3 pkgs.iproute2 pkgs.ethtool pkgs.iputils pkgs.libcap pkgs.llvmPackages.clang-unwrapped ];
+  bpfInclude = "export OXR_BPF_INCLUDE=${pkgs.linuxHeaders}/include\n";
 in
 {
   environment.systemPackages = tools ++ [
     (pkgs.writeShellApplication {
       name = "oxr-scenario";
       runtimeInputs = tools;
-      text = ''exec python3 ${scenarios}/run.py --relay ${config.services.oxidize-relay.package}/bin/oxidize-relay "$@"'';
+      text = bpfInclude + ''exec python3 ${scenarios}/run.py --relay ${config.services.oxidize-relay.package}/bin/oxidize-relay "$@"'';
     })
     (pkgs.writeShellApplication {
       name = "oxr-peer";

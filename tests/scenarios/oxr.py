@@ -131,6 +131,8 @@ class Topology:
                 self._veth("sw", peer, dev, role)
                 self.ip("sw", "link", "set", peer, "master", "br0", "up")
                 self._address(role, dev, self._addr(1, host), plen)
+            if self.queues > 1:
+                self._spread_like_rss("sw", "swr")
         elif self.arm == "chain":
             # client -> relay (rc0 | ru0) -> relay2 (bc0 | bu0) -> upstream
             self._veth("relay", "rc0", "c0", "client")
@@ -161,6 +163,18 @@ class Topology:
             self.settle("upstream", self._addr(3, 1))
         else:
             self.settle("upstream", self.relay_upstream_ip)
+
+    def _spread_like_rss(self, role, dev):
+        """A bridge sends every frame it forwards out of one TX queue, where a switch port into
+        a NIC with RSS would spread flows over its RX queues: a tc program picks `dev`'s TX
+        queue (so the peer's RX queue) from the flow hash instead."""
+        obj = os.path.join(self.workdir, "spread.o")
+        # Kernel UAPI headers: Debian's multiarch directory, or what the runner names (the NixOS VM tests).
+        includes = os.environ.get("OXR_BPF_INCLUDE", "/usr/include/x86_64-linux-gnu").split(":")
+        sh("clang", "-O2", "-target", "bpf", f"-DQUEUES={self.queues}", *(f"-I{d}" for d in includes),
+           "-c", os.path.join(HERE, "spread.bpf.c"), "-o", obj)
+        self.exec(role, "tc", "qdisc", "add", "dev", dev, "clsact")
+        self.exec(role, "tc", "filter", "add", "dev", dev, "egress", "bpf", "direct-action", "obj", obj, "sec", "tc")
 
     def _address(self, role, dev, addr, plen):
         extra = ["nodad"] if self.ipv6 else []
