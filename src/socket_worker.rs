@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
 use mio::net::UdpSocket as MioUdpSocket;
@@ -150,7 +150,7 @@ impl SocketWorker {
     fn drain_listener(&mut self, index: usize, batch: &mut RecvBatch) -> bool {
         let listen = self.listeners[index].address;
         for _ in 0..DRAIN_BATCHES {
-            let received = match batch.receive(self.listeners[index].socket.as_raw_fd()) {
+            let received = match receive_whole(&self.core.counters, batch, self.listeners[index].socket.as_raw_fd()) {
                 Ok(0) => return false,
                 Ok(n) => n,
                 Err(error) => {
@@ -194,7 +194,7 @@ impl SocketWorker {
             let Some(session_socket) = self.sessions.get(&nat_port) else { return false };
             let Ok(local) = session_socket.socket.local_addr() else { return false };
             let listener = session_socket.listener;
-            let received = match batch.receive(session_socket.socket.as_raw_fd()) {
+            let received = match receive_whole(&self.core.counters, batch, session_socket.socket.as_raw_fd()) {
                 Ok(0) => return false,
                 Ok(n) => n,
                 // An ICMP error from the upstream is reported once; the next read continues.
@@ -271,6 +271,16 @@ impl SocketWorker {
 }
 
 /// Sends a socket's queued datagrams in one sendmmsg and counts the outcome.
+/// Receives a batch; datagrams too large for a slot are counted and never relayed cut short.
+fn receive_whole(counters: &Counters, batch: &mut RecvBatch, fd: RawFd) -> io::Result<usize> {
+    let received = batch.receive(fd)?;
+    let truncated = batch.truncated();
+    if truncated > 0 {
+        counters.drops[DropReason::DatagramTooLarge as usize].add(truncated as u64);
+    }
+    Ok(received)
+}
+
 fn send_queued(counters: &Counters, batch: &mut SendBatch, socket: &MioUdpSocket) {
     if batch.is_empty() {
         return;

@@ -78,6 +78,7 @@ scenarios! { af_xdp:
     tcp_to_the_relay_host_works_while_attached => "tcp-coexistence",
     sigkill_leaves_traffic_to_the_kernel => "sigkill-fallback",
     hup_and_usr_signals_are_logged_not_fatal => "signals",
+    oversize_datagrams_are_counted_never_cut => "oversize",
     spoofed_and_malformed_flood_spares_the_legitimate_client => "flood",
     runs_unprivileged_and_drops_capabilities => "least-privilege",
     relay_chain_over_an_oxtunnel_hop => "chain",
@@ -94,6 +95,7 @@ scenarios! { socket:
     runs_unprivileged_and_drops_capabilities => "least-privilege",
     relay_chain_over_an_oxtunnel_hop => "chain",
     hup_and_usr_signals_are_logged_not_fatal => "signals",
+    oversize_datagrams_are_counted_never_cut => "oversize",
 }
 
 /// Detection: auto falls back to sockets without capabilities or on an interface AF_XDP cannot serve.

@@ -62,11 +62,13 @@ pub enum DropReason {
     TunnelDecompress,
     /// The egress TX ring or the frame pool had no room.
     TxRingFull,
+    /// A datagram larger than the relay's receive buffer: dropped whole, never truncated.
+    DatagramTooLarge,
 }
 
 impl DropReason {
     /// Number of variants, for sizing counter arrays.
-    pub const COUNT: usize = DropReason::TxRingFull as usize + 1;
+    pub const COUNT: usize = DropReason::DatagramTooLarge as usize + 1;
 
     /// All reasons in discriminant order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
@@ -98,6 +100,7 @@ impl DropReason {
         DropReason::TunnelAuthFailed,
         DropReason::TunnelDecompress,
         DropReason::TxRingFull,
+        DropReason::DatagramTooLarge,
     ];
 
     /// Stable snake_case name used in logs, JSON stats and metric labels.
@@ -131,6 +134,7 @@ impl DropReason {
             DropReason::TunnelAuthFailed => "tunnel_auth_failed",
             DropReason::TunnelDecompress => "tunnel_decompress",
             DropReason::TxRingFull => "tx_ring_full",
+            DropReason::DatagramTooLarge => "datagram_too_large",
         }
     }
 }

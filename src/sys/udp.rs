@@ -55,10 +55,11 @@ impl RecvBatch {
             header.msg_hdr.msg_iov = iovec;
             header.msg_hdr.msg_iovlen = 1;
         }
+        // MSG_TRUNC: the kernel reports each datagram's real length, so one that did not fit is known.
+        let flags = libc::MSG_DONTWAIT | libc::MSG_TRUNC;
         // SAFETY: every header points at a live iovec and sockaddr_storage of this batch, sized as declared.
-        let received = unsafe {
-            libc::recvmmsg(fd, self.headers.as_mut_ptr(), slots as u32, libc::MSG_DONTWAIT, std::ptr::null_mut())
-        };
+        let received =
+            unsafe { libc::recvmmsg(fd, self.headers.as_mut_ptr(), slots as u32, flags, std::ptr::null_mut()) };
         if received < 0 {
             let error = io::Error::last_os_error();
             self.count = 0;
@@ -71,15 +72,22 @@ impl RecvBatch {
         Ok(self.count)
     }
 
-    /// The datagrams of the last `receive`: (source, the whole slot, payload length).
-    /// The slot has room after the payload for rewriting it in place.
+    /// The whole datagrams of the last `receive`: (source, the whole slot, payload
+    /// length). The slot has room after the payload for rewriting it in place.
+    /// Datagrams larger than a slot are left out (see [`truncated`](Self::truncated)).
     pub fn datagrams_mut(&mut self) -> impl Iterator<Item = (Option<SocketAddr>, &mut [u8], usize)> {
         self.sources
             .iter()
             .zip(self.buffers.chunks_exact_mut(SLOT_SIZE))
             .zip(&self.lengths)
             .take(self.count)
+            .filter(|(_, length)| **length <= SLOT_SIZE)
             .map(|((source, slot), &length)| (socket_addr(source), slot, length))
+    }
+
+    /// Datagrams of the last `receive` too large for a slot: the kernel cut them, so they are not relayed.
+    pub fn truncated(&self) -> usize {
+        self.lengths.iter().take(self.count).filter(|&&length| length > SLOT_SIZE).count()
     }
 }
 

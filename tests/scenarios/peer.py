@@ -42,6 +42,7 @@ def echo(args):
     sock.bind((host, port))
     seen = set()
     count = 0
+    sizes = set()
     running = True
 
     def stop(*_):
@@ -56,9 +57,10 @@ def echo(args):
             continue
         data, source = sock.recvfrom(65535)
         count += 1
+        sizes.add(len(data))
         seen.add(f"{source[0]}:{source[1]}")
         sock.sendto(data, source)
-    print(json.dumps({"received": count, "sources": sorted(seen)}), flush=True)
+    print(json.dumps({"received": count, "sources": sorted(seen), "sizes": sorted(sizes)}), flush=True)
 
 
 def client(args):
@@ -193,7 +195,7 @@ def send(args):
     host, port = split(args.to)
     sock = socket.socket(family_of(host), socket.SOCK_DGRAM)
     for i in range(args.count):
-        sock.sendto(b"unsolicited-%d" % i, (host, port))
+        sock.sendto((b"unsolicited-%d-" % i).ljust(args.size, b"x"), (host, port))
     print(json.dumps({"sent": args.count}), flush=True)
 
 
@@ -244,6 +246,7 @@ def main():
     p.add_argument("--count", type=int, default=1000); p.add_argument("--rounds", type=int, default=2)
     p.set_defaults(run=many_clients)
     p = sub.add_parser("send"); p.add_argument("--to", required=True); p.add_argument("--count", type=int, default=10)
+    p.add_argument("--size", type=int, default=0, help="pad each datagram to this many bytes")
     p.set_defaults(run=send)
     p = sub.add_parser("tcp-echo"); p.add_argument("--bind", required=True); p.set_defaults(run=tcp_echo)
     p = sub.add_parser("tcp-client"); p.add_argument("--to", required=True); p.add_argument("--bytes", type=int, default=1 << 20)
