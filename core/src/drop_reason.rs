@@ -29,6 +29,11 @@ pub enum DropReason {
     MartianSource,
     /// TTL or hop limit is zero.
     TtlExpired,
+    /// The destination MAC is not the receiving interface's: broadcast, multicast, or a
+    /// frame a bridge flooded toward every port.
+    ForeignDestinationMac,
+    /// A client packet whose source is one of the relay's own addresses (listen or NAT).
+    OwnSourceAddress,
     /// No route listens on the destination address and port.
     NoRoute,
     /// A packet to a NAT port that has no live session.
@@ -84,6 +89,8 @@ impl DropReason {
         DropReason::BadChecksum,
         DropReason::MartianSource,
         DropReason::TtlExpired,
+        DropReason::ForeignDestinationMac,
+        DropReason::OwnSourceAddress,
         DropReason::NoRoute,
         DropReason::NoSession,
         DropReason::UnexpectedReplySource,
@@ -118,6 +125,8 @@ impl DropReason {
             DropReason::BadChecksum => "bad_checksum",
             DropReason::MartianSource => "martian_source",
             DropReason::TtlExpired => "ttl_expired",
+            DropReason::ForeignDestinationMac => "foreign_destination_mac",
+            DropReason::OwnSourceAddress => "own_source_address",
             DropReason::NoRoute => "no_route",
             DropReason::NoSession => "no_session",
             DropReason::UnexpectedReplySource => "unexpected_reply_source",

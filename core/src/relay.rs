@@ -298,6 +298,9 @@ impl Relay {
         if self.verify_checksums && !packet.checksums_valid() {
             return Err(DropReason::BadChecksum);
         }
+        if self.iface_macs.get(usize::from(ingress.0)) != Some(&packet.dst_mac()) {
+            return Err(DropReason::ForeignDestinationMac);
+        }
         let (src, dst, src_mac) = (packet.src(), packet.dst(), packet.src_mac());
         let (at, payload_len, layout) = (packet.payload_offset(), packet.payload().len(), packet.layout());
         // Config keeps listen ports out of the NAT range, so the port alone tells the direction.
@@ -537,6 +540,9 @@ impl Relay {
         peer_flow: u32,
     ) -> Result<Admitted, DropReason> {
         let route = self.routes.route(route_id);
+        if self.is_own_address(flow.client.ip()) {
+            return Err(DropReason::OwnSourceAddress);
+        }
         if !route::client_allowed(route, flow.client) {
             return Err(DropReason::ClientNotAllowed);
         }
@@ -580,6 +586,12 @@ impl Relay {
         self.counters.sessions_created.add(1);
         self.counters.sessions_active.set(self.sessions.len() as u64);
         Ok(Admitted::Here(slot))
+    }
+
+    /// Whether `ip` is one of the relay's own: a listen address or a NAT source address.
+    fn is_own_address(&self, ip: IpAddr) -> bool {
+        self.routes.routes().iter().any(|r| r.listen.ip() == ip)
+            || self.next_hops.iter().flatten().any(|hop| hop.src_ip == ip)
     }
 
     /// The next hop of `upstream`; when missing, flags it for the control thread.
@@ -873,6 +885,22 @@ mod tests {
     }
 
     #[test]
+    fn frames_not_for_this_interface_or_from_the_relay_itself_create_no_session() {
+        let (mut relay, counters) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
+        for dst_mac in [[0xff; 6], [0x01, 0x00, 0x5e, 0, 0, 1], [2, 0, 0, 0, 0, 0x77], RELAY_UPSTREAM_SIDE] {
+            let mut flooded = udp_frame(CLIENT_MAC, dst_mac, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"), b"x");
+            assert_eq!(relay.handle(0, IfaceId(0), &mut flooded), Verdict::Drop(DropReason::ForeignDestinationMac));
+        }
+        for own in ["10.0.0.1:6000", "10.1.0.1:6000"] {
+            let mut spoofed = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr(own), addr("10.0.0.1:5000"), b"x");
+            assert_eq!(relay.handle(0, IfaceId(0), &mut spoofed), Verdict::Drop(DropReason::OwnSourceAddress));
+        }
+        assert_eq!(counters.sessions_created.get(), 0);
+        assert_eq!(counters.dropped(DropReason::ForeignDestinationMac), 4);
+        assert_eq!(counters.dropped(DropReason::OwnSourceAddress), 2);
+    }
+
+    #[test]
     fn bad_checksum_and_unrouted_traffic_are_dropped_by_reason() {
         let (mut relay, counters) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
         let mut corrupt =
@@ -977,6 +1005,8 @@ mod tests {
         assert!(UdpFrame::new_checked(&buffer[..len]).expect("valid").checksums_valid());
         assert!(edge_counters.tunnel_bytes_saved.get() > 0);
 
+        // On the hop's link the exit relay's client side is the next hop.
+        buffer[..6].copy_from_slice(&RELAY_CLIENT_SIDE);
         let (verdict, len) = exit.handle_sized(2, IfaceId(0), &mut buffer, len);
         assert_eq!(verdict, Verdict::Forward(IfaceId(1)));
         let plain = UdpFrame::new_checked(&buffer[..len]).expect("valid");
@@ -992,6 +1022,7 @@ mod tests {
         assert_eq!(verdict, Verdict::Forward(IfaceId(0)));
         assert_eq!(len, reply.len() + oxtunnel::OVERHEAD, "too short to compress: sealed plain");
         // The sealed reply reaches the edge relay's NAT port.
+        buffer[..6].copy_from_slice(&RELAY_UPSTREAM_SIDE);
         let (verdict, len) = edge.handle_sized(4, IfaceId(1), &mut buffer, len);
         assert_eq!(verdict, Verdict::Forward(IfaceId(0)));
         let back = UdpFrame::new_checked(&buffer[..len]).expect("valid");
@@ -1019,6 +1050,7 @@ mod tests {
         let original = sealed.len();
         sealed.resize(2048, 0);
         let (_, len) = edge.handle_sized(0, IfaceId(0), &mut sealed, original);
+        sealed[..6].copy_from_slice(&RELAY_CLIENT_SIDE);
         assert_eq!(exit.handle_sized(0, IfaceId(0), &mut sealed, len).0, Verdict::Drop(DropReason::TunnelAuthFailed));
         assert_eq!(counters.dropped(DropReason::TunnelAuthFailed), 1);
         let mut no_room =

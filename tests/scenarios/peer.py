@@ -199,6 +199,39 @@ def send(args):
     print(json.dumps({"sent": args.count}), flush=True)
 
 
+def raw(args):
+    """Put hand-made Ethernet/IPv4/UDP frames on an interface (AF_PACKET), with valid checksums:
+    for frames no socket would send (another host's MAC, a forged source address)."""
+    import struct
+
+    def checksum(data):
+        if len(data) % 2:
+            data += b"\0"
+        total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+        while total >> 16:
+            total = (total & 0xFFFF) + (total >> 16)
+        return ~total & 0xFFFF
+
+    src_host, src_port = split(args.src)
+    dst_host, dst_port = split(args.dst)
+    mac = lambda text: bytes(int(part, 16) for part in text.split(":"))
+    with open(f"/sys/class/net/{args.interface}/address") as f:
+        own_mac = mac(f.read().strip())
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    sock.bind((args.interface, 0))
+    for i in range(args.count):
+        body = b"raw-%d" % i
+        src, dst = socket.inet_aton(src_host), socket.inet_aton(dst_host)
+        udp_len = 8 + len(body)
+        pseudo = src + dst + struct.pack("!BBH", 0, 17, udp_len)
+        udp = struct.pack("!HHHH", src_port, dst_port, udp_len, 0) + body
+        udp = udp[:6] + struct.pack("!H", checksum(pseudo + udp) or 0xFFFF) + udp[8:]
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + udp_len, i, 0, 64, 17, 0, src, dst)
+        ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
+        sock.send(mac(args.dst_mac) + own_mac + b"\x08\x00" + ip + udp)
+    print(json.dumps({"sent": args.count}), flush=True)
+
+
 def tcp_echo(args):
     host, port = split(args.bind)
     server = socket.socket(family_of(host), socket.SOCK_STREAM)
@@ -248,6 +281,9 @@ def main():
     p = sub.add_parser("send"); p.add_argument("--to", required=True); p.add_argument("--count", type=int, default=10)
     p.add_argument("--size", type=int, default=0, help="pad each datagram to this many bytes")
     p.set_defaults(run=send)
+    p = sub.add_parser("raw"); p.add_argument("--interface", required=True); p.add_argument("--dst-mac", required=True)
+    p.add_argument("--src", required=True); p.add_argument("--dst", required=True); p.add_argument("--count", type=int, default=5)
+    p.set_defaults(run=raw)
     p = sub.add_parser("tcp-echo"); p.add_argument("--bind", required=True); p.set_defaults(run=tcp_echo)
     p = sub.add_parser("tcp-client"); p.add_argument("--to", required=True); p.add_argument("--bytes", type=int, default=1 << 20)
     p.set_defaults(run=tcp_client)

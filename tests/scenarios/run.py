@@ -18,7 +18,7 @@ from oxr import NAT_PORTS, Relay, Topology, metric, relay_config, scrape, stop_p
 
 SCENARIOS = {}
 # Scenarios that only make sense for one backend.
-AF_XDP_ONLY = {"sigkill-fallback", "flood", "tx-pressure", "unserved-queues"}
+AF_XDP_ONLY = {"sigkill-fallback", "flood", "tx-pressure", "unserved-queues", "never-sessions"}
 # Client sockets (flows) of the traffic scenarios: enough for RSS to use every queue.
 FLOWS = 64
 
@@ -319,6 +319,32 @@ def oversize(binary, prefix, backend):
             expect(counted == 5, f"the socket backend dropped the 5 reassembled datagrams as datagram_too_large ({counted})")
         echo_report = stop_peer(echo)
         expect(max(echo_report["sizes"]) <= 1472, f"the upstream never got a cut datagram (sizes up to {max(echo_report['sizes'])})")
+        finish(topo, relay)
+
+
+@scenario("never-sessions")
+def never_sessions(binary, prefix, backend):
+    """Frames that must never create a session: broadcast, multicast or another host's destination MAC
+    (what a bridge floods), and sources claiming the relay's own addresses. Each is dropped under its reason."""
+    with Topology(prefix, arm="two_arm") as topo:
+        echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream)
+        relay = start_relay(topo, binary, backend)
+        relay_mac = topo.exec("relay", "cat", "/sys/class/net/rc0/address").strip()
+        client = topo.endpoint(topo.client_ip, 41000)
+        for mac in ("ff:ff:ff:ff:ff:ff", "01:00:5e:00:00:01", "02:00:00:00:00:77"):
+            topo.peer("client", "raw", "--interface", "c0", "--dst-mac", mac, "--src", client, "--dst", topo.listen)
+        for own in (topo.listen_ip, topo.relay_upstream_ip):
+            topo.peer("client", "raw", "--interface", "c0", "--dst-mac", relay_mac,
+                      "--src", topo.endpoint(own, 6000), "--dst", topo.listen)
+        stats = relay.wait_stats(lambda s: s["drops"]["foreign_destination_mac"] + s["drops"]["own_source_address"] >= 25)
+        drops = {k: v for k, v in stats["drops"].items() if v}
+        print(f"  relay drops: {drops}")
+        expect(stats["drops"]["foreign_destination_mac"] == 15, "15 frames for other MACs dropped as foreign_destination_mac")
+        expect(stats["drops"]["own_source_address"] == 10, "10 frames from the relay's own addresses dropped as own_source_address")
+        expect(stats["sessions_created"] == 0, "and none of them created a session")
+        legit = topo.peer("client", "client", "--to", topo.listen, "--count", "100")
+        expect(legit["received"] == 100, "while a real client is relayed")
+        expect(stop_peer(echo)["received"] == 100, "and the upstream saw only the real client's datagrams")
         finish(topo, relay)
 
 
