@@ -105,16 +105,30 @@ impl NextHopResolver {
         let mac = match self.statics.iter().find(|s| s.ip == route.next_hop) {
             Some(pinned) => pinned.mac,
             None => match self.socket.neighbor(route.ifindex, route.next_hop) {
-                Ok(Some(mac)) => mac,
-                Ok(None) | Err(_) => {
-                    if let Err(error) = netlink::nudge_neighbor(route.next_hop) {
-                        tracing::debug!(neighbor = %route.next_hop, %error, "neighbour resolution nudge failed");
+                Ok(Some(neighbor)) => {
+                    // The relay's traffic bypasses the kernel, which therefore never re-probes a STALE
+                    // entry: a host that came back with a new MAC would be black-holed for good. Kernel
+                    // traffic toward it starts the kernel's confirmation (DELAY, PROBE); a MAC that no
+                    // longer answers fails and is then resolved afresh.
+                    if neighbor.stale {
+                        nudge(route.next_hop);
                     }
+                    neighbor.mac
+                }
+                Ok(None) | Err(_) => {
+                    nudge(route.next_hop);
                     return Err(Unreachable::NeighborPending(route.next_hop));
                 }
             },
         };
         Ok(NextHop { iface: IfaceId(iface as u8), src_ip, dst_mac: mac })
+    }
+}
+
+/// Sends kernel traffic toward `neighbor`, so the kernel resolves or re-confirms it.
+fn nudge(neighbor: IpAddr) {
+    if let Err(error) = netlink::nudge_neighbor(neighbor) {
+        tracing::debug!(%neighbor, %error, "neighbour resolution nudge failed");
     }
 }
 

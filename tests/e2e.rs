@@ -80,6 +80,7 @@ scenarios! { af_xdp:
     hup_and_usr_signals_are_logged_not_fatal => "signals",
     oversize_datagrams_are_counted_never_cut => "oversize",
     foreign_macs_and_own_sources_create_no_session => "never-sessions",
+    an_upstream_back_with_a_new_mac_is_found_again => "stale-neighbour",
     spoofed_and_malformed_flood_spares_the_legitimate_client => "flood",
     runs_unprivileged_and_drops_capabilities => "least-privilege",
     relay_chain_over_an_oxtunnel_hop => "chain",

@@ -23,6 +23,16 @@ const NDA_DST: u16 = 1;
 const NDA_LLADDR: u16 = 2;
 /// Neighbour states whose link-layer address can be used.
 const NUD_USABLE: u16 = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80;
+/// Not confirmed lately: the kernel re-probes it only when its own traffic uses it.
+const NUD_STALE: u16 = 0x04;
+
+/// A usable neighbour entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Neighbor {
+    pub mac: MacAddr,
+    /// STALE: the MAC may be outdated (the host may have a new one) until the kernel confirms it.
+    pub stale: bool,
+}
 /// The discard port: a datagram there makes the kernel resolve the neighbour and is ignored by the peer.
 const DISCARD_PORT: u16 = 9;
 
@@ -160,8 +170,8 @@ impl RouteSocket {
         Ok(Route { ifindex: ifindex.ok_or_else(malformed)?, next_hop: gateway.unwrap_or(address), preferred_source })
     }
 
-    /// `ip neigh get ADDRESS dev IFINDEX`: the MAC when the entry is usable, `None` otherwise.
-    pub fn neighbor(&mut self, ifindex: u32, address: IpAddr) -> Result<Option<MacAddr>, NetlinkError> {
+    /// `ip neigh get ADDRESS dev IFINDEX`: the entry when it is usable, `None` otherwise.
+    pub fn neighbor(&mut self, ifindex: u32, address: IpAddr) -> Result<Option<Neighbor>, NetlinkError> {
         let operation = "RTM_GETNEIGH";
         let (family, bytes) = family_and_bytes(address);
         // struct ndmsg: family, pad1, pad2(u16), ifindex(i32), state(u16), flags(u8), type(u8)
@@ -186,7 +196,7 @@ impl RouteSocket {
         Ok(attrs(&payload[12..]).find(|(kind, value)| *kind == NDA_LLADDR && value.len() == 6).map(|(_, value)| {
             let mut mac = [0u8; 6];
             mac.copy_from_slice(value);
-            mac
+            Neighbor { mac, stale: state & NUD_STALE != 0 }
         }))
     }
 

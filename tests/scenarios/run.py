@@ -18,7 +18,7 @@ from oxr import NAT_PORTS, Relay, Topology, metric, relay_config, scrape, stop_p
 
 SCENARIOS = {}
 # Scenarios that only make sense for one backend.
-AF_XDP_ONLY = {"sigkill-fallback", "flood", "tx-pressure", "unserved-queues", "never-sessions"}
+AF_XDP_ONLY = {"sigkill-fallback", "flood", "tx-pressure", "unserved-queues", "never-sessions", "stale-neighbour"}
 # Client sockets (flows) of the traffic scenarios: enough for RSS to use every queue.
 FLOWS = 64
 
@@ -345,6 +345,30 @@ def never_sessions(binary, prefix, backend):
         legit = topo.peer("client", "client", "--to", topo.listen, "--count", "100")
         expect(legit["received"] == 100, "while a real client is relayed")
         expect(stop_peer(echo)["received"] == 100, "and the upstream saw only the real client's datagrams")
+        finish(topo, relay)
+
+
+@scenario("stale-neighbour")
+def stale_neighbour(binary, prefix, backend):
+    """The upstream comes back with a new MAC and announces nothing (no gratuitous ARP): the relay's
+    traffic bypasses the kernel, so only the relay can get the STALE entry re-probed. Traffic recovers."""
+    with Topology(prefix, arm="two_arm") as topo:
+        # Only shortens the wait until the kernel calls the entry STALE (30 s by default); the failure is the same.
+        topo.exec("relay", "sysctl", "-qw", "net.ipv4.neigh.ru0.base_reachable_time_ms=1000")
+        echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream)
+        relay = start_relay(topo, binary, backend)
+        before = topo.peer("client", "client", "--to", topo.listen, "--count", "200")
+        expect(before["received"] == 200, "relayed before the change")
+        topo.ip("upstream", "link", "set", "u0", "address", "02:00:00:00:99:99")
+        started = time.monotonic()
+        after = topo.peer("client", "client", "--to", topo.listen, "--count", "20", "--window", "1",
+                          "--retry-after", "0.5", "--retries", "80", "--timeout", "45")
+        took = time.monotonic() - started
+        print(f"  after the MAC change: {after}")
+        expect(after["received"] == 20, f"traffic recovered without any help from outside ({took:.1f} s for 20 datagrams)")
+        expect(took < 30, "within 30 s (kernel confirmation: 5 s delay, 3 probes, then a fresh resolution)")
+        expect("02:00:00:00:99:99" in relay.log_text(), "the relay logged the upstream's new MAC")
+        stop_peer(echo)
         finish(topo, relay)
 
 
