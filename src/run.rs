@@ -69,6 +69,11 @@ pub enum SetupError {
     QueueCountsDiffer { counts: String },
     #[error("reading a random seed from the kernel failed")]
     Seed(#[source] std::io::Error),
+    #[error(
+        "interface {0} disappeared while the relay ran (deleted or replaced): its XDP program and AF_XDP \
+         sockets went with it. Exiting so the service manager restarts the relay once the interface is back"
+    )]
+    InterfaceGone(String),
     #[error("reading the OxTunnel key file {path}: {reason}")]
     KeyFile { path: String, reason: String },
     #[error("opening the tunnel keepalive sockets failed")]
@@ -189,7 +194,7 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
     notifier.ready(&format!("{} workers, backend {name}", handles.len()));
 
     let mut keepalives = Keepalives::new(&routes).map_err(SetupError::Keepalive)?;
-    control_loop(
+    let outcome = control_loop(
         &config,
         &stop,
         &ignored,
@@ -199,7 +204,9 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
         &context,
         &notifier,
         &mut keepalives,
-    )?;
+    );
+    // Whatever ended the loop, the workers stop and the stats file stops claiming a running relay.
+    stop.store(true, Ordering::Relaxed);
 
     notifier.stopping();
     tracing::info!("shutting down: stopping workers, detaching XDP");
@@ -212,7 +219,7 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
     context.write(&totals, false);
     println!("{}", context.json(&totals, false));
     drop(attached);
-    Ok(())
+    outcome
 }
 
 /// The backend-independent part of worker `worker` of `workers`: its relay (with its
@@ -416,6 +423,9 @@ fn control_loop(
     let mut last_refresh = Instant::now();
     let mut watchdog = (Instant::now(), worker_loops(stats.counters));
     while !stop.load(Ordering::Relaxed) {
+        if let Some(gone) = stats.attached.iter().find(|a| !a.info.still_present()) {
+            return Err(SetupError::InterfaceGone(gone.info.name.clone()));
+        }
         // A worker that met an unresolved upstream wakes us early.
         let asked = unresolved.recv_timeout(CONTROL_TICK).is_ok();
         while unresolved.try_recv().is_ok() {}

@@ -7,6 +7,14 @@ use std::io;
 use oxidize_relay_core::config::parse_mac;
 use oxidize_relay_core::wire::MacAddr;
 
+/// The interface index of `name`, if such an interface exists.
+fn index_of(name: &str) -> Option<u32> {
+    let c_name = CString::new(name).ok()?;
+    // SAFETY: c_name is a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("interface `{name}`: {what}")]
 pub struct IfaceError {
@@ -28,11 +36,16 @@ pub struct IfaceInfo {
 }
 
 impl IfaceInfo {
+    /// Whether the interface this was looked up from still exists under its name and index
+    /// (deleting it takes the XDP program and the AF_XDP sockets with it; a new one of the
+    /// same name has another index and none of them).
+    pub fn still_present(&self) -> bool {
+        index_of(&self.name) == Some(self.index)
+    }
+
     pub fn lookup(name: &str) -> Result<Self, IfaceError> {
         let error = |what: String| IfaceError { name: name.to_owned(), what, missing: false };
-        let c_name = CString::new(name).map_err(|_| error("name contains NUL".into()))?;
-        // SAFETY: c_name is a valid NUL-terminated string.
-        let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+        let index = index_of(name).unwrap_or(0);
         if index == 0 {
             return Err(IfaceError { missing: true, ..error(format!("not found ({})", io::Error::last_os_error())) });
         }

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 
@@ -18,7 +19,8 @@ from oxr import NAT_PORTS, Relay, Topology, metric, relay_config, scrape, stop_p
 
 SCENARIOS = {}
 # Scenarios that only make sense for one backend.
-AF_XDP_ONLY = {"sigkill-fallback", "flood", "tx-pressure", "unserved-queues", "never-sessions", "stale-neighbour"}
+AF_XDP_ONLY = {"sigkill-fallback", "flood", "tx-pressure", "unserved-queues", "never-sessions", "stale-neighbour",
+               "interface-deleted"}
 # Client sockets (flows) of the traffic scenarios: enough for RSS to use every queue.
 FLOWS = 64
 
@@ -370,6 +372,24 @@ def stale_neighbour(binary, prefix, backend):
         expect("02:00:00:00:99:99" in relay.log_text(), "the relay logged the upstream's new MAC")
         stop_peer(echo)
         finish(topo, relay)
+
+
+@scenario("interface-deleted")
+def interface_deleted(binary, prefix, backend):
+    """An interface deleted under the relay: it exits non-zero at once, saying why (so systemd restarts
+    it), instead of running unattached while its metrics claim an attachment."""
+    with Topology(prefix, arm="two_arm") as topo:
+        relay = start_relay(topo, binary, backend)
+        topo.ip("relay", "link", "del", "ru0")
+        try:
+            relay.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the relay still runs 5 s after its interface was deleted")
+        expect(relay.proc.returncode not in (0, None), f"exited non-zero ({relay.proc.returncode})")
+        expect("interface ru0 disappeared" in relay.log_text(), "and says which interface went: "
+               + next(l for l in relay.log_text().splitlines() if "disappeared" in l)[-120:])
+        expect(not relay.stats()["running"], "the stats file no longer claims a running relay")
+        expect(not topo.xdp_attached("relay", "rc0"), "nothing is left attached on the other interface")
 
 
 @scenario("sigkill-fallback")
