@@ -3,8 +3,10 @@
 use std::ffi::CStr;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
+use std::time::{Duration, Instant};
 
 use libbpf_sys as bpf;
 use oxidize_relay_core::config::XdpMode;
@@ -17,12 +19,50 @@ static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/relay.bpf.o"));
 const PROGRAM_NAME: &CStr = c"oxidize_relay";
 const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
 const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+/// How long attaching waits for an interface that still has an XDP program (a killed relay's link).
+const BUSY_RETRY: Duration = Duration::from_secs(3);
 
 /// How the program ended up attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttachedMode {
     Native,
     Generic,
+}
+
+impl XdpError {
+    /// Attaching failed because the interface already has an XDP program.
+    fn interface_busy(&self) -> bool {
+        matches!(self, XdpError::Attach { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::EBUSY) | Some(libc::EEXIST)))
+    }
+}
+
+/// The id and name of the XDP program attached to `ifindex`, for an error message.
+fn attached_program(ifindex: u32) -> String {
+    // SAFETY: bpf_xdp_query_opts is a plain C struct for which all-zero is the documented default.
+    let mut query: bpf::bpf_xdp_query_opts = unsafe { std::mem::zeroed() };
+    query.sz = size_of::<bpf::bpf_xdp_query_opts>() as _;
+    // SAFETY: query is initialised with its size, as libbpf requires.
+    if unsafe { bpf::bpf_xdp_query(ifindex as i32, 0, &mut query) } != 0 || query.prog_id == 0 {
+        return "unknown".into();
+    }
+    let id = query.prog_id;
+    // SAFETY: plain syscall wrapper; a negative result is an error.
+    let fd = unsafe { bpf::bpf_prog_get_fd_by_id(id) };
+    if fd < 0 {
+        return format!("program id {id}");
+    }
+    // SAFETY: fd was just returned to us and nobody else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: bpf_prog_info is a plain C struct; all-zero asks for nothing but the fixed fields.
+    let mut info: bpf::bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut length = size_of::<bpf::bpf_prog_info>() as u32;
+    // SAFETY: info is writable for `length` bytes and fd is a program fd.
+    if unsafe { bpf::bpf_prog_get_info_by_fd(fd.as_raw_fd(), &mut info, &mut length) } != 0 {
+        return format!("program id {id}");
+    }
+    let name: String = info.name.iter().take_while(|&&c| c != 0).map(|&c| c as u8 as char).collect();
+    format!("program id {id} named `{name}`")
 }
 
 impl AttachedMode {
@@ -46,7 +86,7 @@ pub enum XdpError {
     Attach {
         ifindex: u32,
         mode: &'static str,
-        hint: &'static str,
+        hint: String,
         #[source]
         source: io::Error,
     },
@@ -144,12 +184,24 @@ impl XdpProgram {
         };
         let mut last_error = None;
         for &attempt in attempts {
-            match self.link_create(ifindex, attempt) {
-                Ok(link) => {
-                    self.link = Some(link);
-                    return Ok(attempt);
+            // A relay killed a moment ago leaves its link until the kernel has torn it down.
+            let deadline = Instant::now() + BUSY_RETRY;
+            loop {
+                match self.link_create(ifindex, attempt) {
+                    Ok(link) => {
+                        self.link = Some(link);
+                        return Ok(attempt);
+                    }
+                    Err(error) if error.interface_busy() && Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    // Another mode would meet the same program.
+                    Err(error) if error.interface_busy() => return Err(error),
+                    Err(error) => {
+                        last_error = Some(error);
+                        break;
+                    }
                 }
-                Err(error) => last_error = Some(error),
             }
         }
         Err(last_error.expect("at least one attach attempt"))
@@ -237,11 +289,14 @@ impl XdpProgram {
         if fd < 0 {
             let source = io::Error::from_raw_os_error(-fd);
             let hint = match (mode, source.raw_os_error()) {
-                (_, Some(libc::EBUSY)) | (_, Some(libc::EEXIST)) => {
-                    "; another XDP program is attached to this interface (see `ip link show`)"
+                (_, Some(libc::EBUSY)) | (_, Some(libc::EEXIST)) => format!(
+                    "; another XDP program is attached to this interface: {} (see `ip link show`)",
+                    attached_program(ifindex)
+                ),
+                (AttachedMode::Native, _) => {
+                    "; the driver may not support native XDP: set xdp_mode = \"generic\"".into()
                 }
-                (AttachedMode::Native, _) => "; the driver may not support native XDP: set xdp_mode = \"generic\"",
-                (AttachedMode::Generic, _) => "",
+                (AttachedMode::Generic, _) => String::new(),
             };
             return Err(XdpError::Attach { ifindex, mode: mode.name(), hint, source });
         }

@@ -262,11 +262,13 @@ def stop_peer(proc, timeout=10):
 class Relay:
     """The relay under test, running in the relay namespace."""
 
-    def __init__(self, topo, binary, config_text, wrapper=(), role="relay"):
+    def __init__(self, topo, binary, config_text, wrapper=(), role="relay", name=None):
+        """`role` is the namespace it runs in; `name` (default: the role) names its files."""
         self.topo, self.binary, self.wrapper, self.role = topo, binary, list(wrapper), role
-        self.config = os.path.join(topo.workdir, f"{role}.toml")
-        self.stats_file = os.path.join(topo.workdir, f"{role}-stats.json")
-        self.log = os.path.join(topo.workdir, f"{role}.log")
+        name = name or role
+        self.config = os.path.join(topo.workdir, f"{name}.toml")
+        self.stats_file = os.path.join(topo.workdir, f"{name}-stats.json")
+        self.log = os.path.join(topo.workdir, f"{name}.log")
         with open(self.config, "w") as f:
             f.write(config_text)
         self.proc = None

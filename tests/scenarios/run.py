@@ -20,7 +20,7 @@ from oxr import NAT_PORTS, Relay, Topology, metric, relay_config, scrape, stop_p
 SCENARIOS = {}
 # Scenarios that only make sense for one backend.
 AF_XDP_ONLY = {"sigkill-fallback", "flood", "tx-pressure", "unserved-queues", "never-sessions", "stale-neighbour",
-               "interface-deleted"}
+               "interface-deleted", "restart-after-sigkill"}
 # Client sockets (flows) of the traffic scenarios: enough for RSS to use every queue.
 FLOWS = 64
 
@@ -390,6 +390,30 @@ def interface_deleted(binary, prefix, backend):
                + next(l for l in relay.log_text().splitlines() if "disappeared" in l)[-120:])
         expect(not relay.stats()["running"], "the stats file no longer claims a running relay")
         expect(not topo.xdp_attached("relay", "rc0"), "nothing is left attached on the other interface")
+
+
+@scenario("restart-after-sigkill")
+def restart_after_sigkill(binary, prefix, backend):
+    """A relay started right after SIGKILL waits for the old link to go instead of failing; a relay
+    started while another one is attached fails, naming the program in the way."""
+    with Topology(prefix, arm="two_arm") as topo:
+        echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream)
+        first = start_relay(topo, binary, backend)
+        rival = Relay(topo, binary, relay_config(topo, backend), name="rival")
+        try:
+            rival.start(timeout=10)
+            raise AssertionError("a second relay on the same interfaces must not start")
+        except RuntimeError:
+            pass
+        expect("named `oxidize_relay`" in rival.log_text(), "the second relay names the program in its way: "
+               + next(l for l in rival.log_text().splitlines() if "attach" in l)[-110:])
+        for round_ in range(3):
+            first.kill()
+            first = start_relay(topo, binary, backend)
+            report = topo.peer("client", "client", "--to", topo.listen, "--count", "200", "--sockets", "8")
+            expect(report["received"] == 200, f"restart {round_ + 1} right after SIGKILL came up and relays")
+        stop_peer(echo)
+        finish(topo, first)
 
 
 @scenario("sigkill-fallback")
