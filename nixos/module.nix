@@ -15,13 +15,14 @@ let
     (lib.optionalAttrs (cfg.cpu.workerCores != [ ]) { runtime.cores = cfg.cpu.workerCores; })
     cfg.settings;
 
-  # Rendered and checked by the relay itself at build time.
+  # Rendered and checked by the relay itself at build time (the file alone: key files are
+  # secrets outside the store, checked by the relay when it starts).
   configFile = pkgs.runCommand "oxidize-relay.toml"
     {
       nativeBuildInputs = [ cfg.package ];
       rendered = settingsFormat.generate "oxidize-relay-unchecked.toml" settings;
     } ''
-    oxidize-relay check-config "$rendered"
+    oxidize-relay check-config --file-only "$rendered"
     cp "$rendered" "$out"
   '';
 

@@ -4,6 +4,7 @@
 pub mod keepalive;
 pub mod metrics;
 pub mod nexthop;
+pub mod preflight;
 pub mod probe;
 pub mod run;
 pub mod socket_worker;

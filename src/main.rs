@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use oxidize_relay::probe::HostReport;
-use oxidize_relay::{run, stats_view};
+use oxidize_relay::{preflight, run, stats_view};
 use oxidize_relay_core::config::{Config, Mode};
 
 /// Exit code for configuration errors (nothing was attached).
@@ -59,8 +59,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Validate a config file; exits 2 with line and column on error.
-    CheckConfig { file: PathBuf },
+    /// Validate a config file and the key files it names; exits 2 with line and column on error.
+    CheckConfig {
+        file: PathBuf,
+        /// Check the file alone: not the key files or kernel settings it depends on (for builds
+        /// that cannot see the host, such as the NixOS module's).
+        #[arg(long)]
+        file_only: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -69,7 +75,16 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::CheckConfig { file } => match load_config(&file) {
+        Command::CheckConfig { file, file_only } => match load_config(&file).and_then(|mut config| {
+            if file_only {
+                return Ok(config);
+            }
+            let warnings = preflight::load_tunnel_keys(&mut config).map_err(|e| format!("{}: {e}", file.display()))?;
+            for warning in warnings.iter().chain(preflight::local_port_overlap(&config).as_ref()) {
+                eprintln!("warning: {warning}");
+            }
+            Ok(config)
+        }) {
             Ok(config) => {
                 println!(
                     "{}: ok ({} interfaces, {} routes)",
@@ -103,9 +118,9 @@ fn main() -> ExitCode {
         Command::Run { config, interface, listen, upstream, stats_file, mode } => {
             let config = match (config, interface, listen) {
                 (Some(file), _, _) => load_config(&file),
-                (None, Some(interface), Some(listen)) => {
-                    Config::quick(&interface, listen, &upstream).map_err(|e| e.to_string())
-                }
+                // The user typed flags, not a file: speak of the flags.
+                (None, Some(interface), Some(listen)) => Config::quick(&interface, listen, &upstream)
+                    .map_err(|e| format!("--interface/--listen/--upstream: {}", e.message)),
                 _ => Err("give --config FILE, or --interface IF --listen ADDR:PORT --upstream ADDR:PORT".into()),
             };
             let config = match config {

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use oxidize_relay_core::config::{Config, InterfaceRole, Mode};
 use oxidize_relay_core::counters::Counters;
 use oxidize_relay_core::directory::NatDirectory;
-use oxidize_relay_core::oxtunnel::TunnelKey;
 use oxidize_relay_core::route::{RouteTable, UpstreamId};
 use oxidize_relay_core::{NextHop, Relay, RelaySettings};
 use serde_json::{Map, Value, json};
@@ -20,6 +19,7 @@ use serde_json::{Map, Value, json};
 use crate::keepalive::Keepalives;
 use crate::metrics::{self, MetricsError};
 use crate::nexthop::NextHopResolver;
+use crate::preflight::{self, KeyFileError};
 use crate::probe::{self, HostReport};
 use crate::socket_worker::{SocketSetupError, SocketWorker};
 use crate::stats::Totals;
@@ -74,8 +74,14 @@ pub enum SetupError {
          sockets went with it. Exiting so the service manager restarts the relay once the interface is back"
     )]
     InterfaceGone(String),
-    #[error("reading the OxTunnel key file {path}: {reason}")]
-    KeyFile { path: String, reason: String },
+    #[error(transparent)]
+    KeyFile(#[from] KeyFileError),
+    #[error("the stats file {path} cannot be written")]
+    StatsFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("opening the tunnel keepalive sockets failed")]
     Keepalive(#[source] std::io::Error),
     #[error("dropping capabilities after setup failed")]
@@ -137,7 +143,16 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
     // Their default action would kill the relay silently, leaving the stats file saying it runs.
     let ignored = IgnoredSignals::register()?;
     let mut config = config;
-    load_tunnel_keys(&mut config)?;
+    for warning in preflight::load_tunnel_keys(&mut config)? {
+        tracing::warn!("{warning}");
+    }
+    if let Some(warning) = preflight::local_port_overlap(&config) {
+        tracing::warn!("{warning}");
+    }
+    if let Some(path) = &options.stats_file {
+        // Found now rather than as a warning every 200 ms for the relay's whole life.
+        fs::write(path, "{}").map_err(|source| SetupError::StatsFile { path: path.display().to_string(), source })?;
+    }
     let (mode, report) = probe::resolve_mode(&config).map_err(SetupError::Mode)?;
     let routes = Arc::new(RouteTable::new(&config.routes));
     let (unresolved_tx, unresolved_rx) = mpsc::channel();
@@ -486,20 +501,6 @@ impl IgnoredSignals {
             }
         }
     }
-}
-
-/// Reads every route's tunnel key files into the config (keys never live in the config text).
-fn load_tunnel_keys(config: &mut Config) -> Result<(), SetupError> {
-    let read = |path: &String| {
-        let failed = |reason: String| SetupError::KeyFile { path: path.clone(), reason };
-        let text = fs::read_to_string(path).map_err(|e| failed(e.to_string()))?;
-        TunnelKey::from_key_file(&text).map_err(|e| failed(e.to_owned()))
-    };
-    for route in &mut config.routes {
-        route.listen_key = route.listen_key_file.as_ref().map(read).transpose()?;
-        route.upstream_key = route.upstream_key_file.as_ref().map(read).transpose()?;
-    }
-    Ok(())
 }
 
 fn worker_loops(counters: &[Arc<Counters>]) -> Vec<u64> {

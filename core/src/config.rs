@@ -444,6 +444,12 @@ impl RawConfig {
             if listen.port() == 0 {
                 return Err(at(raw.listen.span(), format!("listen address {listen} has port 0")));
             }
+            if listen.ip().is_multicast() || listen.ip() == IpAddr::V4(core::net::Ipv4Addr::BROADCAST) {
+                return Err(at(
+                    raw.listen.span(),
+                    format!("listen address {listen} is multicast or broadcast; the relay serves unicast addresses"),
+                ));
+            }
             if (ports.0..=ports.1).contains(&listen.port()) {
                 return Err(at(
                     raw.listen.span(),
@@ -459,7 +465,19 @@ impl RawConfig {
             if raw.upstreams.get_ref().is_empty() {
                 return Err(at(raw.upstreams.span(), "a route needs at least one upstream".into()));
             }
-            for upstream in raw.upstreams.get_ref() {
+            let listed = raw.upstreams.get_ref();
+            if let Some(twice) = listed.iter().enumerate().find_map(|(i, u)| listed[..i].contains(u).then_some(u)) {
+                return Err(at(raw.upstreams.span(), format!("upstream {twice} is listed twice")));
+            }
+            for upstream in listed {
+                if *upstream == listen || routes.iter().any(|r| r.listen == *upstream) {
+                    return Err(at(
+                        raw.upstreams.span(),
+                        format!(
+                            "upstream {upstream} is one of the relay's own listen addresses: it would relay to itself"
+                        ),
+                    ));
+                }
                 if upstream.is_ipv4() != listen.is_ipv4() {
                     return Err(at(
                         raw.upstreams.span(),
@@ -475,7 +493,17 @@ impl RawConfig {
             }
             let mut allowed_clients = Vec::new();
             for prefix in &raw.allowed_clients {
-                allowed_clients.push(prefix.get_ref().parse::<IpPrefix>().map_err(|m| at(prefix.span(), m))?);
+                let parsed = prefix.get_ref().parse::<IpPrefix>().map_err(|m| at(prefix.span(), m))?;
+                if parsed.is_ipv4() != listen.is_ipv4() {
+                    return Err(at(
+                        prefix.span(),
+                        format!(
+                            "allowed client prefix {} can never match: listen address {listen} is of the other family",
+                            prefix.get_ref()
+                        ),
+                    ));
+                }
+                allowed_clients.push(parsed);
             }
             routes.push(RouteSpec {
                 listen,
@@ -667,6 +695,20 @@ upstreams = ["10.1.0.2:7000"]
                 "prefix length",
             ),
             ("bad mac", format!("{MINIMAL}[[neighbor]]\nip = \"10.1.0.2\"\nmac = \"zz:00\"\n"), 10, "MAC"),
+            ("multicast listen", MINIMAL.replace("10.0.0.1:5000", "239.1.1.1:5000"), 6, "multicast"),
+            ("upstream is the listen address", MINIMAL.replace("10.1.0.2:7000", "10.0.0.1:5000"), 7, "itself"),
+            (
+                "duplicate upstream",
+                MINIMAL.replace("\"10.1.0.2:7000\"", "\"10.1.0.2:7000\", \"10.1.0.2:7000\""),
+                7,
+                "twice",
+            ),
+            (
+                "IPv6 prefix on an IPv4 route",
+                MINIMAL.replace("upstreams", "allowed_clients = [\"fd00::/8\"]\nupstreams"),
+                7,
+                "other family",
+            ),
         ];
         for (name, source, line, needle) in cases {
             let error = Config::from_toml(&source).expect_err(name);

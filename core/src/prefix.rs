@@ -17,6 +17,10 @@ impl IpPrefix {
         (len <= max).then(|| IpPrefix { network: mask(addr, len), len })
     }
 
+    pub fn is_ipv4(&self) -> bool {
+        self.network.is_ipv4()
+    }
+
     pub fn contains(&self, ip: IpAddr) -> bool {
         ip.is_ipv4() == self.network.is_ipv4() && mask(ip, self.len) == self.network
     }
