@@ -22,6 +22,7 @@ pub const NAMES: &[&str] = &[
     SESSIONS_CREATED,
     SESSIONS_EXPIRED,
     SESSIONS_REFUSED,
+    SESSIONS_EVICTED,
     REPLIES_CROSS_QUEUE,
     CLIENTS_CROSS_QUEUE,
     AF_XDP_KERNEL,
@@ -51,6 +52,7 @@ pub const SESSIONS_ACTIVE: &str = "oxidize_relay_sessions_active";
 pub const SESSIONS_CREATED: &str = "oxidize_relay_sessions_created_total";
 pub const SESSIONS_EXPIRED: &str = "oxidize_relay_sessions_expired_total";
 pub const SESSIONS_REFUSED: &str = "oxidize_relay_sessions_refused_total";
+pub const SESSIONS_EVICTED: &str = "oxidize_relay_sessions_evicted_total";
 pub const REPLIES_CROSS_QUEUE: &str = "oxidize_relay_replies_cross_queue_total";
 pub const CLIENTS_CROSS_QUEUE: &str = "oxidize_relay_clients_cross_queue_total";
 pub const AF_XDP_KERNEL: &str = "oxidize_relay_af_xdp_kernel_total";
@@ -110,6 +112,7 @@ pub fn publish(workers: &[Arc<Counters>], xdp: &[(String, Option<[u64; XdpCounte
         gauge!(SESSIONS_ACTIVE, "worker" => worker.clone()).set(c.sessions_active.get() as f64);
         counter!(SESSIONS_CREATED, "worker" => worker.clone()).absolute(c.sessions_created.get());
         counter!(SESSIONS_EXPIRED, "worker" => worker.clone()).absolute(c.sessions_expired.get());
+        counter!(SESSIONS_EVICTED, "worker" => worker.clone()).absolute(c.sessions_evicted.get());
         counter!(REPLIES_CROSS_QUEUE, "worker" => worker.clone()).absolute(c.replies_cross_queue.get());
         counter!(CLIENTS_CROSS_QUEUE, "worker" => worker.clone()).absolute(c.clients_cross_queue.get());
         for (stat, value) in KernelSocketStat::ALL.iter().zip(&c.kernel) {

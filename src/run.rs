@@ -13,6 +13,7 @@ use oxidize_relay_core::config::{Config, InterfaceRole, Mode};
 use oxidize_relay_core::counters::Counters;
 use oxidize_relay_core::directory::NatDirectory;
 use oxidize_relay_core::route::{RouteTable, UpstreamId};
+use oxidize_relay_core::session::Timeouts;
 use oxidize_relay_core::{NextHop, Relay, RelaySettings};
 use serde_json::{Map, Value, json};
 
@@ -254,7 +255,10 @@ fn worker_core(
         nat_ports: (first, first + per_worker as u16 - 1),
         seed: sys::random_u64().map_err(SetupError::Seed)?,
         max_sessions: config.nat.max_sessions.div_ceil(workers as usize),
-        idle_timeout: config.nat.idle_timeout_secs * 1000,
+        timeouts: Timeouts {
+            idle: config.nat.idle_timeout_secs * 1000,
+            unreplied: config.nat.unreplied_timeout_secs * 1000,
+        },
         verify_checksums: config.security.verify_checksums,
         global_limit: config.security.global_limit.per_worker(u64::from(workers)),
         max_sessions_per_source: config.security.max_sessions_per_source,

@@ -20,6 +20,7 @@ pub struct Totals {
     pub sessions_created: u64,
     pub sessions_expired: u64,
     pub sessions_active: u64,
+    pub sessions_evicted: u64,
     pub replies_cross_queue: u64,
     pub clients_cross_queue: u64,
     /// The kernel's AF_XDP socket counts, in [`KernelSocketStat::ALL`] order.
@@ -45,6 +46,7 @@ impl Totals {
             totals.sessions_created += c.sessions_created.get();
             totals.sessions_expired += c.sessions_expired.get();
             totals.sessions_active += c.sessions_active.get();
+            totals.sessions_evicted += c.sessions_evicted.get();
             totals.replies_cross_queue += c.replies_cross_queue.get();
             totals.clients_cross_queue += c.clients_cross_queue.get();
             for (total, counter) in totals.kernel.iter_mut().zip(&c.kernel) {
@@ -118,6 +120,7 @@ impl Totals {
             "sessions_created": self.sessions_created,
             "sessions_expired": self.sessions_expired,
             "sessions_active": self.sessions_active,
+            "sessions_evicted": self.sessions_evicted,
             "replies_cross_queue": self.replies_cross_queue,
             "clients_cross_queue": self.clients_cross_queue,
             "af_xdp_kernel": KernelSocketStat::ALL.iter().zip(&self.kernel)

@@ -84,6 +84,7 @@ scenarios! { af_xdp:
     a_deleted_interface_ends_the_relay_loudly => "interface-deleted",
     a_restart_right_after_sigkill_waits_for_the_old_link => "restart-after-sigkill",
     spoofed_and_malformed_flood_spares_the_legitimate_client => "flood",
+    a_spoofed_flood_cannot_take_every_nat_port => "exhaustion",
     runs_unprivileged_and_drops_capabilities => "least-privilege",
     relay_chain_over_an_oxtunnel_hop => "chain",
 }

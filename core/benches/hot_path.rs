@@ -25,7 +25,7 @@ use oxidize_relay_core::oxtunnel::{self, TunnelKey};
 use oxidize_relay_core::ratelimit::{Limit, SourceLimiter, TokenPair};
 use oxidize_relay_core::route::{RouteId, RouteSpec, RouteTable, UpstreamId};
 use oxidize_relay_core::seed::Seeds;
-use oxidize_relay_core::session::{FlowKey, IfaceId, Session, SessionTable};
+use oxidize_relay_core::session::{FlowKey, IfaceId, Session, SessionTable, Timeouts};
 use oxidize_relay_core::wire::{Rewrite, UdpFrame, build::udp_frame};
 use oxidize_relay_core::{NextHop, Relay, RelaySettings, Verdict};
 
@@ -42,7 +42,13 @@ fn client(i: u32) -> SocketAddr {
 
 fn session_table(sessions: u32) -> (SessionTable, Arc<NatDirectory>) {
     let directory = Arc::new(NatDirectory::new((1, 65535), 1));
-    let mut table = SessionTable::new(directory.clone(), (1, 65535), 65535, 60_000, Seeds::new(2));
+    let mut table = SessionTable::new(
+        directory.clone(),
+        (1, 65535),
+        65535,
+        Timeouts { idle: 60_000, unreplied: 60_000 },
+        Seeds::new(2),
+    );
     for i in 0..sessions {
         let template = Session {
             flow: FlowKey { client: client(i), listen: addr("10.0.0.1:5000") },
@@ -53,6 +59,7 @@ fn session_table(sessions: u32) -> (SessionTable, Arc<NatDirectory>) {
             client_iface: IfaceId(0),
             client_mac: MAC_A,
             last_seen: 0,
+            created: 0,
             tokens: TokenPair::full(&Limit::default(), 0),
             peer_flow: 0,
         };

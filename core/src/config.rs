@@ -104,6 +104,9 @@ pub struct Interface {
 pub struct Nat {
     pub ports: (u16, u16),
     pub idle_timeout_secs: u64,
+    /// How long a session that never saw a reply lives (conntrack's unreplied UDP timeout):
+    /// spoofed new flows never get one, so they go early and are the first evicted when the table is full.
+    pub unreplied_timeout_secs: u64,
     pub max_sessions: usize,
 }
 
@@ -233,6 +236,7 @@ struct RawInterface {
 struct RawNat {
     ports: Option<Spanned<String>>,
     idle_timeout_secs: Option<Spanned<u64>>,
+    unreplied_timeout_secs: Option<Spanned<u64>>,
     max_sessions: Option<Spanned<usize>>,
 }
 
@@ -323,6 +327,8 @@ fn preset_defaults(preset: Option<Preset>) -> PresetDefaults {
 }
 
 const DEFAULT_NAT_PORTS: (u16, u16) = (20000, 29999);
+/// As Linux conntrack's `nf_conntrack_udp_timeout` for flows without a reply.
+const DEFAULT_UNREPLIED_TIMEOUT_SECS: u64 = 30;
 /// Per-source rate table slots per worker: 65,536 x 64 bytes = 4 MiB.
 const DEFAULT_SOURCE_TABLE: usize = 65_536;
 
@@ -426,6 +432,13 @@ impl RawConfig {
                 Some(t) => t.into_inner(),
                 None => defaults.idle_timeout_secs,
             },
+            unreplied_timeout_secs: match self.nat.unreplied_timeout_secs {
+                Some(t) if *t.get_ref() == 0 => {
+                    return Err(at(t.span(), "unreplied_timeout_secs must be at least 1".into()));
+                }
+                Some(t) => t.into_inner(),
+                None => DEFAULT_UNREPLIED_TIMEOUT_SECS,
+            },
             max_sessions: match self.nat.max_sessions {
                 Some(m) if *m.get_ref() == 0 => {
                     return Err(at(m.span(), "max_sessions must be at least 1".into()));
@@ -434,6 +447,8 @@ impl RawConfig {
                 None => defaults.max_sessions,
             },
         };
+        // An unreplied session never outlives an answered one.
+        let nat = Nat { unreplied_timeout_secs: nat.unreplied_timeout_secs.min(nat.idle_timeout_secs), ..nat };
 
         if self.route.is_empty() {
             return Err(ConfigError { line: None, column: None, message: "no [[route]] is configured".into() });

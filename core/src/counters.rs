@@ -38,6 +38,8 @@ pub struct Counters {
     pub sessions_created: Counter,
     pub sessions_expired: Counter,
     pub sessions_active: Counter,
+    /// Sessions the upstream never answered, evicted to make room for a new flow.
+    pub sessions_evicted: Counter,
     /// Replies this worker relayed for a session another worker owns (RSS put them on this queue).
     pub replies_cross_queue: Counter,
     /// Client packets this worker relayed through a session another worker owns.

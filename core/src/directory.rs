@@ -16,7 +16,7 @@
 //!   compare-and-swap; the owner removes its own slots.
 
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use core::sync::atomic::{AtomicU64, Ordering, fence};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 
 use crate::route::{RouteId, UpstreamId};
 use crate::session::{FlowKey, IfaceId};
@@ -75,6 +75,10 @@ struct PortEntry {
     words: [AtomicU64; WORDS],
     /// Milliseconds of the session's latest accepted packet, either direction, any worker.
     last_active: AtomicU64,
+    /// Whether the upstream has answered this session (set by whichever worker relays a reply).
+    replied: AtomicBool,
+    /// Milliseconds of the latest client packet a worker other than the owner relayed.
+    client_elsewhere: AtomicU64,
 }
 
 impl NatDirectory {
@@ -133,6 +137,8 @@ impl NatDirectory {
             atomic.store(word, Ordering::Relaxed);
         }
         entry.last_active.store(now, Ordering::Relaxed);
+        entry.replied.store(false, Ordering::Relaxed);
+        entry.client_elsewhere.store(now, Ordering::Relaxed);
         entry.sequence.store(sequence.wrapping_add(2), Ordering::Release);
     }
 
@@ -146,6 +152,40 @@ impl NatDirectory {
                 last.store(now, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Records a client packet of `port`'s session that a worker other than its owner relayed.
+    #[inline]
+    pub fn client_elsewhere(&self, port: u16, now: Millis) {
+        if let Some(offset) = self.offset(port) {
+            let last = &self.entries[offset].client_elsewhere;
+            if last.load(Ordering::Relaxed) < now {
+                last.store(now, Ordering::Relaxed);
+            }
+        }
+        self.touch(port, now);
+    }
+
+    /// The latest client packet of `port`'s session relayed by a worker other than its owner.
+    pub fn last_client_elsewhere(&self, port: u16) -> Millis {
+        self.offset(port).map_or(0, |offset| self.entries[offset].client_elsewhere.load(Ordering::Relaxed))
+    }
+
+    /// Records a reply from the upstream on `port`'s session at `now` (any worker).
+    #[inline]
+    pub fn answered(&self, port: u16, now: Millis) {
+        if let Some(offset) = self.offset(port) {
+            let replied = &self.entries[offset].replied;
+            if !replied.load(Ordering::Relaxed) {
+                replied.store(true, Ordering::Relaxed);
+            }
+        }
+        self.touch(port, now);
+    }
+
+    /// Whether the upstream has answered `port`'s session.
+    pub fn replied(&self, port: u16) -> bool {
+        self.offset(port).is_some_and(|offset| self.entries[offset].replied.load(Ordering::Relaxed))
     }
 
     /// When `port`'s session last carried traffic.

@@ -12,7 +12,7 @@ use crate::oxtunnel::{self, TunnelError, TunnelKey};
 use crate::ratelimit::{Limit, SourceLimiter, TokenPair};
 use crate::route::{self, RouteTable, UpstreamId};
 use crate::seed::Seeds;
-use crate::session::{AdmitError, FlowKey, IfaceId, Session, SessionTable, Slot};
+use crate::session::{AdmitError, FlowKey, IfaceId, Session, SessionTable, Slot, Timeouts};
 use crate::time::Millis;
 use crate::wire::{Layout, MacAddr, Rewrite, UdpFrame};
 
@@ -80,7 +80,7 @@ pub struct RelaySettings {
     /// From the OS: keys this worker's hashes and its NAT port choice.
     pub seed: u64,
     pub max_sessions: usize,
-    pub idle_timeout: Millis,
+    pub timeouts: Timeouts,
     pub verify_checksums: bool,
     /// This worker's share of the relay-wide client-traffic limit.
     pub global_limit: Limit,
@@ -106,7 +106,7 @@ impl RelaySettings {
             nat_ports,
             seed,
             max_sessions,
-            idle_timeout,
+            timeouts: Timeouts { idle: idle_timeout, unreplied: idle_timeout },
             verify_checksums: false,
             global_limit: Limit::default(),
             max_sessions_per_source: usize::MAX,
@@ -153,7 +153,7 @@ impl Relay {
                 settings.directory.clone(),
                 settings.nat_ports,
                 settings.max_sessions,
-                settings.idle_timeout,
+                settings.timeouts,
                 session_seeds,
             ),
             directory: settings.directory,
@@ -221,6 +221,16 @@ impl Relay {
     /// Expires idle sessions, examining at most `budget` slots; `on_expired`
     /// sees each one removed (the socket backend closes its socket).
     pub fn expire(&mut self, now: Millis, budget: usize, mut on_expired: impl FnMut(&Session)) {
+        let mut evicted = 0;
+        for session in self.sessions.take_retired() {
+            release_source(&mut self.sessions_per_source, session.flow.client.ip());
+            on_expired(&session);
+            evicted += 1;
+        }
+        if evicted > 0 {
+            self.counters.sessions_evicted.add(evicted);
+            self.counters.sessions_active.set(self.sessions.len() as u64);
+        }
         let per_source = &mut self.sessions_per_source;
         let expired = self.sessions.expire(now, budget, |session| {
             release_source(per_source, session.flow.client.ip());
@@ -459,7 +469,7 @@ impl Relay {
         if binding.nat_ip != to.ip() || self.routes.upstream(binding.upstream) != from {
             return Err(DropReason::UnexpectedReplySource);
         }
-        self.directory.touch(to.port(), now);
+        self.directory.answered(to.port(), now);
         if !self.sessions.owns_port(to.port()) {
             self.counters.replies_cross_queue.add(1);
         }
@@ -524,7 +534,7 @@ impl Relay {
     /// flow to this queue): relay it through that session, keeping it alive. The
     /// per-session limit is the owner's; this worker applies the global and per-source ones.
     fn relay_for_owner(&self, now: Millis, port: u16, binding: &Binding) -> Upstreamward {
-        self.directory.touch(port, now);
+        self.directory.client_elsewhere(port, now);
         self.counters.clients_cross_queue.add(1);
         Upstreamward { upstream: binding.upstream, nat_ip: binding.nat_ip, nat_port: port }
     }
@@ -563,6 +573,7 @@ impl Relay {
             client_iface: ingress,
             client_mac,
             last_seen: now,
+            created: now,
             tokens: TokenPair::full(&per_session, now),
             peer_flow,
         };
@@ -657,6 +668,7 @@ mod tests {
     use super::*;
     use crate::ratelimit::Limit;
     use crate::route::RouteSpec;
+    use crate::session::Timeouts;
     use crate::wire::build::udp_frame;
 
     const CLIENT_MAC: MacAddr = [2, 0, 0, 0, 0, 0xc1];
@@ -736,7 +748,7 @@ mod tests {
 
     #[test]
     fn a_client_flow_moved_to_another_queue_keeps_its_session() {
-        let [(mut first, _), (mut second, second_counters)] = two_workers();
+        let [(mut first, first_counters), (mut second, second_counters)] = two_workers();
         let mut request = client_frame(40000);
         first.handle(1, IfaceId(0), &mut request);
         let nat = source_of(&request);
@@ -745,6 +757,20 @@ mod tests {
         assert_eq!(source_of(&moved), nat, "the same NAT port: no second session");
         assert_eq!((second.session_count(), second_counters.clients_cross_queue.get()), (0, 1));
         assert_eq!(second_counters.sessions_created.get(), 0);
+
+        // Answered, then client traffic on the other queue 2 s on: established where it was
+        // created, so a flood of new flows through the owner's full table cannot evict it.
+        let mut reply = udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.2:7000"), nat, b"r");
+        assert_eq!(second.handle(3, IfaceId(1), &mut reply), Verdict::Forward(IfaceId(0)));
+        second.handle(2_500, IfaceId(0), &mut client_frame(40000));
+        for port in 1000..1200 {
+            first.handle(2_600, IfaceId(0), &mut client_frame(port));
+        }
+        first.expire(2_600, 0, |_| {});
+        assert!(first_counters.sessions_evicted.get() >= 100, "the owner's table churned");
+        let mut again = client_frame(40000);
+        assert_eq!(second.handle(2_700, IfaceId(0), &mut again), Verdict::Forward(IfaceId(1)));
+        assert_eq!(source_of(&again), nat, "still the same session after the owner's table churned");
     }
 
     #[test]
@@ -882,6 +908,35 @@ mod tests {
         assert_eq!(relay.take_unresolved().collect::<Vec<_>>(), vec![UpstreamId(0)]);
         assert_eq!(relay.take_unresolved().count(), 0);
         assert_eq!(counters.dropped(DropReason::NeighborUnresolved), 3);
+    }
+
+    #[test]
+    fn an_established_client_keeps_its_session_through_a_flood_of_new_flows() {
+        let spec = RouteSpec::new(addr("10.0.0.1:5000"), vec![addr("10.1.0.2:7000")]);
+        let (mut relay, counters) = relay_with(spec, "10.1.0.1", |s| {
+            s.nat_ports = (20000, 20099);
+            s.directory = Arc::new(NatDirectory::new((20000, 20099), 9));
+            s.timeouts = Timeouts { idle: 120_000, unreplied: 30_000 };
+        });
+        let exchange = |relay: &mut Relay, now: Millis, client: SocketAddr| {
+            let mut request = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, client, addr("10.0.0.1:5000"), b"q");
+            relay.handle(now, IfaceId(0), &mut request);
+            let nat = source_of(&request);
+            let mut reply = udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.2:7000"), nat, b"r");
+            (nat, relay.handle(now, IfaceId(1), &mut reply))
+        };
+        let settled = addr("10.0.0.2:41000");
+        let (nat, _) = exchange(&mut relay, 0, settled);
+        exchange(&mut relay, 2_300, settled);
+        // 5,000 spoofed flows that the upstream answers once each (an echo answers anything).
+        for i in 0..5_000u32 {
+            let spoofed = SocketAddr::new(IpAddr::from((0x0a80_0000 + i % 100).to_be_bytes()), 1024 + (i / 100) as u16);
+            exchange(&mut relay, 2_400 + u64::from(i / 10), spoofed);
+            relay.expire(2_400 + u64::from(i / 10), 4, |_| {});
+        }
+        assert!(counters.sessions_evicted.get() > 4_000, "{}", counters.sessions_evicted.get());
+        let (again, verdict) = exchange(&mut relay, 3_000, settled);
+        assert_eq!((again, verdict), (nat, Verdict::Forward(IfaceId(0))), "same NAT port, reply delivered");
     }
 
     #[test]

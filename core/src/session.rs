@@ -19,6 +19,12 @@ use crate::wire::MacAddr;
 
 /// Most freed ports held back from reuse at once.
 const MAX_QUARANTINE: usize = 1024;
+/// How long a session must have carried client traffic, besides being answered, to count as
+/// established (conntrack's "assured"): a spoofed source sends once, so even an upstream that
+/// answers everything (an echo, a game server) does not make its sessions established.
+const ESTABLISHED_AFTER: Millis = 2_000;
+/// Evicted sessions waiting for the worker's clean-up (XDP flow map, session socket) at its next expiry pass.
+const MAX_RETIRED: usize = 1024;
 
 /// Which of the worker's interfaces a frame arrived on or leaves by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -71,6 +77,7 @@ pub struct Session {
     pub client_mac: MacAddr,
     /// The owner's latest client packet; replies and other workers refresh the directory's time.
     pub last_seen: Millis,
+    pub created: Millis,
     /// This session's per-session rate-limit buckets.
     pub tokens: TokenPair,
     /// The flow id a tunnelled client side (a previous relay) gave this flow; echoed in replies.
@@ -119,9 +126,24 @@ pub struct SessionTable {
     quarantine_len: usize,
     capacity: usize,
     idle_timeout: Millis,
+    unreplied_timeout: Millis,
     sweep_cursor: usize,
+    /// Sessions in creation order (slot, created): the eviction candidates when the table is full.
+    /// Entries of sessions that ended or became established are skipped when met.
+    by_age: VecDeque<(u16, Millis)>,
+    /// Sessions evicted to make room, until the worker's next expiry pass reports them.
+    retired: Vec<Session>,
     directory: Arc<NatDirectory>,
     seeds: Seeds,
+}
+
+/// How long sessions live without traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Once established (answered, and client traffic for a while since).
+    pub idle: Millis,
+    /// Until then: short, since spoofed flows never get there.
+    pub unreplied: Millis,
 }
 
 impl SessionTable {
@@ -131,7 +153,7 @@ impl SessionTable {
         directory: Arc<NatDirectory>,
         ports: (u16, u16),
         capacity: usize,
-        idle_timeout: Millis,
+        timeouts: Timeouts,
         mut seeds: Seeds,
     ) -> Self {
         let (first, last) = ports;
@@ -144,8 +166,11 @@ impl SessionTable {
             quarantine: VecDeque::with_capacity(slot_count),
             quarantine_len: (slot_count / 4).min(MAX_QUARANTINE),
             capacity,
-            idle_timeout,
+            idle_timeout: timeouts.idle,
+            unreplied_timeout: timeouts.unreplied.min(timeouts.idle),
             sweep_cursor: 0,
+            by_age: VecDeque::with_capacity(slot_count),
+            retired: Vec::with_capacity(MAX_RETIRED),
             directory,
             seeds,
         }
@@ -159,11 +184,17 @@ impl SessionTable {
 
     /// Creates a session, publishes it to every worker and returns its slot;
     /// `template.nat_port` is ignored and chosen here at random.
+    /// When the table or the ports are full, the oldest session that is not established
+    /// is evicted to make room (as conntrack drops entries that are not assured first).
     pub fn admit_slot(&mut self, mut template: Session) -> Result<Slot, AdmitError> {
-        if self.by_flow.len() >= self.capacity {
+        if self.by_flow.len() >= self.capacity && !self.evict_unestablished() {
             return Err(AdmitError::TableFull);
         }
-        let slot = self.take_free().ok_or(AdmitError::PortsExhausted)?;
+        let slot = match self.take_free() {
+            Some(slot) => slot,
+            None if self.evict_unestablished() => self.take_free().ok_or(AdmitError::PortsExhausted)?,
+            None => return Err(AdmitError::PortsExhausted),
+        };
         template.nat_port = self.first_port + slot;
         self.directory.publish(template.nat_port, Some(&template.binding()), template.last_seen);
         if let Err(error) = self.directory.insert(&template.flow, template.nat_port) {
@@ -175,8 +206,17 @@ impl SessionTable {
             });
         }
         self.by_flow.insert(template.flow, slot);
+        if self.by_age.len() == self.by_age.capacity() {
+            self.by_age.pop_front();
+        }
+        self.by_age.push_back((slot, template.created));
         self.slots[usize::from(slot)] = Some(template);
         Ok(Slot(slot))
+    }
+
+    /// Sessions evicted since the last call, for the clean-up expiry does.
+    pub fn take_retired(&mut self) -> std::vec::Drain<'_, Session> {
+        self.retired.drain(..)
     }
 
     /// Where the session of `flow` lives, if this worker has it (one hash lookup).
@@ -211,23 +251,53 @@ impl SessionTable {
                 continue;
             };
             let last = session.last_seen.max(self.directory.last_active(session.nat_port));
-            if now.saturating_sub(last) < self.idle_timeout {
+            let timeout = if self.established(session) { self.idle_timeout } else { self.unreplied_timeout };
+            if now.saturating_sub(last) < timeout {
                 continue;
             }
             on_expired(session);
-            self.directory.remove(&session.flow, session.nat_port);
-            self.directory.publish(session.nat_port, None, now);
-            self.by_flow.remove(&session.flow);
-            self.slots[slot] = None;
-            self.quarantine.push_back(slot as u16);
-            if self.quarantine.len() > self.quarantine_len
-                && let Some(released) = self.quarantine.pop_front()
-            {
-                self.free.push(released);
-            }
+            self.release(slot as u16, now);
             expired += 1;
         }
         expired
+    }
+
+    /// Whether `session` was answered and kept carrying client traffic afterwards.
+    fn established(&self, session: &Session) -> bool {
+        // Client packets count on whichever worker's queue they arrived.
+        let client = session.last_seen.max(self.directory.last_client_elsewhere(session.nat_port));
+        self.directory.replied(session.nat_port) && client.saturating_sub(session.created) >= ESTABLISHED_AFTER
+    }
+
+    /// Evicts the oldest session that is not established; whether one was found.
+    fn evict_unestablished(&mut self) -> bool {
+        if self.retired.len() == MAX_RETIRED {
+            return false;
+        }
+        while let Some((slot, created)) = self.by_age.pop_front() {
+            let Some(session) = self.slots[usize::from(slot)] else { continue };
+            if session.created != created || self.established(&session) {
+                continue;
+            }
+            self.retired.push(session);
+            self.release(slot, session.last_seen);
+            return true;
+        }
+        false
+    }
+
+    /// Ends the session in `slot`: withdrawn from the directory, its port quarantined.
+    fn release(&mut self, slot: u16, now: Millis) {
+        let Some(session) = self.slots[usize::from(slot)].take() else { return };
+        self.directory.remove(&session.flow, session.nat_port);
+        self.directory.publish(session.nat_port, None, now);
+        self.by_flow.remove(&session.flow);
+        self.quarantine.push_back(slot);
+        if self.quarantine.len() > self.quarantine_len
+            && let Some(released) = self.quarantine.pop_front()
+        {
+            self.free.push(released);
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -262,14 +332,24 @@ mod tests {
             client_iface: IfaceId(0),
             client_mac: [2, 0, 0, 0, 0, 1],
             last_seen: 0,
+            created: 0,
             tokens: TokenPair::full(&crate::ratelimit::Limit::default(), 0),
             peer_flow: 0,
         }
     }
 
+    /// A table whose sessions live for `idle_timeout` whether answered or not.
     fn new_table(ports: (u16, u16), capacity: usize, idle_timeout: Millis) -> (SessionTable, Arc<NatDirectory>) {
         let directory = Arc::new(NatDirectory::new(ports, 1));
-        (SessionTable::new(directory.clone(), ports, capacity, idle_timeout, Seeds::new(42)), directory)
+        let timeouts = Timeouts { idle: idle_timeout, unreplied: idle_timeout };
+        (SessionTable::new(directory.clone(), ports, capacity, timeouts, Seeds::new(42)), directory)
+    }
+
+    /// Answered, and client traffic for long enough since.
+    fn establish(table: &mut SessionTable, directory: &NatDirectory, session: &Session) {
+        directory.answered(session.nat_port, 0);
+        let slot = table.find(&session.flow).expect("admitted");
+        table.refresh(slot, ESTABLISHED_AFTER);
     }
 
     fn admit(table: &mut SessionTable, client: &str) -> Session {
@@ -326,24 +406,56 @@ mod tests {
     }
 
     #[test]
-    fn capacity_and_port_exhaustion_refuse_without_touching_existing() {
-        let (mut table, _) = new_table((20000, 20001), 10, 1000);
-        let a = admit(&mut table, "10.0.0.7:1").flow;
-        admit(&mut table, "10.0.0.7:2");
+    fn capacity_and_port_exhaustion_refuse_without_touching_established_sessions() {
+        let (mut table, directory) = new_table((20000, 20001), 10, 1000);
+        let a = admit(&mut table, "10.0.0.7:1");
+        let b = admit(&mut table, "10.0.0.7:2");
+        for session in [a, b] {
+            establish(&mut table, &directory, &session);
+        }
         assert_eq!(table.admit_slot(session("10.0.0.7:3")).err(), Some(AdmitError::PortsExhausted));
-        assert!(table.find(&a).is_some());
+        assert!(table.find(&a.flow).is_some());
 
-        let (mut small, _) = new_table((20000, 20100), 1, 1000);
-        admit(&mut small, "10.0.0.7:1");
+        let (mut small, directory) = new_table((20000, 20100), 1, 1000);
+        let only = admit(&mut small, "10.0.0.7:1");
+        establish(&mut small, &directory, &only);
         assert_eq!(small.admit_slot(session("10.0.0.7:2")).err(), Some(AdmitError::TableFull));
         assert_eq!(small.len(), 1);
     }
 
     #[test]
+    fn unestablished_sessions_go_early_and_first_when_the_table_is_full() {
+        let directory = Arc::new(NatDirectory::new((20000, 20003), 1));
+        let timeouts = Timeouts { idle: 60_000, unreplied: 5_000 };
+        let mut table = SessionTable::new(directory.clone(), (20000, 20003), 4, timeouts, Seeds::new(3));
+        let settled = admit(&mut table, "10.0.0.7:1");
+        establish(&mut table, &directory, &settled);
+        let spoofed: Vec<Session> = (2..5).map(|p| admit(&mut table, &format!("10.9.0.{p}:1"))).collect();
+        // Answered once (an echo answers anything), but never more client traffic: not established.
+        directory.answered(spoofed[0].nat_port, 0);
+
+        // Full: a new flow evicts the oldest session that is not established, never the settled one.
+        let newcomer = admit(&mut table, "10.0.0.8:1");
+        assert!(table.find(&spoofed[0].flow).is_none() && table.find(&settled.flow).is_some());
+        assert_eq!(table.take_retired().map(|s| s.flow).collect::<Vec<_>>(), vec![spoofed[0].flow]);
+        assert_eq!(
+            newcomer.nat_port, spoofed[0].nat_port,
+            "the only free port, once the quarantine is all that is left"
+        );
+
+        // The others expire after 5 s; the established one lives for the idle timeout.
+        assert_eq!(table.expire(7_000, 8, |_| {}), 3);
+        assert!(table.find(&settled.flow).is_some());
+        assert_eq!(table.expire(62_000, 8, |_| {}), 1);
+        assert!(table.is_empty());
+    }
+
+    #[test]
     fn a_flow_another_worker_holds_is_refused_with_its_port() {
         let directory = Arc::new(NatDirectory::new((20000, 20019), 1));
-        let mut first = SessionTable::new(directory.clone(), (20000, 20009), 10, 1000, Seeds::new(1));
-        let mut second = SessionTable::new(directory.clone(), (20010, 20019), 10, 1000, Seeds::new(2));
+        let timeouts = Timeouts { idle: 1000, unreplied: 1000 };
+        let mut first = SessionTable::new(directory.clone(), (20000, 20009), 10, timeouts, Seeds::new(1));
+        let mut second = SessionTable::new(directory.clone(), (20010, 20019), 10, timeouts, Seeds::new(2));
         let held = admit(&mut first, "10.0.0.7:1");
         // The second worker missed the directory (a race) and tries to create the same flow.
         assert_eq!(second.admit_slot(session("10.0.0.7:1")).err(), Some(AdmitError::Contended(held.nat_port)));
