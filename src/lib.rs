@@ -2,7 +2,9 @@
 //! workers and the control thread around the pure `oxidize-relay-core`.
 
 pub mod keepalive;
+pub mod log_limit;
 pub mod metrics;
+pub mod metrics_endpoint;
 pub mod nexthop;
 pub mod preflight;
 pub mod probe;

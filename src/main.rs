@@ -7,8 +7,12 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use oxidize_relay::probe::HostReport;
-use oxidize_relay::{preflight, run, stats_view};
+use oxidize_relay::{log_limit, preflight, run, stats_view};
 use oxidize_relay_core::config::{Config, Mode};
+use tracing_subscriber::Layer;
+use tracing_subscriber::filter::FilterExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// Exit code for configuration errors (nothing was attached).
 const EXIT_CONFIG: u8 = 2;
@@ -70,9 +74,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
+    let level = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(level.and(tracing_subscriber::filter::filter_fn(log_limit::allow))),
+        )
         .init();
     match Cli::parse().command {
         Command::CheckConfig { file, file_only } => match load_config(&file).and_then(|mut config| {

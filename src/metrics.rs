@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use metrics::{counter, gauge};
-use metrics_exporter_prometheus::PrometheusBuilder;
 use oxidize_relay_core::DropReason;
 use oxidize_relay_core::counters::{Counters, KernelSocketStat, pool_name};
 
@@ -71,19 +70,6 @@ pub const TUNNEL_BYTES_SAVED: &str = "oxidize_relay_tunnel_compression_saved_byt
 pub const TUNNEL_KEEPALIVES_ANSWERED: &str = "oxidize_relay_tunnel_keepalives_answered_total";
 pub const TUNNEL_PEER_KEEPALIVES: &str = "oxidize_relay_tunnel_peer_keepalives_total";
 pub const TUNNEL_PEER_UP: &str = "oxidize_relay_tunnel_peer_up";
-
-#[derive(Debug, thiserror::Error)]
-#[error("starting the Prometheus endpoint on {listen} failed")]
-pub struct MetricsError {
-    listen: SocketAddr,
-    #[source]
-    source: metrics_exporter_prometheus::BuildError,
-}
-
-/// Starts the HTTP endpoint (`GET /metrics`) on its own thread.
-pub fn install(listen: SocketAddr) -> Result<(), MetricsError> {
-    PrometheusBuilder::new().with_http_listener(listen).install().map_err(|source| MetricsError { listen, source })
-}
 
 /// Publishes what never changes after start-up.
 pub fn publish_static(backend: &'static str, xdp_modes: &[(String, &'static str)]) {

@@ -18,7 +18,8 @@ use oxidize_relay_core::{NextHop, Relay, RelaySettings};
 use serde_json::{Map, Value, json};
 
 use crate::keepalive::Keepalives;
-use crate::metrics::{self, MetricsError};
+use crate::metrics;
+use crate::metrics_endpoint::{self, EndpointError};
 use crate::nexthop::NextHopResolver;
 use crate::preflight::{self, KeyFileError};
 use crate::probe::{self, HostReport};
@@ -53,7 +54,7 @@ pub enum SetupError {
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
-    Metrics(#[from] MetricsError),
+    Metrics(#[from] EndpointError),
     #[error("interface {interface} has {available} RX queues but the config asks for {wanted}")]
     Queues { interface: String, available: u32, wanted: u32 },
     #[error(
@@ -143,6 +144,10 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
     }
     // Their default action would kill the relay silently, leaving the stats file saying it runs.
     let ignored = IgnoredSignals::register()?;
+    match sys::raise_descriptor_limit() {
+        Ok(limit) => tracing::debug!(limit, "open descriptor limit"),
+        Err(error) => tracing::warn!(%error, "raising the open descriptor limit failed"),
+    }
     let mut config = config;
     for warning in preflight::load_tunnel_keys(&mut config)? {
         tracing::warn!("{warning}");
@@ -176,7 +181,7 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
     sys::caps::drop_all().map_err(SetupError::DropCapabilities)?;
     tracing::info!("setup done; all capabilities dropped");
     if let Some(listen) = config.metrics_listen {
-        metrics::install(listen)?;
+        metrics_endpoint::start(listen)?;
         tracing::info!(%listen, "Prometheus metrics at http://{listen}/metrics");
     }
 
@@ -454,6 +459,7 @@ fn control_loop(
         }
         keepalives.tick();
         ignored.log_received();
+        crate::log_limit::report_suppressed();
         let totals = Totals::collect(stats.counters);
         stats.write(&totals, true);
         metrics::publish(stats.counters, &stats.xdp_counters());

@@ -85,6 +85,7 @@ scenarios! { af_xdp:
     a_restart_right_after_sigkill_waits_for_the_old_link => "restart-after-sigkill",
     spoofed_and_malformed_flood_spares_the_legitimate_client => "flood",
     a_spoofed_flood_cannot_take_every_nat_port => "exhaustion",
+    idle_connections_to_the_metrics_endpoint_cannot_hurt => "metrics-abuse",
     runs_unprivileged_and_drops_capabilities => "least-privilege",
     relay_chain_over_an_oxtunnel_hop => "chain",
 }
@@ -101,6 +102,7 @@ scenarios! { socket:
     relay_chain_over_an_oxtunnel_hop => "chain",
     hup_and_usr_signals_are_logged_not_fatal => "signals",
     oversize_datagrams_are_counted_never_cut => "oversize",
+    idle_connections_to_the_metrics_endpoint_cannot_hurt => "metrics-abuse",
 }
 
 /// Detection: auto falls back to sockets without capabilities or on an interface AF_XDP cannot serve.

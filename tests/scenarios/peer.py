@@ -232,6 +232,34 @@ def raw(args):
     print(json.dumps({"sent": args.count}), flush=True)
 
 
+def tcp_hold(args):
+    """Open `count` TCP connections and hold them idle for `seconds` (an abusive scraper)."""
+    import resource
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    host, port = split(args.to)
+    held, refused = [], 0
+    for _ in range(args.count):
+        try:
+            sock = socket.socket(family_of(host), socket.SOCK_STREAM)
+        except OSError:
+            break  # this process's descriptor limit
+        sock.setblocking(False)
+        try:
+            sock.connect((host, port))
+        except BlockingIOError:
+            pass
+        except OSError:
+            refused += 1
+            sock.close()
+            continue
+        held.append(sock)
+    time.sleep(args.seconds)
+    for sock in held:
+        sock.close()
+    print(json.dumps({"opened": len(held), "refused": refused}), flush=True)
+
+
 def tcp_echo(args):
     host, port = split(args.bind)
     server = socket.socket(family_of(host), socket.SOCK_STREAM)
@@ -284,6 +312,8 @@ def main():
     p = sub.add_parser("raw"); p.add_argument("--interface", required=True); p.add_argument("--dst-mac", required=True)
     p.add_argument("--src", required=True); p.add_argument("--dst", required=True); p.add_argument("--count", type=int, default=5)
     p.set_defaults(run=raw)
+    p = sub.add_parser("tcp-hold"); p.add_argument("--to", required=True); p.add_argument("--count", type=int, default=1000)
+    p.add_argument("--seconds", type=float, default=5); p.set_defaults(run=tcp_hold)
     p = sub.add_parser("tcp-echo"); p.add_argument("--bind", required=True); p.set_defaults(run=tcp_echo)
     p = sub.add_parser("tcp-client"); p.add_argument("--to", required=True); p.add_argument("--bytes", type=int, default=1 << 20)
     p.set_defaults(run=tcp_client)

@@ -527,6 +527,33 @@ def exhaustion(binary, prefix, backend):
         finish(topo, relay)
 
 
+@scenario("metrics-abuse")
+def metrics_abuse(binary, prefix, backend):
+    """19,000 idle TCP connections to the metrics endpoint (the most this host lets one process open): the relay keeps relaying (new sessions too, on
+    the socket backend), its log and memory stay small, and /metrics answers again once the burst is over."""
+    with Topology(prefix, arm="two_arm") as topo:
+        echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream)
+        relay = start_relay(topo, binary, backend)
+        rss_before = rss_kib(relay.proc.pid)
+        hold = topo.spawn("relay", sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer.py"),
+                          "tcp-hold", "--to", "127.0.0.1:9184", "--count", "19000", "--seconds", "8")
+        time.sleep(3)
+        during = topo.peer("client", "client", "--to", topo.listen, "--count", "2000", "--sockets", "64")
+        scraped = relay.metric(relay.scrape(), "oxidize_relay_tx_packets_total")
+        held = json.loads(hold.communicate(timeout=60)[0].strip().splitlines()[-1])
+        print(f"  held: {held}, client during: {during}")
+        expect(held["opened"] > 10_000, f"the abuser opened {held['opened']} connections")
+        expect(during["received"] == 2000, "64 new client flows were relayed whole during the abuse")
+        expect(scraped >= 4000, "a scrape during the abuse was answered (the oldest idle connection made room)")
+        expect(relay.wait_stats(lambda s: True)["drops"]["nat_ports_exhausted"] == 0, "no session was refused for want of descriptors")
+        log_size = os.path.getsize(relay.log)
+        expect(log_size < 64 * 1024, f"the relay's log stayed small ({log_size} bytes)")
+        growth = rss_kib(relay.proc.pid) - rss_before
+        expect(growth < 16 * 1024, f"memory stayed flat ({growth:+} KiB)")
+        stop_peer(echo)
+        finish(topo, relay)
+
+
 @scenario("flood")
 def flood(binary, prefix, backend):
     """A steady client keeps working while another host floods the relay with spoofed sources,
