@@ -7,8 +7,11 @@
 pub enum DropReason {
     /// The frame ends before the header it claims to carry.
     TooShort,
-    /// Not IPv4 or IPv6 (after at most one 802.1Q tag).
+    /// Not IPv4 or IPv6.
     InvalidEthertype,
+    /// An 802.1Q or 802.1ad (QinQ) tagged frame: the relay serves untagged interfaces (run it on
+    /// the VLAN interface, e.g. `eth0.100`, to relay a VLAN's traffic).
+    VlanTagged,
     /// IPv4 version/IHL or IPv6 version field is wrong.
     BadIpHeader,
     /// IPv4 total length or IPv6 payload length disagrees with the frame.
@@ -79,6 +82,7 @@ impl DropReason {
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::TooShort,
         DropReason::InvalidEthertype,
+        DropReason::VlanTagged,
         DropReason::BadIpHeader,
         DropReason::BadIpLength,
         DropReason::IpOptions,
@@ -115,6 +119,7 @@ impl DropReason {
         match self {
             DropReason::TooShort => "too_short",
             DropReason::InvalidEthertype => "invalid_ethertype",
+            DropReason::VlanTagged => "vlan_tagged",
             DropReason::BadIpHeader => "bad_ip_header",
             DropReason::BadIpLength => "bad_ip_length",
             DropReason::IpOptions => "ip_options",

@@ -21,11 +21,11 @@ pub mod field {
     pub const ETH_SRC: Range<usize> = 6..12;
     pub const ETH_TYPE: Range<usize> = 12..14;
     pub const ETH_HEADER_LEN: usize = 14;
-    pub const VLAN_TAG_LEN: usize = 4;
 
     pub const ETHERTYPE_IPV4: u16 = 0x0800;
     pub const ETHERTYPE_IPV6: u16 = 0x86dd;
     pub const ETHERTYPE_VLAN: u16 = 0x8100;
+    pub const ETHERTYPE_QINQ: u16 = 0x88a8;
 
     // Offsets inside the IPv4 header.
     pub const IPV4_VER_IHL: usize = 0;
@@ -329,15 +329,12 @@ fn ethertype_and_l3(bytes: &[u8]) -> Result<(u16, usize), DropReason> {
     if bytes.len() < field::ETH_HEADER_LEN {
         return Err(DropReason::TooShort);
     }
-    let ethertype = be16(bytes, field::ETH_TYPE);
-    if ethertype != field::ETHERTYPE_VLAN {
-        return Ok((ethertype, field::ETH_HEADER_LEN));
+    // Untagged only: a tag kept through the rewrite would put the upstream-bound frame on the
+    // client's VLAN. An operator relaying between VLANs runs the relay on the VLAN interfaces.
+    match be16(bytes, field::ETH_TYPE) {
+        field::ETHERTYPE_VLAN | field::ETHERTYPE_QINQ => Err(DropReason::VlanTagged),
+        ethertype => Ok((ethertype, field::ETH_HEADER_LEN)),
     }
-    let inner = field::ETH_HEADER_LEN + field::VLAN_TAG_LEN;
-    if bytes.len() < inner {
-        return Err(DropReason::TooShort);
-    }
-    Ok((be16(bytes, inner - 2..inner), inner))
 }
 
 /// Returns (is_ipv6, l4 offset, end of datagram).
@@ -534,13 +531,14 @@ mod tests {
     }
 
     #[test]
-    fn vlan_tagged_frame_parses() {
+    fn vlan_tagged_frames_are_refused_by_name() {
         let plain = udp_frame(MAC_A, MAC_B, addr("10.0.0.1:1"), addr("10.0.0.2:2"), b"v");
-        let mut tagged = plain[..12].to_vec();
-        tagged.extend_from_slice(&[0x81, 0x00, 0x00, 0x07]);
-        tagged.extend_from_slice(&plain[12..]);
-        let view = UdpFrame::new_checked(&tagged[..]).expect("valid");
-        assert_eq!(view.payload(), b"v");
+        for tag in [[0x81, 0x00, 0x00, 0x07], [0x88, 0xa8, 0x00, 0x07]] {
+            let mut tagged = plain[..12].to_vec();
+            tagged.extend_from_slice(&tag);
+            tagged.extend_from_slice(&plain[12..]);
+            assert_eq!(UdpFrame::new_checked(&tagged[..]).err(), Some(DropReason::VlanTagged));
+        }
     }
 
     #[test]

@@ -228,7 +228,8 @@ def raw(args):
         udp = udp[:6] + struct.pack("!H", checksum(pseudo + udp) or 0xFFFF) + udp[8:]
         ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + udp_len, i, 0, 64, 17, 0, src, dst)
         ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
-        sock.send(mac(args.dst_mac) + own_mac + b"\x08\x00" + ip + udp)
+        tags = b"".join(struct.pack("!HH", tpid, vid) for tpid, vid in ((0x88A8, args.qinq), (0x8100, args.vlan)) if vid)
+        sock.send(mac(args.dst_mac) + own_mac + tags + b"\x08\x00" + ip + udp)
     print(json.dumps({"sent": args.count}), flush=True)
 
 
@@ -311,6 +312,7 @@ def main():
     p.set_defaults(run=send)
     p = sub.add_parser("raw"); p.add_argument("--interface", required=True); p.add_argument("--dst-mac", required=True)
     p.add_argument("--src", required=True); p.add_argument("--dst", required=True); p.add_argument("--count", type=int, default=5)
+    p.add_argument("--vlan", type=int, default=0, help="802.1Q tag"); p.add_argument("--qinq", type=int, default=0, help="outer 802.1ad tag")
     p.set_defaults(run=raw)
     p = sub.add_parser("tcp-hold"); p.add_argument("--to", required=True); p.add_argument("--count", type=int, default=1000)
     p.add_argument("--seconds", type=float, default=5); p.set_defaults(run=tcp_hold)

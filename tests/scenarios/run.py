@@ -338,11 +338,16 @@ def never_sessions(binary, prefix, backend):
         for own in (topo.listen_ip, topo.relay_upstream_ip):
             topo.peer("client", "raw", "--interface", "c0", "--dst-mac", relay_mac,
                       "--src", topo.endpoint(own, 6000), "--dst", topo.listen)
-        stats = relay.wait_stats(lambda s: s["drops"]["foreign_destination_mac"] + s["drops"]["own_source_address"] >= 25)
+        topo.peer("client", "raw", "--interface", "c0", "--dst-mac", relay_mac, "--src", client, "--dst", topo.listen,
+                  "--vlan", "100")
+        named = ("foreign_destination_mac", "own_source_address", "vlan_tagged")
+        stats = relay.wait_stats(lambda s: sum(s["drops"][n] for n in named) >= 30)
         drops = {k: v for k, v in stats["drops"].items() if v}
-        print(f"  relay drops: {drops}")
+        xdp = {n: c for i in stats["interfaces"].values() for n, c in i["xdp_counters"].items() if c}
+        print(f"  relay drops: {drops}, xdp: {xdp}")
         expect(stats["drops"]["foreign_destination_mac"] == 15, "15 frames for other MACs dropped as foreign_destination_mac")
         expect(stats["drops"]["own_source_address"] == 10, "10 frames from the relay's own addresses dropped as own_source_address")
+        expect(stats["drops"]["vlan_tagged"] == 5, "5 802.1Q-tagged frames dropped as vlan_tagged, not relayed with the tag")
         expect(stats["sessions_created"] == 0, "and none of them created a session")
         legit = topo.peer("client", "client", "--to", topo.listen, "--count", "100")
         expect(legit["received"] == 100, "while a real client is relayed")
