@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use oxidize_relay_core::config::StaticNeighbor;
 use oxidize_relay_core::route::UpstreamId;
-use oxidize_relay_core::{IfaceId, NextHop};
+use oxidize_relay_core::{IfaceId, NextHop, NoHop};
 
 use crate::sys::iface::IfaceInfo;
 use crate::sys::netlink::{self, RouteSocket};
@@ -17,6 +17,16 @@ enum Unreachable {
     ForeignInterface(u32),
     NoSourceAddress,
     NeighborPending(IpAddr),
+}
+
+impl Unreachable {
+    /// What the workers count packets for this upstream as.
+    fn no_hop(&self) -> NoHop {
+        match self {
+            Unreachable::NeighborPending(_) => NoHop::NeighborUnresolved,
+            Unreachable::NoRoute(_) | Unreachable::ForeignInterface(_) | Unreachable::NoSourceAddress => NoHop::NoRoute,
+        }
+    }
 }
 
 /// Resolves the upstreams' next hops and reports changes.
@@ -46,7 +56,7 @@ impl NextHopResolver {
     }
 
     /// Re-resolves every upstream; returns those whose next hop changed.
-    pub fn refresh(&mut self) -> Vec<(UpstreamId, Option<NextHop>)> {
+    pub fn refresh(&mut self) -> Vec<(UpstreamId, Result<NextHop, NoHop>)> {
         let mut changes = Vec::new();
         for index in 0..self.upstreams.len() {
             let upstream = self.upstreams[index];
@@ -75,12 +85,9 @@ impl NextHopResolver {
                 }
             }
             crate::metrics::neighbor_resolution(if resolved.is_ok() { "resolved" } else { "pending" });
-            let was_reachable = self.current[index].is_ok();
-            let hop = resolved.as_ref().ok().copied();
+            let hop = resolved.as_ref().copied().map_err(Unreachable::no_hop);
             self.current[index] = resolved;
-            if hop.is_some() || was_reachable {
-                changes.push((UpstreamId(index as u16), hop));
-            }
+            changes.push((UpstreamId(index as u16), hop));
         }
         changes
     }

@@ -524,7 +524,7 @@ fn publish(
     updates: &[Sender<WorkerUpdate>],
 ) -> Result<(), SetupError> {
     for (upstream, hop) in resolver.refresh() {
-        if let Some(NextHop { src_ip, .. }) = hop {
+        if let Ok(NextHop { src_ip, .. }) = hop {
             for a in attached {
                 a.program.add_nat_addr(src_ip)?;
             }

@@ -10,7 +10,7 @@ use crate::sys::xsk::{self, Frame, FramePool, QueueSocket};
 use oxidize_relay_core::config::WaitMode;
 use oxidize_relay_core::counters::{Counters, KernelSocketStat};
 use oxidize_relay_core::route::UpstreamId;
-use oxidize_relay_core::{IfaceId, NextHop, Relay, Verdict};
+use oxidize_relay_core::{IfaceId, NextHop, NoHop, Relay, Verdict};
 
 /// How long an idle worker in event mode sleeps before checking for shutdown and updates.
 const IDLE_POLL_MS: i32 = 100;
@@ -22,7 +22,7 @@ const KERNEL_STATS_EVERY_MS: u64 = 200;
 /// A change the control thread pushes to every worker.
 #[derive(Debug, Clone, Copy)]
 pub enum WorkerUpdate {
-    NextHop(UpstreamId, Option<NextHop>),
+    NextHop(UpstreamId, Result<NextHop, NoHop>),
 }
 
 /// What every worker has, whichever backend drives it.

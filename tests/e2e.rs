@@ -82,6 +82,7 @@ scenarios! { af_xdp:
     foreign_macs_and_own_sources_create_no_session => "never-sessions",
     an_upstream_back_with_a_new_mac_is_found_again => "stale-neighbour",
     a_deleted_interface_ends_the_relay_loudly => "interface-deleted",
+    a_deleted_route_counts_as_no_route => "route-deleted",
     a_restart_right_after_sigkill_waits_for_the_old_link => "restart-after-sigkill",
     spoofed_and_malformed_flood_spares_the_legitimate_client => "flood",
     a_spoofed_flood_cannot_take_every_nat_port => "exhaustion",

@@ -156,7 +156,7 @@ fn benches(c: &mut Criterion) {
     );
     relay.set_next_hop(
         UpstreamId(0),
-        Some(NextHop { iface: IfaceId(0), src_ip: "10.1.0.1".parse().expect("ip"), dst_mac: MAC_A }),
+        Ok(NextHop { iface: IfaceId(0), src_ip: "10.1.0.1".parse().expect("ip"), dst_mac: MAC_A }),
     );
     let burst: Vec<Vec<u8>> =
         (0..64).map(|i| udp_frame(MAC_A, MAC_B, client(i), addr("10.0.0.1:5000"), &[0x5a; 64])).collect();

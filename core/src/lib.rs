@@ -20,5 +20,5 @@ pub mod time;
 pub mod wire;
 
 pub use drop_reason::DropReason;
-pub use relay::{NextHop, Relay, RelaySettings, Verdict};
+pub use relay::{NextHop, NoHop, Relay, RelaySettings, Verdict};
 pub use session::IfaceId;

@@ -68,6 +68,24 @@ pub struct NextHop {
     pub dst_mac: MacAddr,
 }
 
+/// Why an upstream has no next hop: each is its own drop reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoHop {
+    /// The kernel has no route to it (or only through an interface the relay does not serve).
+    NoRoute,
+    /// Routed, but the neighbour's MAC is not known yet (resolution was requested).
+    NeighborUnresolved,
+}
+
+impl NoHop {
+    pub fn drop_reason(self) -> DropReason {
+        match self {
+            NoHop::NoRoute => DropReason::NoRoute,
+            NoHop::NeighborUnresolved => DropReason::NeighborUnresolved,
+        }
+    }
+}
+
 /// Per-worker relay settings.
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
@@ -121,7 +139,7 @@ pub struct Relay {
     routes: Arc<RouteTable>,
     sessions: SessionTable,
     directory: Arc<NatDirectory>,
-    next_hops: Vec<Option<NextHop>>,
+    next_hops: Vec<Result<NextHop, NoHop>>,
     /// Upstreams whose next hop was missing when a packet needed it; the
     /// worker drains this to ask the control thread for resolution.
     unresolved: Vec<bool>,
@@ -157,7 +175,7 @@ impl Relay {
                 session_seeds,
             ),
             directory: settings.directory,
-            next_hops: vec![None; upstreams],
+            next_hops: vec![Err(NoHop::NeighborUnresolved); upstreams],
             unresolved: vec![false; upstreams],
             routes,
             iface_macs: settings.iface_macs,
@@ -199,7 +217,7 @@ impl Relay {
     }
 
     /// Installs or clears the next hop of `upstream`.
-    pub fn set_next_hop(&mut self, upstream: UpstreamId, hop: Option<NextHop>) {
+    pub fn set_next_hop(&mut self, upstream: UpstreamId, hop: Result<NextHop, NoHop>) {
         if let Some(slot) = self.next_hops.get_mut(usize::from(upstream.0)) {
             *slot = hop;
         }
@@ -335,7 +353,7 @@ impl Relay {
         )?;
         let (to, egress) = match action {
             ClientAction::Forward(out) => {
-                let hop = self.resolved_hop(out.upstream).ok_or(DropReason::NeighborUnresolved)?;
+                let hop = self.resolved_hop(out.upstream).map_err(NoHop::drop_reason)?;
                 let to = Rewrite {
                     src_mac: self.iface_macs[usize::from(hop.iface.0)],
                     dst_mac: hop.dst_mac,
@@ -563,7 +581,7 @@ impl Relay {
         }
         let upstream = self.routes.choose_upstream(route_id, flow.client);
         // The NAT address must be known before the session exists: it is what the upstream replies to.
-        let hop = self.resolved_hop(upstream).ok_or(DropReason::NeighborUnresolved)?;
+        let hop = self.resolved_hop(upstream).map_err(NoHop::drop_reason)?;
         let template = Session {
             flow,
             route: route_id,
@@ -606,9 +624,9 @@ impl Relay {
     }
 
     /// The next hop of `upstream`; when missing, flags it for the control thread.
-    fn resolved_hop(&mut self, upstream: UpstreamId) -> Option<NextHop> {
+    fn resolved_hop(&mut self, upstream: UpstreamId) -> Result<NextHop, NoHop> {
         let hop = self.next_hops[usize::from(upstream.0)];
-        if hop.is_none() {
+        if hop.is_err() {
             self.unresolved[usize::from(upstream.0)] = true;
         }
         hop
@@ -695,7 +713,7 @@ mod tests {
         let mut relay = Relay::new(routes, settings, counters.clone());
         relay.set_next_hop(
             UpstreamId(0),
-            Some(NextHop { iface: IfaceId(1), src_ip: nat_ip.parse().expect("ip"), dst_mac: UPSTREAM_MAC }),
+            Ok(NextHop { iface: IfaceId(1), src_ip: nat_ip.parse().expect("ip"), dst_mac: UPSTREAM_MAC }),
         );
         (relay, counters)
     }
@@ -718,7 +736,7 @@ mod tests {
             };
             let mut relay = Relay::new(routes.clone(), settings, counters.clone());
             let hop = NextHop { iface: IfaceId(1), src_ip: "10.1.0.1".parse().expect("ip"), dst_mac: UPSTREAM_MAC };
-            relay.set_next_hop(UpstreamId(0), Some(hop));
+            relay.set_next_hop(UpstreamId(0), Ok(hop));
             (relay, counters)
         })
     }
@@ -899,7 +917,7 @@ mod tests {
     #[test]
     fn unresolved_neighbour_is_counted_and_reported_once() {
         let (mut relay, counters) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
-        relay.set_next_hop(UpstreamId(0), None);
+        relay.set_next_hop(UpstreamId(0), Err(NoHop::NeighborUnresolved));
         for _ in 0..3 {
             let mut request =
                 udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"), b"x");
@@ -953,6 +971,15 @@ mod tests {
         assert_eq!(counters.sessions_created.get(), 0);
         assert_eq!(counters.dropped(DropReason::ForeignDestinationMac), 4);
         assert_eq!(counters.dropped(DropReason::OwnSourceAddress), 2);
+    }
+
+    #[test]
+    fn an_upstream_without_a_route_is_counted_as_no_route() {
+        let (mut relay, counters) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
+        relay.set_next_hop(UpstreamId(0), Err(NoHop::NoRoute));
+        let mut request = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"), b"x");
+        assert_eq!(relay.handle(0, IfaceId(0), &mut request), Verdict::Drop(DropReason::NoRoute));
+        assert_eq!(counters.dropped(DropReason::NeighborUnresolved), 0);
     }
 
     #[test]

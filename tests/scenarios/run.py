@@ -20,7 +20,7 @@ from oxr import NAT_PORTS, Relay, Topology, metric, relay_config, scrape, stop_p
 SCENARIOS = {}
 # Scenarios that only make sense for one backend.
 AF_XDP_ONLY = {"sigkill-fallback", "flood", "tx-pressure", "unserved-queues", "never-sessions", "stale-neighbour",
-               "interface-deleted", "restart-after-sigkill", "exhaustion"}
+               "interface-deleted", "restart-after-sigkill", "exhaustion", "route-deleted"}
 # Client sockets (flows) of the traffic scenarios: enough for RSS to use every queue.
 FLOWS = 64
 
@@ -375,6 +375,31 @@ def stale_neighbour(binary, prefix, backend):
         expect(after["received"] == 20, f"traffic recovered without any help from outside ({took:.1f} s for 20 datagrams)")
         expect(took < 30, "within 30 s (kernel confirmation: 5 s delay, 3 probes, then a fresh resolution)")
         expect("02:00:00:00:99:99" in relay.log_text(), "the relay logged the upstream's new MAC")
+        stop_peer(echo)
+        finish(topo, relay)
+
+
+@scenario("route-deleted")
+def route_deleted(binary, prefix, backend):
+    """The route to the upstream goes away (its connected prefix is deleted): packets are counted as
+    no_route, not as an unresolved neighbour, and traffic resumes when the route is back."""
+    with Topology(prefix, arm="two_arm") as topo:
+        echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream)
+        relay = start_relay(topo, binary, backend)
+        before = topo.peer("client", "client", "--to", topo.listen, "--count", "100")
+        expect(before["received"] == 100, "relayed while routed")
+        prefix_len = topo._plen()
+        topo.ip("relay", "route", "del", f"{topo._addr(2, 0)}/{prefix_len}", "dev", "ru0")
+        time.sleep(1.5)
+        lost = topo.peer("client", "client", "--to", topo.listen, "--count", "20", "--retries", "0", "--timeout", "3")
+        stats = relay.wait_stats(lambda s: s["drops"]["no_route"] >= 20)
+        print(f"  without the route: {lost}, drops { {k: v for k, v in stats['drops'].items() if v} }")
+        expect(stats["drops"]["no_route"] >= 20 and stats["drops"]["neighbor_unresolved"] == 0,
+               f"counted as no_route ({stats['drops']['no_route']}), not neighbor_unresolved")
+        topo.ip("relay", "route", "add", f"{topo._addr(2, 0)}/{prefix_len}", "dev", "ru0", "src", topo.relay_upstream_ip)
+        time.sleep(1.5)
+        after = topo.peer("client", "client", "--to", topo.listen, "--count", "100")
+        expect(after["received"] == 100, "relayed again once the route is back")
         stop_peer(echo)
         finish(topo, relay)
 
