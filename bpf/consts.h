@@ -14,6 +14,12 @@
 #define ETH_P_IPV6 0x86DD
 #define ETH_P_8021Q 0x8100
 #define IPPROTO_UDP_NUM 17
+/* IPv6 extension headers walked to find UDP behind them, at most MAX_IPV6_EXTENSIONS deep. */
+#define IPV6_HOP_BY_HOP 0
+#define IPV6_ROUTING 43
+#define IPV6_FRAGMENT 44
+#define IPV6_DEST_OPTIONS 60
+#define MAX_IPV6_EXTENSIONS 4
 
 /* Index of each counter in the xdp_stats map; order mirrored in Rust. */
 enum xdp_counter {
@@ -28,5 +34,7 @@ enum xdp_counter {
 	XDP_CNT_DROP_IP_OPTIONS,      /* relay-bound with IPv4 options */
 	XDP_CNT_DROP_FRAGMENT,        /* relay-bound first fragment */
 	XDP_CNT_DROP_NEW_FLOW_BUDGET, /* a new client flow beyond the new-flow budget (flood shedding) */
+	XDP_CNT_DROP_IPV6_EXTENSION,  /* relay-bound IPv6 with extension headers before UDP */
+	XDP_CNT_DROP_TOO_BIG,         /* relay-bound frame longer than an AF_XDP frame holds */
 	XDP_CNT_MAX,
 };

@@ -64,6 +64,39 @@ static __always_inline struct ipv6hdr *parse_ipv6hdr(struct cursor *c)
 	return ip6;
 }
 
+struct ipv6_ext {
+	__u8 nexthdr;
+	__u8 len;     /* in 8-byte units, not counting the first 8 (fragment header: reserved) */
+	__be16 frag;  /* fragment header only: offset and M flag */
+};
+
+/* Walks IPv6 extension headers (hop-by-hop, routing, destination options, fragment) up to
+ * the transport header. Stores the transport protocol, how many headers were walked and
+ * whether a fragment header was met (*fragment: 1 first fragment, 2 later one); NULL if cut short. */
+static __always_inline void *skip_ipv6_extensions(struct cursor *c, __u8 *nexthdr, int *walked, int *fragment)
+{
+#pragma unroll
+	for (int i = 0; i < MAX_IPV6_EXTENSIONS; i++) {
+		if (*nexthdr != IPV6_HOP_BY_HOP && *nexthdr != IPV6_ROUTING && *nexthdr != IPV6_FRAGMENT &&
+		    *nexthdr != IPV6_DEST_OPTIONS)
+			return c->pos;
+		struct ipv6_ext *ext = c->pos;
+		if ((void *)(ext + 1) > c->end)
+			return NULL;
+		__u32 length = 8;
+		if (*nexthdr == IPV6_FRAGMENT)
+			*fragment = (bpf_ntohs(ext->frag) & 0xfff8) ? 2 : 1;
+		else
+			length = ((__u32)ext->len + 1) * 8;
+		if (c->pos + length > c->end)
+			return NULL;
+		*nexthdr = ext->nexthdr;
+		c->pos += length;
+		*walked += 1;
+	}
+	return c->pos;
+}
+
 static __always_inline struct udphdr *parse_udphdr(struct cursor *c)
 {
 	struct udphdr *udp = c->pos;

@@ -103,7 +103,7 @@ int oxidize_relay(struct xdp_md *ctx)
 	__u8 src_addr[16] = {};
 	__u16 ethertype;
 	__u32 ip_payload_len;
-	int ipv4_options = 0, first_fragment = 0;
+	int ipv4_options = 0, first_fragment = 0, ipv6_extensions = 0;
 
 	if (!parse_ethhdr(&c, &ethertype))
 		return pass(XDP_CNT_PASS_UNPARSED);
@@ -129,10 +129,21 @@ int oxidize_relay(struct xdp_md *ctx)
 		struct ipv6hdr *ip6 = parse_ipv6hdr(&c);
 		if (!ip6)
 			return pass(XDP_CNT_PASS_UNPARSED);
-		/* Extension headers (including fragments) are not walked: not ours. */
-		if (ip6->nexthdr != IPPROTO_UDP_NUM)
+		/* Walk extension headers only to tell relay traffic (dropped by name: the relay does not
+		 * carry them) from the kernel's. */
+		__u8 nexthdr = ip6->nexthdr;
+		int fragment = 0;
+		void *transport = skip_ipv6_extensions(&c, &nexthdr, &ipv6_extensions, &fragment);
+		if (!transport)
+			return pass(XDP_CNT_PASS_UNPARSED);
+		if (nexthdr != IPPROTO_UDP_NUM)
 			return pass(XDP_CNT_PASS_NOT_UDP);
+		if (fragment == 2)
+			return pass(XDP_CNT_PASS_UNPARSED);
+		first_fragment = fragment == 1;
 		ip_payload_len = bpf_ntohs(ip6->payload_len);
+		__u32 walked = transport - (void *)(ip6 + 1);
+		ip_payload_len = ip_payload_len > walked ? ip_payload_len - walked : 0;
 		dst.family = ADDR_FAMILY_IPV6;
 		__builtin_memcpy(dst.addr, &ip6->daddr, 16);
 		__builtin_memcpy(src_addr, &ip6->saddr, 16);
@@ -158,6 +169,13 @@ int oxidize_relay(struct xdp_md *ctx)
 		return drop(XDP_CNT_DROP_FRAGMENT);
 	if (ipv4_options)
 		return drop(XDP_CNT_DROP_IP_OPTIONS);
+	if (ipv6_extensions)
+		return drop(XDP_CNT_DROP_IPV6_EXTENSION);
+	__u32 zero = 0;
+	struct relay_config *config = bpf_map_lookup_elem(&relay_config_map, &zero);
+	/* The socket would lose it without a trace: the kernel cannot copy it into a frame. */
+	if (config && config->max_frame_len && c.end - (void *)(long)ctx->data > config->max_frame_len)
+		return drop(XDP_CNT_DROP_TOO_BIG);
 	__u16 udp_len = bpf_ntohs(udp->len);
 	if (udp_len < sizeof(*udp) || udp_len > ip_payload_len ||
 	    (void *)udp + udp_len > c.end)

@@ -33,6 +33,8 @@ struct relay_config {
 	__u16 nat_port_first; /* host byte order */
 	__u16 nat_port_last;
 	__u32 new_flows_per_second; /* per CPU; 0 = no budget */
+	__u32 max_frame_len;        /* longest frame an AF_XDP frame holds; 0 = no limit */
+	__u32 pad;
 };
 
 /* The new-flow token bucket of one CPU. */

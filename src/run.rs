@@ -26,11 +26,11 @@ use crate::probe::{self, HostReport};
 use crate::socket_worker::{SocketSetupError, SocketWorker};
 use crate::stats::Totals;
 use crate::sys;
-use crate::sys::bpf_abi::XdpCounter;
+use crate::sys::bpf_abi::{RelayConfig, XdpCounter};
 use crate::sys::iface::{IfaceError, IfaceInfo};
 use crate::sys::netlink::{NetlinkError, RouteSocket};
 use crate::sys::xdp::{AttachedMode, XdpError, XdpProgram};
-use crate::sys::xsk::{FramePool, QueueSocket, XskError};
+use crate::sys::xsk::{self, FramePool, QueueSocket, XskError};
 use crate::systemd::Notifier;
 use crate::worker::{Worker, WorkerCore, WorkerUpdate};
 
@@ -298,7 +298,13 @@ fn af_xdp_backend(config: &Config, report: &HostReport, shared: &WorkerShared) -
     let mut attached = Vec::new();
     for (interface, info) in config.interfaces.iter().zip(infos) {
         let mut program = XdpProgram::load(config.nat.max_sessions.try_into().unwrap_or(u32::MAX))?;
-        program.configure(config.nat.ports.0, config.nat.ports.1, config.security.new_flows_per_second)?;
+        program.configure(&RelayConfig {
+            nat_port_first: config.nat.ports.0,
+            nat_port_last: config.nat.ports.1,
+            new_flows_per_second: config.security.new_flows_per_second,
+            max_frame_len: xsk::max_frame_len(config.pool.frame_size),
+            pad: 0,
+        })?;
         for route in &config.routes {
             program.add_listen(route.listen)?;
         }

@@ -6,7 +6,7 @@ mod common;
 
 use std::net::SocketAddr;
 
-use oxidize_relay::sys::bpf_abi::XdpCounter;
+use oxidize_relay::sys::bpf_abi::{RelayConfig, XdpCounter};
 use oxidize_relay::sys::xdp::XdpProgram;
 use oxidize_relay::sys::xsk::{FramePool, QueueSocket};
 use oxidize_relay_core::wire::build::udp_frame;
@@ -53,6 +53,15 @@ fn fixtures() -> Vec<Fixture> {
     icmpv6[20] = 58;
     let mut vlan = udp("10.0.0.2:40000", "10.0.0.1:5000", b"tagged");
     vlan.splice(12..12, [0x81, 0x00, 0x00, 0x05]);
+    // IPv6 with an 8-byte hop-by-hop header (no options: PadN) in front of UDP.
+    let ipv6_extension = |dst: &str| {
+        let mut frame = udp("[fd00::2]:40000", dst, b"ext");
+        frame[20] = 0;
+        frame.splice(54..54, [17, 0, 1, 4, 0, 0, 0, 0]);
+        let payload = u16::from_be_bytes([frame[18], frame[19]]) + 8;
+        frame[18..20].copy_from_slice(&payload.to_be_bytes());
+        frame
+    };
     let mut ipv4_options = udp("10.0.0.2:40000", "10.0.0.1:5000", b"opts");
     // IHL 6 with a 4-byte NOP option inserted before the UDP header.
     ipv4_options[14] = 0x46;
@@ -103,6 +112,21 @@ fn fixtures() -> Vec<Fixture> {
             same(XDP_PASS, XdpCounter::PassOtherPort),
         ),
         ("TCP (SSH) to the relay host", tcp, same(XDP_PASS, XdpCounter::PassNotUdp)),
+        (
+            "IPv6 with a hop-by-hop header to a listen port",
+            ipv6_extension("[fd00::1]:5000"),
+            same(XDP_DROP, XdpCounter::DropIpv6Extension),
+        ),
+        (
+            "IPv6 with a hop-by-hop header to another port",
+            ipv6_extension("[fd00::1]:53"),
+            same(XDP_PASS, XdpCounter::PassOtherPort),
+        ),
+        (
+            "relay-bound frame longer than an AF_XDP frame holds",
+            udp("10.0.0.2:40000", "10.0.0.1:5000", &[0x42; 1800]),
+            same(XDP_DROP, XdpCounter::DropTooBig),
+        ),
         ("ARP", arp, same(XDP_PASS, XdpCounter::PassNotIp)),
         ("ICMPv6 neighbour discovery", icmpv6, same(XDP_PASS, XdpCounter::PassNotUdp)),
         (
@@ -156,9 +180,20 @@ fn fixtures() -> Vec<Fixture> {
         .collect()
 }
 
+/// NAT ports 20000-29999, AF_XDP frames of 2048 bytes, a new-flow budget of `new_flows_per_second` (0: off).
+fn config(new_flows_per_second: u32) -> RelayConfig {
+    RelayConfig {
+        nat_port_first: 20000,
+        nat_port_last: 29999,
+        new_flows_per_second,
+        max_frame_len: oxidize_relay::sys::xsk::max_frame_len(2048),
+        pad: 0,
+    }
+}
+
 fn loaded_program() -> XdpProgram {
     let program = XdpProgram::load(1024).expect("load the XDP program");
-    program.configure(20000, 29999, 0).expect("NAT ports");
+    program.configure(&config(0)).expect("NAT ports");
     program.add_listen(addr("10.0.0.1:5000")).expect("IPv4 listen");
     program.add_listen(addr("[::]:5000")).expect("IPv6 wildcard listen");
     program.add_nat_addr("10.1.0.1".parse().expect("ip")).expect("NAT address");
@@ -217,7 +252,7 @@ fn fixtures_redirect_only_relay_traffic(socket: &QueueSocket) {
 fn new_flow_budget_sheds_new_flows_but_never_established_ones(socket: &QueueSocket) {
     let program = loaded_program();
     // 10 new flows per second per CPU: a full bucket holds a quarter second, 2 flows.
-    program.configure(20000, 29999, 10).expect("configure");
+    program.configure(&config(10)).expect("configure");
     program.register_socket(0, socket.fd()).expect("register socket");
     let established = addr("10.0.0.9:40000");
     program.flow_map().insert(established, 5000).expect("register a flow");

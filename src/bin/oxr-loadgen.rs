@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use oxidize_relay::sys::bpf_abi::RelayConfig;
 use oxidize_relay::sys::iface::IfaceInfo;
 use oxidize_relay::sys::xdp::XdpProgram;
 use oxidize_relay::sys::xsk::{self, Frame, FramePool, QueueSocket};
@@ -100,7 +101,7 @@ impl Port {
             program.add_listen(SocketAddr::new(listen.ip(), listen.port().wrapping_add(offset)))?;
         }
         // Keep the NAT range empty so only `listen` is taken.
-        program.configure(1, 0, 0)?;
+        program.configure(&RelayConfig { nat_port_first: 1, nat_port_last: 0, ..RelayConfig::default() })?;
         program.attach(info.index, XdpMode::Auto)?;
         let mut queues = Vec::new();
         for queue in 0..info.rx_queues.max(1) {

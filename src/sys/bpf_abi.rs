@@ -35,6 +35,9 @@ pub struct RelayConfig {
     pub nat_port_last: u16,
     /// Per CPU; 0 turns the new-flow budget off.
     pub new_flows_per_second: u32,
+    /// Longest frame an AF_XDP frame holds; 0: no limit.
+    pub max_frame_len: u32,
+    pub pad: u32,
 }
 
 /// `struct flow_key`: a client flow with a live session.
@@ -65,7 +68,7 @@ impl FlowKey {
         }
     }
 }
-const _: () = assert!(size_of::<RelayConfig>() == 8);
+const _: () = assert!(size_of::<RelayConfig>() == 16);
 
 impl EndpointKey {
     pub fn new(endpoint: SocketAddr) -> Self {
@@ -106,10 +109,12 @@ pub enum XdpCounter {
     DropIpOptions,
     DropFragment,
     DropNewFlowBudget,
+    DropIpv6Extension,
+    DropTooBig,
 }
 
 impl XdpCounter {
-    pub const ALL: [XdpCounter; 11] = [
+    pub const ALL: [XdpCounter; 13] = [
         XdpCounter::PassNotIp,
         XdpCounter::PassNotUdp,
         XdpCounter::PassOtherPort,
@@ -121,6 +126,8 @@ impl XdpCounter {
         XdpCounter::DropIpOptions,
         XdpCounter::DropFragment,
         XdpCounter::DropNewFlowBudget,
+        XdpCounter::DropIpv6Extension,
+        XdpCounter::DropTooBig,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -136,6 +143,8 @@ impl XdpCounter {
             XdpCounter::DropIpOptions => "drop_ip_options",
             XdpCounter::DropFragment => "drop_fragment",
             XdpCounter::DropNewFlowBudget => "drop_new_flow_budget",
+            XdpCounter::DropIpv6Extension => "drop_ipv6_extension",
+            XdpCounter::DropTooBig => "drop_too_big",
         }
     }
 }

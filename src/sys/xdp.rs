@@ -218,9 +218,8 @@ impl XdpProgram {
     }
 
     /// Sets the NAT port range and the per-CPU budget of new client flows per second (0 = none).
-    pub fn configure(&self, nat_first: u16, nat_last: u16, new_flows_per_second: u32) -> Result<(), XdpError> {
-        let config = RelayConfig { nat_port_first: nat_first, nat_port_last: nat_last, new_flows_per_second };
-        update(self.relay_config, "relay_config_map", &0u32, &config)
+    pub fn configure(&self, config: &RelayConfig) -> Result<(), XdpError> {
+        update(self.relay_config, "relay_config_map", &0u32, config)
     }
 
     /// A handle on the established-flows map for a worker thread.

@@ -390,6 +390,12 @@ fn xdp_options(fd: RawFd) -> io::Result<u32> {
     Ok(options)
 }
 
+/// The longest frame the kernel can copy into a UMEM frame of `frame_size` bytes: the
+/// kernel keeps `XDP_PACKET_HEADROOM` (256 bytes) at the head of each frame.
+pub fn max_frame_len(frame_size: u32) -> u32 {
+    frame_size.saturating_sub(256)
+}
+
 /// Whether this process may open an AF_XDP socket (kernel support and CAP_NET_RAW).
 pub fn af_xdp_socket_available() -> io::Result<()> {
     // SAFETY: plain socket(2); the descriptor is closed right away.

@@ -302,23 +302,28 @@ def signals(binary, prefix, backend):
 
 @scenario("oversize")
 def oversize(binary, prefix, backend):
-    """Datagrams larger than the relay can carry (3,000 bytes over a 1500-byte MTU: IP fragments)
-    are dropped and counted, never relayed cut short; normal traffic is unaffected."""
+    """Datagrams larger than the relay can carry are dropped and counted, never relayed cut short:
+    2,500 bytes in one frame over a 3000-byte client link (more than a 2048-byte AF_XDP frame
+    holds), and 4,000 bytes in IP fragments. Normal traffic is unaffected."""
     with Topology(prefix, arm="two_arm") as topo:
+        topo.ip("client", "link", "set", "c0", "mtu", "3000")
+        topo.ip("relay", "link", "set", "rc0", "mtu", "3000")
         echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream)
         relay = start_relay(topo, binary, backend)
         before = topo.peer("client", "client", "--to", topo.listen, "--count", "200", "--sockets", "4")
-        topo.peer("client", "send", "--to", topo.listen, "--count", "5", "--size", "3000")
+        topo.peer("client", "send", "--to", topo.listen, "--count", "5", "--size", "2500")
+        topo.peer("client", "send", "--to", topo.listen, "--count", "5", "--size", "4000")
         after = topo.peer("client", "client", "--to", topo.listen, "--count", "200", "--sockets", "4")
         expect(before["received"] == 200 and after["received"] == 200, "traffic before and after is relayed whole")
         if backend == "af_xdp":
-            stats = relay.wait_stats(lambda s: xdp_counter(s, "drop_fragment") >= 5)
-            counted = xdp_counter(stats, "drop_fragment")
-            expect(counted == 5, f"XDP dropped the 5 fragmented datagrams as drop_fragment ({counted})")
+            stats = relay.wait_stats(lambda s: xdp_counter(s, "drop_fragment") + xdp_counter(s, "drop_too_big") >= 10)
+            too_big, fragments = xdp_counter(stats, "drop_too_big"), xdp_counter(stats, "drop_fragment")
+            expect(too_big == 5, f"XDP dropped the 5 frames no AF_XDP frame holds as drop_too_big ({too_big})")
+            expect(fragments == 5, f"and the 5 fragmented datagrams as drop_fragment ({fragments})")
         else:
-            stats = relay.wait_stats(lambda s: s["drops"]["datagram_too_large"] >= 5)
+            stats = relay.wait_stats(lambda s: s["drops"]["datagram_too_large"] >= 10)
             counted = stats["drops"]["datagram_too_large"]
-            expect(counted == 5, f"the socket backend dropped the 5 reassembled datagrams as datagram_too_large ({counted})")
+            expect(counted == 10, f"the socket backend dropped all 10 as datagram_too_large ({counted})")
         echo_report = stop_peer(echo)
         expect(max(echo_report["sizes"]) <= 1472, f"the upstream never got a cut datagram (sizes up to {max(echo_report['sizes'])})")
         finish(topo, relay)
