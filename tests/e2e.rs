@@ -87,6 +87,7 @@ scenarios! { af_xdp:
     spoofed_and_malformed_flood_spares_the_legitimate_client => "flood",
     a_spoofed_flood_cannot_take_every_nat_port => "exhaustion",
     idle_connections_to_the_metrics_endpoint_cannot_hurt => "metrics-abuse",
+    a_settled_client_keeps_every_reply_under_every_attack_at_once => "under-attack",
     runs_unprivileged_and_drops_capabilities => "least-privilege",
     relay_chain_over_an_oxtunnel_hop => "chain",
 }

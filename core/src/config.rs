@@ -321,7 +321,8 @@ fn preset_defaults(preset: Option<Preset>) -> PresetDefaults {
             max_sessions: 65_536,
             idle_timeout_secs: 120,
             max_sessions_per_source: 1024,
-            new_flows_per_second: 100_000,
+            // Per CPU: plenty for real clients arriving, small enough that a spoofed flood is shed in XDP.
+            new_flows_per_second: 20_000,
         },
     }
 }
