@@ -15,16 +15,7 @@ rustPlatform.buildRustPackage {
 
   src = lib.fileset.toSource {
     root = ../.;
-    fileset = lib.fileset.unions [
-      ../Cargo.toml
-      ../Cargo.lock
-      ../build.rs
-      ../bpf
-      ../core
-      ../examples
-      ../src
-      ../tests
-    ];
+    fileset = lib.fileset.unions (map (path: ../. + "/${path}") (import ./source-paths.nix));
   };
 
   cargoLock.lockFile = ../Cargo.lock;

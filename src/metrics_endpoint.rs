@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use metrics_exporter_prometheus::{BuildError, PrometheusBuilder, PrometheusHandle};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
+use socket2::{Domain, Protocol, Socket, Type};
 
 /// Connections served at once: enough for a few scrapers; the endpoint's descriptors stay bounded.
 pub const MAX_CONNECTIONS: usize = 32;
@@ -39,11 +40,20 @@ pub enum EndpointError {
 pub fn start(listen: SocketAddr) -> Result<(), EndpointError> {
     let handle = PrometheusBuilder::new().install_recorder().map_err(EndpointError::Recorder)?;
     let failed = |source| EndpointError::Listen { listen, source };
-    let listener = std::net::TcpListener::bind(listen).map_err(failed)?;
-    listener.set_nonblocking(true).map_err(failed)?;
+    let listener = bind(listen).map_err(failed)?;
     let mut server = Server::new(TcpListener::from_std(listener), handle).map_err(failed)?;
     thread::Builder::new().name("oxr-metrics".into()).spawn(move || server.run()).map_err(EndpointError::Thread)?;
     Ok(())
+}
+
+/// A non-blocking listener that a restarted relay can bind while the old one's connections linger in TIME_WAIT.
+fn bind(listen: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(listen), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&listen.into())?;
+    socket.listen(128)?;
+    Ok(socket.into())
 }
 
 struct Server {

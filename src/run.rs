@@ -157,7 +157,8 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
     }
     if let Some(path) = &options.stats_file {
         // Found now rather than as a warning every 200 ms for the relay's whole life.
-        fs::write(path, "{}").map_err(|source| SetupError::StatsFile { path: path.display().to_string(), source })?;
+        write_atomically(path, "{}")
+            .map_err(|source| SetupError::StatsFile { path: path.display().to_string(), source })?;
     }
     let (mode, report) = probe::resolve_mode(&config).map_err(SetupError::Mode)?;
     let routes = Arc::new(RouteTable::new(&config.routes));
@@ -424,13 +425,9 @@ impl StatsContext<'_> {
         totals.to_json(&xdp, extra)
     }
 
-    /// Writes the stats file atomically (write then rename) so readers never see half a file.
     fn write(&self, totals: &Totals, running: bool) {
         let Some(path) = self.stats_file else { return };
-        let temporary = path.with_extension("tmp");
-        let result =
-            fs::write(&temporary, self.json(totals, running).to_string()).and_then(|()| fs::rename(&temporary, path));
-        if let Err(error) = result {
+        if let Err(error) = write_atomically(path, &self.json(totals, running).to_string()) {
             tracing::warn!(path = %path.display(), %error, "writing the stats file failed");
         }
     }
@@ -490,6 +487,12 @@ fn control_loop(
         }
     }
     Ok(())
+}
+
+/// Writes `path` through a temporary file and a rename, so readers never see half a file.
+fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let temporary = path.with_extension("tmp");
+    fs::write(&temporary, text).and_then(|()| fs::rename(&temporary, path))
 }
 
 /// Signals an operator or a service manager may send that have no meaning yet
