@@ -1,7 +1,10 @@
 //! Compiles the XDP program in `bpf/` with clang into `$OUT_DIR/relay.bpf.o`.
 //!
 //! `CLANG` picks the compiler; `BPF_EXTRA_CFLAGS` adds flags (the Nix build
-//! passes its kernel-header include path there).
+//! passes its kernel-header include path there). The flags themselves live in
+//! `bpf/cflags`: besides the usual ones they undo what a hardening compiler
+//! wrapper (nixpkgs' cc-wrapper) adds for host code and the BPF target cannot
+//! take (a stack protector; stack-clash protection is merely unused there).
 
 use std::env;
 use std::path::PathBuf;
@@ -16,9 +19,10 @@ fn main() {
     let arch = env::var("CARGO_CFG_TARGET_ARCH").expect("cargo sets the target arch");
     let multiarch = format!("/usr/include/{arch}-linux-gnu");
 
+    let cflags = std::fs::read_to_string("bpf/cflags").expect("bpf/cflags lists the BPF compile flags");
     let mut command = Command::new(&clang);
     command
-        .args(["-O2", "-g", "-Wall", "-Werror", "-target", "bpf"])
+        .args(cflags.split_whitespace())
         .arg(format!("-D__TARGET_ARCH_{}", if arch == "x86_64" { "x86" } else { &arch }))
         .arg(format!("-I{libbpf_include}"))
         .arg(format!("-I{multiarch}"));
@@ -32,7 +36,7 @@ fn main() {
     });
     assert!(status.success(), "`{clang}` failed to compile bpf/relay.bpf.c ({status})");
 
-    for file in ["bpf/relay.bpf.c", "bpf/consts.h", "bpf/structs.h", "bpf/maps.h", "bpf/parse.h"] {
+    for file in ["bpf/cflags", "bpf/relay.bpf.c", "bpf/consts.h", "bpf/structs.h", "bpf/maps.h", "bpf/parse.h"] {
         println!("cargo:rerun-if-changed={file}");
     }
     println!("cargo:rerun-if-env-changed=CLANG");

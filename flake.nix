@@ -21,21 +21,28 @@
         program = "${pkgs.callPackage ./nix/demo.nix { inherit oxidize-relay; }}/bin/oxidize-relay-demo";
       };
 
-      nixosModules.default = { pkgs, lib, ... }: {
-        imports = [ ./nixos/module.nix ];
-        services.oxidize-relay.package = lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+      nixosModules = {
+        default = { pkgs, lib, ... }: {
+          imports = [ ./nixos/module.nix ];
+          services.oxidize-relay.package = lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+        };
+        # The appliance without a site: add a module setting `oxidize-relay.appliance` (see nixos/site.nix).
+        appliance = ./nixos/appliance.nix;
       };
 
+      # Built from nixos/site.nix: fill it in first (the build names what is missing).
       nixosConfigurations = {
         appliance = nixpkgs.lib.nixosSystem {
           inherit system;
-          modules = [ self.nixosModules.default ./nixos/appliance.nix ./nixos/appliance-disk.nix ];
+          modules = [ self.nixosModules.default ./nixos/appliance.nix ./nixos/site.nix ./nixos/appliance-disk.nix ];
         };
         appliance-iso = nixpkgs.lib.nixosSystem {
           inherit system;
           modules = [
             self.nixosModules.default
             ./nixos/appliance.nix
+            ./nixos/site.nix
+            ./nixos/appliance-iso.nix
             "${nixpkgs}/nixos/modules/installer/cd-dvd/installation-cd-minimal.nix"
           ];
         };

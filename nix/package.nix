@@ -34,11 +34,18 @@ rustPlatform.buildRustPackage {
     libpcap
   ];
 
-  # build.rs, libbpf-sys and libxdp-sys compile BPF objects with clang -target bpf,
-  # which rejects these hardening flags.
-  hardeningDisable = [ "zerocallusedregs" "stackprotector" ];
+  # The wrapped clang adds host hardening flags to every compile, BPF objects included
+  # (build.rs and libxdp-sys's `make libxdp`). The BPF target cannot take
+  # -fzero-call-used-regs at all, so that one is off for the whole build; the stack
+  # protector and stack-clash flags are undone per BPF compile instead (bpf/cflags,
+  # BPF_CFLAGS below), so libbpf's and libxdp's C code keeps them.
+  hardeningDisable = [ "zerocallusedregs" ];
 
-  env.BPF_EXTRA_CFLAGS = "-I${linuxHeaders}/include";
+  env = {
+    BPF_EXTRA_CFLAGS = "-I${linuxHeaders}/include";
+    # libxdp's own default, plus what nixpkgs' xdp-tools package adds for the wrapper.
+    BPF_CFLAGS = "-Wno-visibility -fno-stack-protector -Wno-error=unused-command-line-argument";
+  };
 
   # Tests needing root (XDP, AF_XDP, network namespaces) print SKIPPED in the
   # unprivileged sandbox; the NixOS VM tests run the same scenarios for real.

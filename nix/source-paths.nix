@@ -9,6 +9,7 @@
   "benches"
   "bpf"
   "core"
+  "dashboards"
   "examples"
   "src"
   "tests"

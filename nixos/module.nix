@@ -1,6 +1,6 @@
 # services.oxidize-relay: the relay as a hardened systemd service, plus the host
 # tuning it wants (hugepages, CPU isolation, IOMMU/vfio, NIC settings, sysctls).
-{ config, lib, pkgs, ... }:
+{ config, lib, pkgs, utils, ... }:
 
 let
   cfg = config.services.oxidize-relay;
@@ -26,13 +26,22 @@ let
     cp "$rendered" "$out"
   '';
 
-  nicTuning = lib.concatStrings (lib.mapAttrsToList
+  # Each step is tried and a failure logged; none stops the relay from starting: a wrong
+  # channel count is refused by the relay itself with the fix, and the rest are optimisations.
+  nicTuning = ''
+    failed=0
+    step() { "$@" || { echo "oxidize-relay NIC tuning: '$*' failed" >&2; failed=1; }; }
+  '' + lib.concatStrings (lib.mapAttrsToList
     (name: nic: ''
-      ${lib.optionalString (nic.channels != null) "ethtool -L ${name} combined ${toString nic.channels} || true"}
-      ${lib.optionalString nic.disableOffloads "ethtool -K ${name} lro off rx-gro-hw off rxvlan off 2>/dev/null || true"}
-      ${lib.concatMapStrings (rule: "ethtool -N ${name} ${rule}\n") nic.ntupleRules}
+      ${lib.optionalString (nic.channels != null) "step ethtool -L ${name} combined ${toString nic.channels}"}
+      ${lib.optionalString nic.disableOffloads "step ethtool -K ${name} lro off rx-gro-hw off rxvlan off"}
+      ${lib.concatMapStrings (rule: "step ethtool -N ${name} ${rule}\n") nic.ntupleRules}
     '')
-    cfg.nic);
+    cfg.nic) + ''
+    [ "$failed" = 0 ] || echo "oxidize-relay NIC tuning: some steps failed (above); the relay starts anyway" >&2
+  '';
+  nicDevices = map (name: "sys-subsystem-net-devices-${utils.escapeSystemdPath name}.device") (lib.attrNames cfg.nic);
+  queuesOf = interface: interface.queues or null;
 in
 {
   imports = [ ./options.nix ];
@@ -50,6 +59,14 @@ in
       {
         assertion = lib.all (name: lib.elem name interfaceNames) (lib.attrNames cfg.nic);
         message = "services.oxidize-relay.nic names an interface that settings.interface does not.";
+      }
+      {
+        # One source of truth for the queue count: the NIC's channels (the relay serves them all).
+        assertion = lib.all
+          (interface: !(cfg.nic ? ${interface.name}) || cfg.nic.${interface.name}.channels == null
+            || queuesOf interface == null || queuesOf interface == cfg.nic.${interface.name}.channels)
+          (cfg.settings.interface or [ ]);
+        message = "services.oxidize-relay: settings.interface.*.queues differs from nic.<name>.channels; leave queues unset (the relay serves every channel).";
       }
       {
         assertion = lib.intersectLists cfg.cpu.workerCores cfg.cpu.housekeepingCores == [ ];
@@ -76,10 +93,14 @@ in
     boot.kernelModules = lib.optionals (cfg.vfioPciIds != [ ]) [ "vfio" "vfio_pci" "vfio_iommu_type1" ];
 
     # 2 MiB pages are mounted by systemd at /dev/hugepages; 1 GiB pages need a mount of their own.
-    fileSystems."/dev/hugepages1G" = lib.mkIf (cfg.hugepages.enable && cfg.hugepages.size == "1G") {
-      device = "hugetlbfs";
-      fsType = "hugetlbfs";
-      options = [ "pagesize=1G" "mode=1770" ];
+    # A mount unit, not `fileSystems`: image builders (the ISO) replace `fileSystems` wholesale.
+    systemd.mounts = lib.optional (cfg.hugepages.enable && cfg.hugepages.size == "1G") {
+      what = "hugetlbfs";
+      where = "/dev/hugepages1G";
+      type = "hugetlbfs";
+      options = "pagesize=1G,mode=1770";
+      wantedBy = [ "oxidize-relay.service" ];
+      before = [ "oxidize-relay.service" ];
     };
 
     boot.kernel.sysctl = {
@@ -99,8 +120,10 @@ in
     systemd.services.oxidize-relay-nic = lib.mkIf (cfg.nic != { }) {
       description = "NIC tuning for Oxidize relay";
       before = [ "oxidize-relay.service" ];
-      requiredBy = [ "oxidize-relay.service" ];
-      after = [ "network-pre.target" ];
+      wantedBy = [ "oxidize-relay.service" ];
+      # The NICs must exist (drivers load late on real hardware); a missing one fails this unit, logged.
+      requires = nicDevices;
+      after = [ "network-pre.target" ] ++ nicDevices;
       path = [ pkgs.ethtool ];
       serviceConfig = {
         Type = "oneshot";

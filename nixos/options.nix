@@ -10,7 +10,10 @@ let
         type = types.nullOr types.ints.positive;
         default = null;
         example = 4;
-        description = "Combined queue count to set with `ethtool -L`; one relay worker serves each queue.";
+        description = ''
+          Combined queue count to set with `ethtool -L`; the relay runs one worker per queue and serves
+          them all (leave `settings.interface.*.queues` unset: this is the one place the count is set).
+        '';
       };
       disableOffloads = mkOption {
         type = types.bool;
@@ -26,8 +29,8 @@ let
         default = [ ];
         example = [ "flow-type udp4 dst-port 51820 action 0" "flow-type udp4 dst-port 20000 m 0xfff0 action 1" ];
         description = ''
-          `ethtool -N` rules, for example steering each worker's NAT port range to its queue
-          (replies must arrive on the queue of the worker that owns their port).
+          `ethtool -N` rules. The relay needs none (any worker relays a reply that lands on its queue);
+          they can keep a flow's packets on one core. A rule the NIC refuses is logged, not fatal.
         '';
       };
       pciId = mkOption {
@@ -48,13 +51,8 @@ in
     settings = mkOption {
       type = settingsFormat.type;
       default = { };
-      example = literalExpression ''
-        {
-          preset = "secure";
-          interface = [ { name = "eth0"; role = "client"; queues = 2; } { name = "eth1"; role = "upstream"; queues = 2; } ];
-          route = [ { listen = "203.0.113.10:51820"; upstreams = [ "10.20.0.2:51820" ]; } ];
-        }
-      '';
+      # Plain data in its own file, so CI renders it to TOML and checks it with the relay.
+      example = import ./settings-example.nix;
       description = ''
         The relay's TOML configuration (see `examples/two-arm.toml` in the source). It is checked with
         `oxidize-relay check-config` when the system is built, so a bad configuration fails the build,
@@ -85,13 +83,17 @@ in
         type = types.enum [ "2M" "1G" ];
         default = "2M";
         example = "1G";
-        description = "Hugepage size; the relay maps its UMEM on 2 MiB pages.";
+        description = ''
+          Hugepage size, made the kernel's default (`default_hugepagesz`): the relay maps its UMEM with
+          `MAP_HUGETLB`, which takes pages of the default size. With `1G` each worker's UMEM occupies
+          whole 1 GiB pages, so reserve at least one per worker.
+        '';
       };
       count = mkOption {
         type = types.ints.unsigned;
         default = 64;
         example = 512;
-        description = "Hugepages reserved on the kernel command line (each worker's UMEM is frames x frame size).";
+        description = "Hugepages of `size` reserved on the kernel command line (each worker's UMEM is frames x frame size, rounded up to whole pages).";
       };
     };
 

@@ -17,8 +17,9 @@ use crate::seed::Seeds;
 use crate::time::Millis;
 use crate::wire::MacAddr;
 
-/// Most freed ports held back from reuse at once.
-const MAX_QUARANTINE: usize = 1024;
+/// How long a freed port waits before a new session may take it: replies still in flight
+/// to the old session would otherwise reach the new one's client.
+const QUARANTINE: Millis = 2_000;
 /// How long a session must have carried client traffic, besides being answered, to count as
 /// established (conntrack's "assured"): a spoofed source sends once, so even an upstream that
 /// answers everything (an echo, a game server) does not make its sessions established.
@@ -121,9 +122,9 @@ pub struct SessionTable {
     by_flow: HashMap<FlowKey, u16, ahash::RandomState>,
     /// Free slot indexes, drawn at random (RFC 6056), so the next port cannot be guessed.
     free: Vec<u16>,
-    /// Recently freed slots wait here, oldest first, so a port is not reused right after it expires.
-    quarantine: VecDeque<u16>,
-    quarantine_len: usize,
+    /// Freed slots with the time they were freed, oldest first: reused only after [`QUARANTINE`],
+    /// unless no other port is left (then the longest-waiting one, rather than refusing the client).
+    quarantine: VecDeque<(u16, Millis)>,
     capacity: usize,
     idle_timeout: Millis,
     unreplied_timeout: Millis,
@@ -164,7 +165,6 @@ impl SessionTable {
             by_flow: HashMap::with_capacity_and_hasher(capacity.min(slot_count), seeds.hasher()),
             free: (0..slot_count as u32).map(|s| s as u16).collect(),
             quarantine: VecDeque::with_capacity(slot_count),
-            quarantine_len: (slot_count / 4).min(MAX_QUARANTINE),
             capacity,
             idle_timeout: timeouts.idle,
             unreplied_timeout: timeouts.unreplied.min(timeouts.idle),
@@ -190,9 +190,10 @@ impl SessionTable {
         if self.by_flow.len() >= self.capacity && !self.evict_unestablished() {
             return Err(AdmitError::TableFull);
         }
-        let slot = match self.take_free() {
+        let now = template.created;
+        let slot = match self.take_free(now) {
             Some(slot) => slot,
-            None if self.evict_unestablished() => self.take_free().ok_or(AdmitError::PortsExhausted)?,
+            None if self.evict_unestablished() => self.take_free(now).ok_or(AdmitError::PortsExhausted)?,
             None => return Err(AdmitError::PortsExhausted),
         };
         template.nat_port = self.first_port + slot;
@@ -292,12 +293,7 @@ impl SessionTable {
         self.directory.remove(&session.flow, session.nat_port);
         self.directory.publish(session.nat_port, None, now);
         self.by_flow.remove(&session.flow);
-        self.quarantine.push_back(slot);
-        if self.quarantine.len() > self.quarantine_len
-            && let Some(released) = self.quarantine.pop_front()
-        {
-            self.free.push(released);
-        }
+        self.quarantine.push_back((slot, now));
     }
 
     pub fn len(&self) -> usize {
@@ -309,9 +305,15 @@ impl SessionTable {
     }
 
     /// A random free slot; the longest-quarantined one when no other is left.
-    fn take_free(&mut self) -> Option<u16> {
+    fn take_free(&mut self, now: Millis) -> Option<u16> {
+        while let Some(&(slot, freed)) = self.quarantine.front()
+            && now.saturating_sub(freed) >= QUARANTINE
+        {
+            self.quarantine.pop_front();
+            self.free.push(slot);
+        }
         if self.free.is_empty() {
-            return self.quarantine.pop_front();
+            return self.quarantine.pop_front().map(|(slot, _)| slot);
         }
         let index = self.seeds.below(self.free.len());
         Some(self.free.swap_remove(index))

@@ -9,8 +9,9 @@
 
   testScript = ''
     machine.wait_for_unit("multi-user.target")
+    scenario = "chain"
     for backend in ["af_xdp", "socket"]:
-        with subtest(f"chain ({backend})"):
-            machine.succeed(f"oxr-scenario --backend {backend} chain")
+        with subtest(f"{scenario} ({backend})"):
+            machine.succeed(f"oxr-scenario --backend {backend} {scenario}")
   '';
 }

@@ -6,7 +6,7 @@ let
   scenarios = ../scenarios;
   # clang (unwrapped: no hardening flags for the BPF target) builds the one-arm topology's
   # RSS-emulating tc program against the kernel headers named in OXR_BPF_INCLUDE.
-  tools = [ pkgs.python3 pkgs.iproute2 pkgs.ethtool pkgs.iputils pkgs.libcap pkgs.llvmPackages.clang-unwrapped ];
+  tools = [ pkgs.python3 pkgs.iproute2 pkgs.ethtool pkgs.iputils pkgs.libcap pkgs.procps pkgs.llvmPackages.clang-unwrapped ];
   bpfInclude = "export OXR_BPF_INCLUDE=${pkgs.linuxHeaders}/include\n";
 in
 {
