@@ -15,3 +15,4 @@ pub mod stats_view;
 pub mod sys;
 pub mod systemd;
 pub mod worker;
+pub mod worker_core;

@@ -5,10 +5,10 @@ use std::fs;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, Sender};
 use oxidize_relay_core::config::{Config, InterfaceRole, Mode};
 use oxidize_relay_core::counters::Counters;
 use oxidize_relay_core::directory::NatDirectory;
@@ -32,7 +32,8 @@ use crate::sys::netlink::{NetlinkError, RouteSocket};
 use crate::sys::xdp::{AttachedMode, XdpError, XdpProgram};
 use crate::sys::xsk::{self, FramePool, QueueSocket, XskError};
 use crate::systemd::Notifier;
-use crate::worker::{Worker, WorkerCore, WorkerUpdate};
+use crate::worker::Worker;
+use crate::worker_core::{CHANNEL_CAPACITY, WorkerCore, WorkerUpdate};
 
 /// How long start-up waits for upstream next hops before declaring ready anyway.
 const RESOLVE_AT_START: Duration = Duration::from_secs(3);
@@ -162,7 +163,7 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
     }
     let (mode, report) = probe::resolve_mode(&config).map_err(SetupError::Mode)?;
     let routes = Arc::new(RouteTable::new(&config.routes));
-    let (unresolved_tx, unresolved_rx) = mpsc::channel();
+    let (unresolved_tx, unresolved_rx) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
     let directory = Arc::new(NatDirectory::new(config.nat.ports, sys::random_u64().map_err(SetupError::Seed)?));
     let shared = WorkerShared {
         routes: routes.clone(),
@@ -271,7 +272,7 @@ fn worker_core(
         source_table_entries: config.security.source_table_entries,
     };
     let counters = Arc::new(Counters::default());
-    let (update_tx, update_rx) = mpsc::channel();
+    let (update_tx, update_rx) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
     let core = WorkerCore {
         id: worker as usize,
         relay: Relay::new(shared.routes.clone(), settings, counters.clone()),
@@ -539,7 +540,13 @@ fn publish(
             }
         }
         for sender in updates {
-            let _ = sender.send(WorkerUpdate::NextHop(upstream, hop));
+            // A worker whose channel is full is stuck (the watchdog sees it); the next refresh repeats this.
+            if sender.try_send(WorkerUpdate::NextHop(upstream, hop)).is_err() {
+                tracing::warn!(
+                    upstream = upstream.0,
+                    "a worker's update channel is full; next hop sent again at the next refresh"
+                );
+            }
         }
     }
     Ok(())

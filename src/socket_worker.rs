@@ -20,10 +20,8 @@ use oxidize_relay_core::{DropReason, IfaceId};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::sys::udp::{RecvBatch, SendBatch};
-use crate::worker::WorkerCore;
+use crate::worker_core::{EXPIRY_BUDGET, IDLE_POLL, WorkerCore};
 
-const IDLE_POLL: Duration = Duration::from_millis(100);
-const EXPIRY_BUDGET: usize = 256;
 /// Batches read from one socket before the others get their turn (fairness between
 /// a flooded listen socket and the session sockets carrying replies).
 const DRAIN_BATCHES: usize = 4;

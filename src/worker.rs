@@ -1,73 +1,15 @@
-//! One worker per queue index: RX burst, relay core, TX burst, run to completion.
+//! The AF_XDP worker, one per queue index: RX burst, relay core, TX burst, run to completion.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, Sender};
-use std::time::Instant;
+use oxidize_relay_core::config::WaitMode;
+use oxidize_relay_core::counters::KernelSocketStat;
+use oxidize_relay_core::{IfaceId, Verdict};
 
 use crate::sys::xdp::FlowMap;
 use crate::sys::xsk::{self, Frame, FramePool, QueueSocket};
-use oxidize_relay_core::config::WaitMode;
-use oxidize_relay_core::counters::{Counters, KernelSocketStat};
-use oxidize_relay_core::route::UpstreamId;
-use oxidize_relay_core::{IfaceId, NextHop, NoHop, Relay, Verdict};
+use crate::worker_core::{EXPIRY_BUDGET, IDLE_POLL, WorkerCore};
 
-/// How long an idle worker in event mode sleeps before checking for shutdown and updates.
-const IDLE_POLL_MS: i32 = 100;
-/// Session slots examined per batch for expiry: a full sweep of 10,000 ports takes ~40 idle polls or batches.
-const EXPIRY_BUDGET: usize = 256;
 /// How often a worker reads its sockets' kernel counters (one getsockopt per socket).
 const KERNEL_STATS_EVERY_MS: u64 = 200;
-
-/// A change the control thread pushes to every worker.
-#[derive(Debug, Clone, Copy)]
-pub enum WorkerUpdate {
-    NextHop(UpstreamId, Result<NextHop, NoHop>),
-}
-
-/// What every worker has, whichever backend drives it.
-#[derive(Debug)]
-pub struct WorkerCore {
-    pub id: usize,
-    pub relay: Relay,
-    pub counters: Arc<Counters>,
-    pub batch_size: usize,
-    pub wait: WaitMode,
-    pub updates: Receiver<WorkerUpdate>,
-    pub unresolved: Sender<UpstreamId>,
-    pub stop: Arc<AtomicBool>,
-    pub epoch: Instant,
-}
-
-impl WorkerCore {
-    /// Whether to go round the loop again; counts the iteration for the watchdog.
-    pub fn running(&self) -> bool {
-        self.counters.loops.add(1);
-        !self.stop.load(Ordering::Relaxed)
-    }
-
-    /// Milliseconds since the relay started: the core's clock, read once per batch.
-    pub fn now(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-
-    /// Takes the control thread's next-hop changes.
-    pub fn apply_updates(&mut self) {
-        while let Ok(update) = self.updates.try_recv() {
-            match update {
-                WorkerUpdate::NextHop(upstream, hop) => self.relay.set_next_hop(upstream, hop),
-            }
-        }
-    }
-
-    /// Asks the control thread to resolve upstreams a packet could not reach.
-    pub fn report_unresolved(&mut self) {
-        for upstream in self.relay.take_unresolved() {
-            // The control thread may be gone during shutdown; nothing to do then.
-            let _ = self.unresolved.send(upstream);
-        }
-    }
-}
 
 /// An AF_XDP worker: its share of the relay plus its frames and sockets; moved onto its thread.
 #[derive(Debug)]
@@ -224,7 +166,7 @@ impl Worker {
             }
             WaitMode::Event => {
                 self.core.counters.wakeups.add(1);
-                if let Err(error) = xsk::wait_readable(fds, IDLE_POLL_MS) {
+                if let Err(error) = xsk::wait_readable(fds, IDLE_POLL.as_millis() as i32) {
                     tracing::warn!(worker = self.core.id, %error, "poll on AF_XDP sockets failed");
                 }
             }

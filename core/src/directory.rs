@@ -16,7 +16,7 @@
 //!   compare-and-swap; the owner removes its own slots.
 
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+use core::sync::atomic::{AtomicU8, AtomicU64, Ordering, fence};
 
 use crate::route::{RouteId, UpstreamId};
 use crate::session::{FlowKey, IfaceId};
@@ -75,11 +75,14 @@ struct PortEntry {
     words: [AtomicU64; WORDS],
     /// Milliseconds of the session's latest accepted packet, either direction, any worker.
     last_active: AtomicU64,
-    /// Whether the upstream has answered this session (set by whichever worker relays a reply).
-    replied: AtomicBool,
-    /// Milliseconds of the latest client packet a worker other than the owner relayed.
-    client_elsewhere: AtomicU64,
+    /// [`NEW`], [`ANSWERED`] (a worker relayed a reply) or [`ESTABLISHED`] (a client packet
+    /// came after a reply): a spoofed source never sees the reply, so its flows stay below it.
+    stage: AtomicU8,
 }
+
+const NEW: u8 = 0;
+const ANSWERED: u8 = 1;
+const ESTABLISHED: u8 = 2;
 
 impl NatDirectory {
     /// A directory for ports `ports.0..=ports.1`, its flow hash keyed with `seed` (from the OS).
@@ -137,8 +140,7 @@ impl NatDirectory {
             atomic.store(word, Ordering::Relaxed);
         }
         entry.last_active.store(now, Ordering::Relaxed);
-        entry.replied.store(false, Ordering::Relaxed);
-        entry.client_elsewhere.store(now, Ordering::Relaxed);
+        entry.stage.store(NEW, Ordering::Relaxed);
         entry.sequence.store(sequence.wrapping_add(2), Ordering::Release);
     }
 
@@ -154,38 +156,30 @@ impl NatDirectory {
         }
     }
 
-    /// Records a client packet of `port`'s session that a worker other than its owner relayed.
-    #[inline]
-    pub fn client_elsewhere(&self, port: u16, now: Millis) {
-        if let Some(offset) = self.offset(port) {
-            let last = &self.entries[offset].client_elsewhere;
-            if last.load(Ordering::Relaxed) < now {
-                last.store(now, Ordering::Relaxed);
-            }
-        }
-        self.touch(port, now);
-    }
-
-    /// The latest client packet of `port`'s session relayed by a worker other than its owner.
-    pub fn last_client_elsewhere(&self, port: u16) -> Millis {
-        self.offset(port).map_or(0, |offset| self.entries[offset].client_elsewhere.load(Ordering::Relaxed))
-    }
-
     /// Records a reply from the upstream on `port`'s session at `now` (any worker).
     #[inline]
     pub fn answered(&self, port: u16, now: Millis) {
-        if let Some(offset) = self.offset(port) {
-            let replied = &self.entries[offset].replied;
-            if !replied.load(Ordering::Relaxed) {
-                replied.store(true, Ordering::Relaxed);
-            }
-        }
+        self.advance(port, NEW, ANSWERED);
         self.touch(port, now);
     }
 
-    /// Whether the upstream has answered `port`'s session.
-    pub fn replied(&self, port: u16) -> bool {
-        self.offset(port).is_some_and(|offset| self.entries[offset].replied.load(Ordering::Relaxed))
+    /// Records a client packet of `port`'s session (any worker): after a reply, the session is established.
+    #[inline]
+    pub fn client_sent(&self, port: u16) {
+        self.advance(port, ANSWERED, ESTABLISHED);
+    }
+
+    /// Whether a client packet followed a reply on `port`'s session.
+    pub fn established(&self, port: u16) -> bool {
+        self.offset(port).is_some_and(|offset| self.entries[offset].stage.load(Ordering::Relaxed) == ESTABLISHED)
+    }
+
+    /// Moves `port`'s session from stage `from` to `to` (written only on that change).
+    #[inline]
+    fn advance(&self, port: u16, from: u8, to: u8) {
+        if let Some(offset) = self.offset(port) {
+            let _ = self.entries[offset].stage.compare_exchange(from, to, Ordering::Relaxed, Ordering::Relaxed);
+        }
     }
 
     /// When `port`'s session last carried traffic.

@@ -542,6 +542,7 @@ impl Relay {
             },
         };
         let session = self.sessions.refresh(slot, now).ok_or(DropReason::NoSession)?;
+        self.directory.client_sent(session.nat_port);
         if !per_session.is_unlimited() && !session.tokens.allow(&per_session, now, bytes) {
             return Err(DropReason::RateLimitedSession);
         }
@@ -552,7 +553,8 @@ impl Relay {
     /// flow to this queue): relay it through that session, keeping it alive. The
     /// per-session limit is the owner's; this worker applies the global and per-source ones.
     fn relay_for_owner(&self, now: Millis, port: u16, binding: &Binding) -> Upstreamward {
-        self.directory.client_elsewhere(port, now);
+        self.directory.client_sent(port);
+        self.directory.touch(port, now);
         self.counters.clients_cross_queue.add(1);
         Upstreamward { upstream: binding.upstream, nat_ip: binding.nat_ip, nat_port: port }
     }

@@ -20,10 +20,6 @@ use crate::wire::MacAddr;
 /// How long a freed port waits before a new session may take it: replies still in flight
 /// to the old session would otherwise reach the new one's client.
 const QUARANTINE: Millis = 2_000;
-/// How long a session must have carried client traffic, besides being answered, to count as
-/// established (conntrack's "assured"): a spoofed source sends once, so even an upstream that
-/// answers everything (an echo, a game server) does not make its sessions established.
-const ESTABLISHED_AFTER: Millis = 2_000;
 /// Evicted sessions waiting for the worker's clean-up (XDP flow map, session socket) at its next expiry pass.
 const MAX_RETIRED: usize = 1024;
 
@@ -263,11 +259,11 @@ impl SessionTable {
         expired
     }
 
-    /// Whether `session` was answered and kept carrying client traffic afterwards.
+    /// Whether the client sent again after the upstream answered (on any worker's queue): a
+    /// spoofed source never sees the answer, so even an upstream that answers everything (an
+    /// echo, a game server) does not establish its flows.
     fn established(&self, session: &Session) -> bool {
-        // Client packets count on whichever worker's queue they arrived.
-        let client = session.last_seen.max(self.directory.last_client_elsewhere(session.nat_port));
-        self.directory.replied(session.nat_port) && client.saturating_sub(session.created) >= ESTABLISHED_AFTER
+        self.directory.established(session.nat_port)
     }
 
     /// Evicts the oldest session that is not established; whether one was found.
@@ -347,11 +343,10 @@ mod tests {
         (SessionTable::new(directory.clone(), ports, capacity, timeouts, Seeds::new(42)), directory)
     }
 
-    /// Answered, and client traffic for long enough since.
-    fn establish(table: &mut SessionTable, directory: &NatDirectory, session: &Session) {
+    /// Answered, then another client packet.
+    fn establish(directory: &NatDirectory, session: &Session) {
         directory.answered(session.nat_port, 0);
-        let slot = table.find(&session.flow).expect("admitted");
-        table.refresh(slot, ESTABLISHED_AFTER);
+        directory.client_sent(session.nat_port);
     }
 
     fn admit(table: &mut SessionTable, client: &str) -> Session {
@@ -413,14 +408,14 @@ mod tests {
         let a = admit(&mut table, "10.0.0.7:1");
         let b = admit(&mut table, "10.0.0.7:2");
         for session in [a, b] {
-            establish(&mut table, &directory, &session);
+            establish(&directory, &session);
         }
         assert_eq!(table.admit_slot(session("10.0.0.7:3")).err(), Some(AdmitError::PortsExhausted));
         assert!(table.find(&a.flow).is_some());
 
         let (mut small, directory) = new_table((20000, 20100), 1, 1000);
         let only = admit(&mut small, "10.0.0.7:1");
-        establish(&mut small, &directory, &only);
+        establish(&directory, &only);
         assert_eq!(small.admit_slot(session("10.0.0.7:2")).err(), Some(AdmitError::TableFull));
         assert_eq!(small.len(), 1);
     }
@@ -431,9 +426,9 @@ mod tests {
         let timeouts = Timeouts { idle: 60_000, unreplied: 5_000 };
         let mut table = SessionTable::new(directory.clone(), (20000, 20003), 4, timeouts, Seeds::new(3));
         let settled = admit(&mut table, "10.0.0.7:1");
-        establish(&mut table, &directory, &settled);
+        establish(&directory, &settled);
         let spoofed: Vec<Session> = (2..5).map(|p| admit(&mut table, &format!("10.9.0.{p}:1"))).collect();
-        // Answered once (an echo answers anything), but never more client traffic: not established.
+        // Answered (an echo answers anything), but the spoofed client never sent again: not established.
         directory.answered(spoofed[0].nat_port, 0);
 
         // Full: a new flow evicts the oldest session that is not established, never the settled one.

@@ -26,14 +26,16 @@ pub enum XskError {
         frames: u32,
         frame_size: u32,
         #[source]
-        source: io::Error,
+        source: xsk_rs::umem::UmemCreateError,
     },
+    #[error("`{0}` is not a usable interface name for an AF_XDP socket")]
+    InterfaceName(String),
     #[error("creating the AF_XDP socket on {interface} queue {queue} failed")]
     Socket {
         interface: String,
         queue: u32,
         #[source]
-        source: io::Error,
+        source: xsk_rs::socket::SocketCreateError,
     },
     #[error("the AF_XDP socket on {interface} queue {queue} got no fill/completion rings (queue bound twice?)")]
     MissingRings { interface: String, queue: u32 },
@@ -113,13 +115,8 @@ impl FramePool {
             .build()
             .map_err(|e| geometry(&e))?;
         let count = NonZeroU32::new(frames).ok_or_else(|| XskError::Geometry("zero frames".into()))?;
-        let create = |huge| {
-            Umem::new(config, count, huge).map_err(|e| XskError::Umem {
-                frames,
-                frame_size,
-                source: io::Error::other(e.to_string()),
-            })
-        };
+        let create =
+            |huge| Umem::new(config, count, huge).map_err(|source| XskError::Umem { frames, frame_size, source });
         let (umem, descs, hugepages) = match hugepages.then(|| create(true)) {
             Some(Ok((umem, descs))) => (umem, descs, true),
             _ => {
@@ -217,8 +214,7 @@ impl QueueSocket {
     /// Binds a socket on `interface`/`queue` to `pool`'s UMEM. The relay's own
     /// XDP program steers traffic, so libxdp's default program is never loaded.
     pub fn bind(pool: &FramePool, interface: &str, queue: u32, domain: usize) -> Result<Self, XskError> {
-        let failed = |source| XskError::Socket { interface: interface.to_owned(), queue, source };
-        let name: Interface = interface.parse().map_err(|_| failed(io::Error::from(io::ErrorKind::InvalidInput)))?;
+        let name: Interface = interface.parse().map_err(|_| XskError::InterfaceName(interface.to_owned()))?;
         let ring = QueueSize::new(pool.ring_size).map_err(|e| XskError::Geometry(e.to_string()))?;
         let config = SocketConfig::builder()
             .rx_queue_size(ring)
@@ -228,7 +224,7 @@ impl QueueSocket {
             .build();
         // SAFETY: INHIBIT_PROG_LOAD is set, as Socket::new requires when a UMEM is shared.
         let (tx, rx, rings) = unsafe { Socket::new(config, &pool.umem, &name, queue) }
-            .map_err(|e| failed(io::Error::other(e.to_string())))?;
+            .map_err(|source| XskError::Socket { interface: interface.to_owned(), queue, source })?;
         let (fill, completion) =
             rings.ok_or_else(|| XskError::MissingRings { interface: interface.to_owned(), queue })?;
         let zero_copy = xdp_options(rx.fd().as_raw_fd()).is_ok_and(|o| o & XDP_OPTIONS_ZEROCOPY != 0);

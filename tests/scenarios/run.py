@@ -531,10 +531,8 @@ def exhaustion(binary, prefix, backend):
         config = relay_config(topo, backend).replace('ports = "20000-29999"', 'ports = "20000-20999"')
         relay = Relay(topo, binary, config).start()
         settled = topo.endpoint(topo.client_ip, 41000)
-        for _ in range(2):
-            warm = topo.peer("client", "client", "--to", topo.listen, "--bind", settled, "--count", "20")
-            expect(warm["received"] == 20, "the settled client's session is up")
-            time.sleep(2.2)
+        warm = topo.peer("client", "client", "--to", topo.listen, "--bind", settled, "--count", "20")
+        expect(warm["received"] == 20, "the settled client's session is up (answered, then more traffic: established)")
         relay_mac = topo.exec("relay", "cat", "/sys/class/net/rc0/address").strip()
         loadgen = os.path.join(os.path.dirname(binary), "oxr-loadgen")
         attacker = topo.spawn("attacker", loadgen, "flood", "--interface", "a0", "--dst", topo.listen,
@@ -608,10 +606,8 @@ def under_attack(binary, prefix, backend):
         config = relay_config(topo, backend).replace('ports = "20000-29999"', 'ports = "20000-20999"')
         relay = Relay(topo, binary, config).start()
         settled = topo.endpoint(topo.client_ip, 41000)
-        for _ in range(2):
-            expect(topo.peer("client", "client", "--to", topo.listen, "--bind", settled, "--count", "20")["received"] == 20,
-                   "the settled client's session is up")
-            time.sleep(2.2)
+        expect(topo.peer("client", "client", "--to", topo.listen, "--bind", settled, "--count", "20")["received"] == 20,
+               "the settled client's session is up (answered, then more traffic: established)")
         relay_mac = topo.exec("relay", "cat", "/sys/class/net/rc0/address").strip()
         here = os.path.dirname(os.path.abspath(__file__))
         # Forged frames first, while they can still reach the relay's core past the new-flow budget.
