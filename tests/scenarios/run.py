@@ -531,7 +531,8 @@ def exhaustion(binary, prefix, backend):
         config = relay_config(topo, backend).replace('ports = "20000-29999"', 'ports = "20000-20999"')
         relay = Relay(topo, binary, config).start()
         settled = topo.endpoint(topo.client_ip, 41000)
-        warm = topo.peer("client", "client", "--to", topo.listen, "--bind", settled, "--count", "20")
+        # Request and reply in turn, as WireGuard's handshake or QUIC's: a packet after the answer establishes it.
+        warm = topo.peer("client", "client", "--to", topo.listen, "--bind", settled, "--count", "20", "--window", "1")
         expect(warm["received"] == 20, "the settled client's session is up (answered, then more traffic: established)")
         relay_mac = topo.exec("relay", "cat", "/sys/class/net/rc0/address").strip()
         loadgen = os.path.join(os.path.dirname(binary), "oxr-loadgen")
@@ -606,7 +607,8 @@ def under_attack(binary, prefix, backend):
         config = relay_config(topo, backend).replace('ports = "20000-29999"', 'ports = "20000-20999"')
         relay = Relay(topo, binary, config).start()
         settled = topo.endpoint(topo.client_ip, 41000)
-        expect(topo.peer("client", "client", "--to", topo.listen, "--bind", settled, "--count", "20")["received"] == 20,
+        expect(topo.peer("client", "client", "--to", topo.listen, "--bind", settled, "--count", "20",
+                         "--window", "1")["received"] == 20,
                "the settled client's session is up (answered, then more traffic: established)")
         relay_mac = topo.exec("relay", "cat", "/sys/class/net/rc0/address").strip()
         here = os.path.dirname(os.path.abspath(__file__))
