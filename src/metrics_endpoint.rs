@@ -39,6 +39,7 @@ pub enum EndpointError {
 /// Installs the Prometheus recorder and serves it at `http://{listen}/metrics` from a thread of its own.
 pub fn start(listen: SocketAddr) -> Result<(), EndpointError> {
     let handle = PrometheusBuilder::new().install_recorder().map_err(EndpointError::Recorder)?;
+    crate::metrics::describe();
     let failed = |source| EndpointError::Listen { listen, source };
     let listener = bind(listen).map_err(failed)?;
     let mut server = Server::new(TcpListener::from_std(listener), handle).map_err(failed)?;

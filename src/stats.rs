@@ -4,7 +4,10 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use oxidize_relay_core::DropReason;
-use oxidize_relay_core::counters::{Counters, KernelSocketStat, pool_name};
+use oxidize_relay_core::counters::{
+    Counters, DROPS, Described, KERNEL, KernelSocketStat, RX_BYTES, RX_PACKETS, SCALARS, SESSIONS_ACTIVE, TX_BYTES,
+    TX_PACKETS, pool_name,
+};
 use serde_json::{Map, Value, json};
 
 use crate::sys::bpf_abi::XdpCounter;
@@ -12,43 +15,26 @@ use crate::sys::bpf_abi::XdpCounter;
 /// Totals over all workers at one instant.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Totals {
-    pub rx_packets: u64,
-    pub rx_bytes: u64,
-    pub tx_packets: u64,
-    pub tx_bytes: u64,
+    /// In [`SCALARS`] order.
+    scalars: Vec<u64>,
     pub drops: Vec<u64>,
-    pub sessions_created: u64,
-    pub sessions_expired: u64,
-    pub sessions_active: u64,
-    pub sessions_evicted: u64,
-    pub replies_cross_queue: u64,
-    pub clients_cross_queue: u64,
     /// The kernel's AF_XDP socket counts, in [`KernelSocketStat::ALL`] order.
     pub kernel: [u64; KernelSocketStat::COUNT],
     /// Per pool domain name: (in use, capacity, allocs, frees, failures).
     pub pools: std::collections::BTreeMap<&'static str, [u64; 5]>,
-    pub wakeups: u64,
-    pub tunnel_bytes_saved: u64,
-    pub tunnel_keepalives: u64,
 }
 
 impl Totals {
     pub fn collect(workers: &[Arc<Counters>]) -> Self {
-        let mut totals = Totals { drops: vec![0; DropReason::COUNT], ..Totals::default() };
+        let mut totals =
+            Totals { scalars: vec![0; SCALARS.len()], drops: vec![0; DropReason::COUNT], ..Totals::default() };
         for c in workers {
-            totals.rx_packets += c.rx_packets.get();
-            totals.rx_bytes += c.rx_bytes.get();
-            totals.tx_packets += c.tx_packets.get();
-            totals.tx_bytes += c.tx_bytes.get();
+            for (total, described) in totals.scalars.iter_mut().zip(&SCALARS) {
+                *total += (described.read)(c).get();
+            }
             for (total, counter) in totals.drops.iter_mut().zip(&c.drops) {
                 *total += counter.get();
             }
-            totals.sessions_created += c.sessions_created.get();
-            totals.sessions_expired += c.sessions_expired.get();
-            totals.sessions_active += c.sessions_active.get();
-            totals.sessions_evicted += c.sessions_evicted.get();
-            totals.replies_cross_queue += c.replies_cross_queue.get();
-            totals.clients_cross_queue += c.clients_cross_queue.get();
             for (total, counter) in totals.kernel.iter_mut().zip(&c.kernel) {
                 *total += counter.get();
             }
@@ -61,23 +47,25 @@ impl Totals {
                     *total += counter.get();
                 }
             }
-            totals.wakeups += c.wakeups.get();
-            totals.tunnel_bytes_saved += c.tunnel_bytes_saved.get();
-            totals.tunnel_keepalives += c.tunnel_keepalives.get();
         }
         totals
     }
 
+    /// The total of one described counter.
+    pub fn value(&self, described: &Described) -> u64 {
+        SCALARS.iter().position(|d| d.key == described.key).map_or(0, |index| self.scalars[index])
+    }
+
     /// `RX 1.2 Gbps (850.3K pps), TX ..., 2 workers, ...` over the interval since `before`.
     pub fn summary(&self, before: &Totals, seconds: f64, workers: usize, backend: &str) -> String {
-        let rate = |now: u64, then: u64| now.saturating_sub(then) as f64 / seconds.max(1e-9);
+        let rate = |d: &Described| self.value(d).saturating_sub(before.value(d)) as f64 / seconds.max(1e-9);
         let mut line = format!(
             "RX {} ({} pps), TX {} ({} pps), {workers} workers, backend {backend}, sessions {}, drops {}",
-            bits_per_second(rate(self.rx_bytes, before.rx_bytes) * 8.0),
-            si(rate(self.rx_packets, before.rx_packets)),
-            bits_per_second(rate(self.tx_bytes, before.tx_bytes) * 8.0),
-            si(rate(self.tx_packets, before.tx_packets)),
-            self.sessions_active,
+            bits_per_second(rate(&RX_BYTES) * 8.0),
+            si(rate(&RX_PACKETS)),
+            bits_per_second(rate(&TX_BYTES) * 8.0),
+            si(rate(&TX_PACKETS)),
+            self.value(&SESSIONS_ACTIVE),
             self.drops.iter().sum::<u64>() - before.drops.iter().sum::<u64>(),
         );
         let top: Vec<_> = DropReason::ALL
@@ -111,34 +99,25 @@ impl Totals {
                 (name.clone(), json!({ "xdp_mode": mode, "xdp_counters": counters }))
             })
             .collect();
-        let mut value = json!({
-            "rx_packets": self.rx_packets,
-            "rx_bytes": self.rx_bytes,
-            "tx_packets": self.tx_packets,
-            "tx_bytes": self.tx_bytes,
-            "drops": drops,
-            "sessions_created": self.sessions_created,
-            "sessions_expired": self.sessions_expired,
-            "sessions_active": self.sessions_active,
-            "sessions_evicted": self.sessions_evicted,
-            "replies_cross_queue": self.replies_cross_queue,
-            "clients_cross_queue": self.clients_cross_queue,
-            "af_xdp_kernel": KernelSocketStat::ALL.iter().zip(&self.kernel)
-                .map(|(stat, n)| (stat.name().to_owned(), json!(n))).collect::<Map<String, Value>>(),
-            "pools": self.pools.iter().map(|(name, [in_use, capacity, allocs, frees, failures])| {
-                ((*name).to_owned(), json!({
-                    "in_use": in_use, "capacity": capacity, "allocs": allocs, "frees": frees, "failures": failures,
-                }))
-            }).collect::<Map<String, Value>>(),
-            "wakeups": self.wakeups,
-            "tunnel_bytes_saved": self.tunnel_bytes_saved,
-            "tunnel_keepalives": self.tunnel_keepalives,
-            "interfaces": interfaces,
+        let mut value: Map<String, Value> =
+            SCALARS.iter().zip(&self.scalars).map(|(d, total)| (d.key.to_owned(), json!(total))).collect();
+        value.insert(DROPS.key.into(), Value::Object(drops));
+        value.insert(
+            KERNEL.key.into(),
+            KernelSocketStat::ALL
+                .iter()
+                .zip(&self.kernel)
+                .map(|(stat, n)| (stat.name().to_owned(), json!(n)))
+                .collect(),
+        );
+        let pools = self.pools.iter().map(|(name, [in_use, capacity, allocs, frees, failures])| {
+            let pool = json!({ "in_use": in_use, "capacity": capacity, "allocs": allocs, "frees": frees, "failures": failures });
+            ((*name).to_owned(), pool)
         });
-        if let Value::Object(map) = &mut value {
-            map.extend(extra);
-        }
-        value
+        value.insert("pools".into(), pools.collect());
+        value.insert("interfaces".into(), Value::Object(interfaces));
+        value.extend(extra);
+        Value::Object(value)
     }
 }
 

@@ -27,7 +27,8 @@ impl Counter {
     }
 }
 
-/// Everything one worker counts.
+/// Everything one worker counts. The exported ones are described in [`SCALARS`],
+/// [`DROPS`] and [`KERNEL`] (and the pools); `loops` and `pool_domains` are internal.
 #[derive(Debug, Default)]
 pub struct Counters {
     pub rx_packets: Counter,
@@ -59,6 +60,164 @@ pub struct Counters {
     /// The kernel's own counts for this worker's AF_XDP sockets (`XDP_STATISTICS`), summed over its interfaces.
     pub kernel: [Counter; KernelSocketStat::COUNT],
 }
+
+/// How a counter is exported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Only grows: a Prometheus counter (`_total`).
+    Total,
+    /// Goes up and down: a Prometheus gauge.
+    Gauge,
+}
+
+/// One per-worker counter, described once: the stats file, the Prometheus export and the
+/// `stats` tables are all derived from these descriptions.
+#[derive(Debug, Clone, Copy)]
+pub struct Described {
+    /// Key in the stats file's JSON (summed over workers).
+    pub key: &'static str,
+    /// Prometheus metric name (labelled `worker`).
+    pub metric: &'static str,
+    pub help: &'static str,
+    pub kind: Kind,
+    /// Where a worker keeps it.
+    pub read: fn(&Counters) -> &Counter,
+}
+
+/// A family of counters with one label (drop reasons, kernel events), described once.
+#[derive(Debug, Clone, Copy)]
+pub struct Family {
+    pub key: &'static str,
+    pub metric: &'static str,
+    pub help: &'static str,
+    /// The label that tells the family's members apart.
+    pub label: &'static str,
+}
+
+pub const RX_PACKETS: Described = Described {
+    key: "rx_packets",
+    metric: "oxidize_relay_rx_packets_total",
+    help: "Frames the worker received.",
+    kind: Kind::Total,
+    read: |c| &c.rx_packets,
+};
+pub const RX_BYTES: Described = Described {
+    key: "rx_bytes",
+    metric: "oxidize_relay_rx_bytes_total",
+    help: "Bytes of the frames the worker received.",
+    kind: Kind::Total,
+    read: |c| &c.rx_bytes,
+};
+pub const TX_PACKETS: Described = Described {
+    key: "tx_packets",
+    metric: "oxidize_relay_tx_packets_total",
+    help: "Frames the worker sent.",
+    kind: Kind::Total,
+    read: |c| &c.tx_packets,
+};
+pub const TX_BYTES: Described = Described {
+    key: "tx_bytes",
+    metric: "oxidize_relay_tx_bytes_total",
+    help: "Bytes of the frames the worker sent.",
+    kind: Kind::Total,
+    read: |c| &c.tx_bytes,
+};
+pub const SESSIONS_ACTIVE: Described = Described {
+    key: "sessions_active",
+    metric: "oxidize_relay_sessions_active",
+    help: "NAT sessions the worker owns.",
+    kind: Kind::Gauge,
+    read: |c| &c.sessions_active,
+};
+pub const SESSIONS_CREATED: Described = Described {
+    key: "sessions_created",
+    metric: "oxidize_relay_sessions_created_total",
+    help: "NAT sessions the worker created.",
+    kind: Kind::Total,
+    read: |c| &c.sessions_created,
+};
+pub const SESSIONS_EXPIRED: Described = Described {
+    key: "sessions_expired",
+    metric: "oxidize_relay_sessions_expired_total",
+    help: "NAT sessions that expired after their idle timeout.",
+    kind: Kind::Total,
+    read: |c| &c.sessions_expired,
+};
+pub const SESSIONS_EVICTED: Described = Described {
+    key: "sessions_evicted",
+    metric: "oxidize_relay_sessions_evicted_total",
+    help: "Sessions not yet established, evicted to make room for a new flow.",
+    kind: Kind::Total,
+    read: |c| &c.sessions_evicted,
+};
+pub const REPLIES_CROSS_QUEUE: Described = Described {
+    key: "replies_cross_queue",
+    metric: "oxidize_relay_replies_cross_queue_total",
+    help: "Replies relayed for a session another worker owns (RSS put them on this queue).",
+    kind: Kind::Total,
+    read: |c| &c.replies_cross_queue,
+};
+pub const CLIENTS_CROSS_QUEUE: Described = Described {
+    key: "clients_cross_queue",
+    metric: "oxidize_relay_clients_cross_queue_total",
+    help: "Client packets relayed through a session another worker owns.",
+    kind: Kind::Total,
+    read: |c| &c.clients_cross_queue,
+};
+pub const WAKEUPS: Described = Described {
+    key: "wakeups",
+    metric: "oxidize_relay_wakeups_total",
+    help: "Wakeup syscalls (sendto, poll) the worker made.",
+    kind: Kind::Total,
+    read: |c| &c.wakeups,
+};
+pub const TUNNEL_BYTES_SAVED: Described = Described {
+    key: "tunnel_bytes_saved",
+    metric: "oxidize_relay_tunnel_compression_saved_bytes_total",
+    help: "Payload bytes LZ4 saved on OxTunnel hops this relay sealed.",
+    kind: Kind::Total,
+    read: |c| &c.tunnel_bytes_saved,
+};
+pub const TUNNEL_KEEPALIVES: Described = Described {
+    key: "tunnel_keepalives",
+    metric: "oxidize_relay_tunnel_keepalives_answered_total",
+    help: "OxTunnel keepalives the worker answered.",
+    kind: Kind::Total,
+    read: |c| &c.tunnel_keepalives,
+};
+
+/// Every per-worker scalar counter, in the order the stats file lists them.
+pub const SCALARS: [Described; 13] = [
+    RX_PACKETS,
+    RX_BYTES,
+    TX_PACKETS,
+    TX_BYTES,
+    SESSIONS_ACTIVE,
+    SESSIONS_CREATED,
+    SESSIONS_EXPIRED,
+    SESSIONS_EVICTED,
+    REPLIES_CROSS_QUEUE,
+    CLIENTS_CROSS_QUEUE,
+    WAKEUPS,
+    TUNNEL_BYTES_SAVED,
+    TUNNEL_KEEPALIVES,
+];
+
+/// Packets not relayed, by [`DropReason`].
+pub const DROPS: Family = Family {
+    key: "drops",
+    metric: "oxidize_relay_drops_total",
+    help: "Packets the worker did not relay, by reason.",
+    label: "reason",
+};
+
+/// The kernel's AF_XDP socket counts, by [`KernelSocketStat`].
+pub const KERNEL: Family = Family {
+    key: "af_xdp_kernel",
+    metric: "oxidize_relay_af_xdp_kernel_total",
+    help: "What the kernel counted on the worker's AF_XDP sockets (XDP_STATISTICS), by event.",
+    label: "event",
+};
 
 /// What the kernel counts per AF_XDP socket: drops the relay itself never sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
