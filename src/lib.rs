@@ -1,6 +1,8 @@
 //! oxidize-relay: the I/O layer (`sys`, the only unsafe code), the AF_XDP
 //! workers and the control thread around the pure `oxidize-relay-core`.
 
+pub mod backend;
+pub mod control;
 pub mod keepalive;
 pub mod log_limit;
 pub mod metrics;

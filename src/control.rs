@@ -1,0 +1,149 @@
+//! The control thread's loop: next hops, keepalives, the stats file, metrics, the
+//! summary line, the watchdog, and what signals and link changes ask for.
+
+use std::fs;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use oxidize_relay_core::NextHop;
+use oxidize_relay_core::config::Config;
+use oxidize_relay_core::counters::Counters;
+use oxidize_relay_core::route::UpstreamId;
+use serde_json::{Map, Value, json};
+
+use crate::backend::Attached;
+use crate::keepalive::Keepalives;
+use crate::metrics;
+use crate::nexthop::NextHopResolver;
+use crate::run::{IgnoredSignals, SetupError};
+use crate::stats::Totals;
+use crate::sys::bpf_abi::XdpCounter;
+use crate::systemd::Notifier;
+use crate::worker_core::WorkerUpdate;
+
+const CONTROL_TICK: Duration = Duration::from_millis(200);
+const NEXT_HOP_REFRESH: Duration = Duration::from_secs(1);
+
+pub(crate) struct StatsContext<'a> {
+    pub(crate) backend: &'static str,
+    pub(crate) attached: &'a [Attached],
+    pub(crate) counters: &'a [Arc<Counters>],
+    pub(crate) stats_file: Option<&'a PathBuf>,
+}
+
+impl StatsContext<'_> {
+    pub(crate) fn xdp_counters(&self) -> Vec<(String, Option<[u64; XdpCounter::ALL.len()]>)> {
+        self.attached.iter().map(|a| (a.info.name.clone(), a.program.counters().ok())).collect()
+    }
+
+    pub(crate) fn json(&self, totals: &Totals, running: bool) -> Value {
+        let xdp: Vec<_> =
+            self.attached.iter().map(|a| (a.info.name.clone(), a.mode.name(), a.program.counters().ok())).collect();
+        let mut extra = Map::new();
+        extra.insert("backend".into(), json!(self.backend));
+        extra.insert("workers".into(), json!(self.counters.len()));
+        extra.insert("running".into(), json!(running));
+        totals.to_json(&xdp, extra)
+    }
+
+    pub(crate) fn write(&self, totals: &Totals, running: bool) {
+        let Some(path) = self.stats_file else { return };
+        if let Err(error) = write_atomically(path, &self.json(totals, running).to_string()) {
+            tracing::warn!(path = %path.display(), %error, "writing the stats file failed");
+        }
+    }
+}
+
+#[expect(clippy::too_many_arguments, reason = "the control thread's pieces, each borrowed from run()")]
+pub(crate) fn control_loop(
+    config: &Config,
+    stop: &AtomicBool,
+    ignored: &IgnoredSignals,
+    resolver: &mut NextHopResolver,
+    unresolved: &Receiver<UpstreamId>,
+    updates: &[Sender<WorkerUpdate>],
+    stats: &StatsContext<'_>,
+    notifier: &Notifier,
+    keepalives: &mut Keepalives,
+) -> Result<(), SetupError> {
+    let interval = Duration::from_secs(config.runtime.stats_interval_secs.max(1));
+    let mut last_summary = (Instant::now(), Totals::collect(stats.counters));
+    let mut last_refresh = Instant::now();
+    let mut watchdog = (Instant::now(), worker_loops(stats.counters));
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(gone) = stats.attached.iter().find(|a| !a.info.still_present()) {
+            return Err(SetupError::InterfaceGone(gone.info.name.clone()));
+        }
+        // A worker that met an unresolved upstream wakes us early.
+        let asked = unresolved.recv_timeout(CONTROL_TICK).is_ok();
+        while unresolved.try_recv().is_ok() {}
+        if asked || last_refresh.elapsed() >= NEXT_HOP_REFRESH {
+            publish(resolver, stats.attached, updates)?;
+            last_refresh = Instant::now();
+        }
+        keepalives.tick();
+        ignored.log_received();
+        crate::log_limit::report_suppressed();
+        let totals = Totals::collect(stats.counters);
+        stats.write(&totals, true);
+        metrics::publish(stats.counters, &stats.xdp_counters());
+        if last_summary.0.elapsed() >= interval {
+            let seconds = last_summary.0.elapsed().as_secs_f64();
+            let summary = totals.summary(&last_summary.1, seconds, stats.counters.len(), stats.backend);
+            tracing::info!("{summary}");
+            notifier.status(&summary);
+            last_summary = (Instant::now(), totals);
+        }
+        // Ping only while every worker's loop advances: a stuck worker lets systemd restart us.
+        if let Some(period) = notifier.watchdog_interval()
+            && watchdog.0.elapsed() >= period
+        {
+            let loops = worker_loops(stats.counters);
+            if loops.iter().zip(&watchdog.1).all(|(now, then)| now > then) {
+                notifier.watchdog();
+            } else {
+                tracing::error!("a worker made no progress for {period:?}; withholding the watchdog ping");
+            }
+            watchdog = (Instant::now(), loops);
+        }
+    }
+    Ok(())
+}
+
+/// Writes `path` through a temporary file and a rename, so readers never see half a file.
+pub(crate) fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let temporary = path.with_extension("tmp");
+    fs::write(&temporary, text).and_then(|()| fs::rename(&temporary, path))
+}
+
+pub(crate) fn worker_loops(counters: &[Arc<Counters>]) -> Vec<u64> {
+    counters.iter().map(|c| c.loops.get()).collect()
+}
+
+/// Refreshes next hops; new NAT source addresses go into every XDP program before workers use them.
+pub(crate) fn publish(
+    resolver: &mut NextHopResolver,
+    attached: &[Attached],
+    updates: &[Sender<WorkerUpdate>],
+) -> Result<(), SetupError> {
+    for (upstream, hop) in resolver.refresh() {
+        if let Ok(NextHop { src_ip, .. }) = hop {
+            for a in attached {
+                a.program.add_nat_addr(src_ip)?;
+            }
+        }
+        for sender in updates {
+            // A worker whose channel is full is stuck (the watchdog sees it); the next refresh repeats this.
+            if sender.try_send(WorkerUpdate::NextHop(upstream, hop)).is_err() {
+                tracing::warn!(
+                    upstream = upstream.0,
+                    "a worker's update channel is full; next hop sent again at the next refresh"
+                );
+            }
+        }
+    }
+    Ok(())
+}
