@@ -119,11 +119,12 @@ impl SocketWorker {
                 }
             }
             for &token in &tokens {
-                let more = if token.0 < SESSION_TOKEN_BASE {
-                    self.drain_listener(token.0, &mut batch)
+                let source = if token.0 < SESSION_TOKEN_BASE {
+                    Source::Listener(token.0)
                 } else {
-                    self.drain_session((token.0 - SESSION_TOKEN_BASE) as u16, &mut batch)
+                    Source::Session((token.0 - SESSION_TOKEN_BASE) as u16)
                 };
+                let more = self.drain(source, &mut batch);
                 if more {
                     backlog.push(token);
                 }
@@ -143,40 +144,30 @@ impl SocketWorker {
         }
     }
 
-    /// Client datagrams: find or create the session, queue the payload on its socket.
-    /// Returns whether datagrams may remain after the drain budget.
-    fn drain_listener(&mut self, index: usize, batch: &mut RecvBatch) -> bool {
-        let listen = self.listeners[index].address;
+    /// Reads batches from one socket, at most [`DRAIN_BATCHES`] of them, and relays each.
+    /// Returns whether datagrams may remain after that budget.
+    fn drain(&mut self, source: Source, batch: &mut RecvBatch) -> bool {
         for _ in 0..DRAIN_BATCHES {
-            let received = match receive_whole(&self.core.counters, batch, self.listeners[index].socket.as_raw_fd()) {
+            let fd = match source {
+                Source::Listener(index) => self.listeners[index].socket.as_raw_fd(),
+                Source::Session(port) => match self.sessions.get(&port) {
+                    Some(session) => session.socket.as_raw_fd(),
+                    None => return false,
+                },
+            };
+            let received = match receive_whole(&self.core.counters, batch, fd) {
                 Ok(0) => return false,
                 Ok(n) => n,
+                // An ICMP error from the upstream is reported once; the next read continues.
+                Err(error) if error.raw_os_error() == Some(libc::ECONNREFUSED) => continue,
                 Err(error) => {
-                    tracing::debug!(worker = self.core.id, %error, "recvmmsg on listen socket failed");
+                    tracing::debug!(worker = self.core.id, %error, "recvmmsg failed");
                     return false;
                 }
             };
-            let now = self.core.now();
-            for (source, slot, len) in batch.datagrams_mut() {
-                let Some(client) = source else { continue };
-                let bytes = self.count_rx(client, len);
-                let Ok((action, len)) =
-                    self.core.relay.client_payload(now, IfaceId(0), client, listen, [0; 6], bytes, slot, len)
-                else {
-                    continue;
-                };
-                let payload = &slot[..len];
-                match action {
-                    ClientAction::Forward(session) => {
-                        let counters = self.core.counters.clone();
-                        let Some(socket) = self.session_socket(&session, index) else { continue };
-                        if socket.outgoing.is_full() {
-                            send_queued(&counters, &mut socket.outgoing, &socket.socket);
-                        }
-                        socket.outgoing.push(None, payload);
-                    }
-                    ClientAction::KeepaliveReply => self.queue_reply(index, client, payload),
-                }
+            match source {
+                Source::Listener(index) => self.relay_clients(index, batch),
+                Source::Session(port) => self.relay_replies(port, batch),
             }
             if received < self.core.batch_size {
                 return false;
@@ -185,35 +176,45 @@ impl SocketWorker {
         true
     }
 
-    /// Upstream replies on a session socket: queue them to the client on the listen socket.
-    /// Returns whether datagrams may remain after the drain budget.
-    fn drain_session(&mut self, nat_port: u16, batch: &mut RecvBatch) -> bool {
-        for _ in 0..DRAIN_BATCHES {
-            let Some(session_socket) = self.sessions.get(&nat_port) else { return false };
-            let Ok(local) = session_socket.socket.local_addr() else { return false };
-            let listener = session_socket.listener;
-            let received = match receive_whole(&self.core.counters, batch, session_socket.socket.as_raw_fd()) {
-                Ok(0) => return false,
-                Ok(n) => n,
-                // An ICMP error from the upstream is reported once; the next read continues.
-                Err(error) if error.raw_os_error() == Some(libc::ECONNREFUSED) => continue,
-                Err(error) => {
-                    tracing::debug!(worker = self.core.id, %error, "recvmmsg on session socket failed");
-                    return false;
-                }
+    /// Client datagrams: find or create the session, queue the payload on its socket.
+    fn relay_clients(&mut self, index: usize, batch: &mut RecvBatch) {
+        let listen = self.listeners[index].address;
+        let now = self.core.now();
+        for (source, slot, len) in batch.datagrams_mut() {
+            let Some(client) = source else { continue };
+            let bytes = self.count_rx(client, len);
+            let Ok((action, len)) =
+                self.core.relay.client_payload(now, IfaceId(0), client, listen, [0; 6], bytes, slot, len)
+            else {
+                continue;
             };
-            let now = self.core.now();
-            for (source, slot, len) in batch.datagrams_mut() {
-                let Some(from) = source else { continue };
-                self.count_rx(from, len);
-                let Ok((back, len)) = self.core.relay.reply_payload(now, from, local, slot, len) else { continue };
-                self.queue_reply(listener, back.client, &slot[..len]);
-            }
-            if received < self.core.batch_size {
-                return false;
+            let payload = &slot[..len];
+            match action {
+                ClientAction::Forward(session) => {
+                    let counters = self.core.counters.clone();
+                    let Some(socket) = self.session_socket(&session, index) else { continue };
+                    if socket.outgoing.is_full() {
+                        send_queued(&counters, &mut socket.outgoing, &socket.socket);
+                    }
+                    socket.outgoing.push(None, payload);
+                }
+                ClientAction::KeepaliveReply => self.queue_reply(index, client, payload),
             }
         }
-        true
+    }
+
+    /// Upstream replies on a session socket: queue them to the client on the listen socket.
+    fn relay_replies(&mut self, nat_port: u16, batch: &mut RecvBatch) {
+        let Some(session) = self.sessions.get(&nat_port) else { return };
+        let Ok(local) = session.socket.local_addr() else { return };
+        let listener = session.listener;
+        let now = self.core.now();
+        for (source, slot, len) in batch.datagrams_mut() {
+            let Some(from) = source else { continue };
+            self.count_rx(from, len);
+            let Ok((back, len)) = self.core.relay.reply_payload(now, from, local, slot, len) else { continue };
+            self.queue_reply(listener, back.client, &slot[..len]);
+        }
     }
 
     /// Queues a datagram to a client on a listen socket, sending the batch first when it is full.
@@ -269,6 +270,13 @@ impl SocketWorker {
 }
 
 /// Sends a socket's queued datagrams in one sendmmsg and counts the outcome.
+/// A socket a worker reads: a listen socket (by index) or a session's socket (by NAT port).
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    Listener(usize),
+    Session(u16),
+}
+
 /// Receives a batch; datagrams too large for a slot are counted and never relayed cut short.
 fn receive_whole(counters: &Counters, batch: &mut RecvBatch, fd: RawFd) -> io::Result<usize> {
     let received = batch.receive(fd)?;
