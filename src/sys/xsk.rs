@@ -19,8 +19,14 @@ const XDP_OPTIONS_ZEROCOPY: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum XskError {
-    #[error("invalid UMEM geometry: {0}")]
-    Geometry(String),
+    #[error("{0} is not a frame size AF_XDP takes (a power of two, 2048 or 4096)")]
+    FrameSize(u32, #[source] xsk_rs::config::FrameSizeError),
+    #[error("{0} is not a ring size AF_XDP takes (a power of two)")]
+    RingSize(u32, #[source] xsk_rs::config::QueueSizeError),
+    #[error("the UMEM's settings do not fit together")]
+    UmemConfig(#[source] xsk_rs::config::UmemConfigBuilderError),
+    #[error("a UMEM needs at least one frame")]
+    NoFrames,
     #[error("creating the UMEM ({frames} frames of {frame_size} bytes) failed; check `ulimit -l` (memlock)")]
     Umem {
         frames: u32,
@@ -102,19 +108,18 @@ impl FramePool {
     /// and available, otherwise on normal pages (the caller logs which), split
     /// evenly into `domains` domains.
     pub fn new(frames: u32, frame_size: u32, hugepages: bool, domains: usize) -> Result<Self, XskError> {
-        let geometry = |e: &dyn std::fmt::Display| XskError::Geometry(e.to_string());
-        let size = FrameSize::new(frame_size).map_err(|e| geometry(&e))?;
+        let size = FrameSize::new(frame_size).map_err(|e| XskError::FrameSize(frame_size, e))?;
         let domain_count = domains.max(1);
         // Half a domain fits in the fill ring, so both halves of a two-arm pool can be receiving.
         let ring_size = (frames / domain_count as u32 / 2).clamp(MIN_RING, MAX_RING).next_power_of_two();
-        let ring = QueueSize::new(ring_size).map_err(|e| geometry(&e))?;
+        let ring = QueueSize::new(ring_size).map_err(|e| XskError::RingSize(ring_size, e))?;
         let config = UmemConfig::builder()
             .frame_size(size)
             .fill_queue_size(ring)
             .comp_queue_size(ring)
             .build()
-            .map_err(|e| geometry(&e))?;
-        let count = NonZeroU32::new(frames).ok_or_else(|| XskError::Geometry("zero frames".into()))?;
+            .map_err(XskError::UmemConfig)?;
+        let count = NonZeroU32::new(frames).ok_or(XskError::NoFrames)?;
         let create =
             |huge| Umem::new(config, count, huge).map_err(|source| XskError::Umem { frames, frame_size, source });
         let (umem, descs, hugepages) = match hugepages.then(|| create(true)) {
@@ -215,7 +220,7 @@ impl QueueSocket {
     /// XDP program steers traffic, so libxdp's default program is never loaded.
     pub fn bind(pool: &FramePool, interface: &str, queue: u32, domain: usize) -> Result<Self, XskError> {
         let name: Interface = interface.parse().map_err(|_| XskError::InterfaceName(interface.to_owned()))?;
-        let ring = QueueSize::new(pool.ring_size).map_err(|e| XskError::Geometry(e.to_string()))?;
+        let ring = QueueSize::new(pool.ring_size).map_err(|e| XskError::RingSize(pool.ring_size, e))?;
         let config = SocketConfig::builder()
             .rx_queue_size(ring)
             .tx_queue_size(ring)
