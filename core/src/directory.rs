@@ -179,7 +179,12 @@ impl NatDirectory {
     #[inline]
     fn advance(&self, port: u16, from: u8, to: u8) {
         if let Some(offset) = self.offset(port) {
-            let _ = self.entries[offset].stage.compare_exchange(from, to, Ordering::Relaxed, Ordering::Relaxed);
+            let stage = &self.entries[offset].stage;
+            // A compare-and-swap is a locked write even when it fails: on every packet it would make
+            // the line bounce between cores. Most packets find the stage already past `from`.
+            if stage.load(Ordering::Relaxed) == from {
+                let _ = stage.compare_exchange(from, to, Ordering::Relaxed, Ordering::Relaxed);
+            }
         }
     }
 
