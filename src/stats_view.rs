@@ -136,8 +136,8 @@ pub fn render(samples: &[Sample], previous: Option<(&[Sample], f64)>) -> String 
 
     let _ = writeln!(out, "\n{:<8}{:<8}{:>10}{:>10}", "pool", "worker", "in use", "frames");
     for s in samples.iter().filter(|s| s.name == metrics::POOL_FRAMES) {
-        let worker = s.labels.get("worker").cloned().unwrap_or_default();
-        let pool = s.labels.get("pool").cloned().unwrap_or_default();
+        let worker = label(&s.labels, "worker");
+        let pool = label(&s.labels, "pool");
         let in_use = samples
             .iter()
             .find(|u| u.name == metrics::POOL_FRAMES_IN_USE && u.labels == s.labels)
@@ -147,7 +147,7 @@ pub fn render(samples: &[Sample], previous: Option<(&[Sample], f64)>) -> String 
 
     let mut drops: BTreeMap<String, f64> = BTreeMap::new();
     for s in samples.iter().filter(|s| s.name == metrics::DROPS) {
-        *drops.entry(s.labels.get("reason").cloned().unwrap_or_default()).or_default() += s.value;
+        *drops.entry(label(&s.labels, "reason").to_owned()).or_default() += s.value;
     }
     let _ = writeln!(out, "\ndrops");
     let nonzero: Vec<_> = drops.into_iter().filter(|(_, n)| *n > 0.0).collect();
@@ -165,26 +165,39 @@ pub fn render(samples: &[Sample], previous: Option<(&[Sample], f64)>) -> String 
         sum(metrics::REPLIES_CROSS_QUEUE),
         sum(metrics::CLIENTS_CROSS_QUEUE)
     );
-    let kernel: Vec<_> = samples.iter().filter(|s| s.name == metrics::AF_XDP_KERNEL && s.value > 0.0).collect();
-    if !kernel.is_empty() {
-        let _ = writeln!(out, "\nAF_XDP socket events counted by the kernel");
-        for s in kernel {
-            let worker = s.labels.get("worker").cloned().unwrap_or_default();
-            let event = s.labels.get("event").cloned().unwrap_or_default();
-            let _ = writeln!(out, "  worker {worker:<6}{event:<24}{:>12}", s.value);
-        }
-    }
-
-    let xdp: Vec<_> = samples.iter().filter(|s| s.name == metrics::XDP_PACKETS && s.value > 0.0).collect();
-    if !xdp.is_empty() {
-        let _ = writeln!(out, "\nXDP verdicts");
-        for s in xdp {
-            let interface = s.labels.get("interface").cloned().unwrap_or_default();
-            let verdict = s.labels.get("verdict").cloned().unwrap_or_default();
-            let _ = writeln!(out, "  {interface:<12}{verdict:<24}{:>12}", s.value);
-        }
-    }
+    nonzero_by_labels(
+        &mut out,
+        samples,
+        metrics::AF_XDP_KERNEL,
+        "AF_XDP socket events counted by the kernel",
+        |labels| format!("worker {:<6}{:<24}", label(labels, "worker"), label(labels, "event")),
+    );
+    nonzero_by_labels(&mut out, samples, metrics::XDP_PACKETS, "XDP verdicts", |labels| {
+        format!("{:<12}{:<24}", label(labels, "interface"), label(labels, "verdict"))
+    });
     out
+}
+
+/// A section listing the non-zero samples of `metric`, each under the row name `row` makes of its labels.
+fn nonzero_by_labels(
+    out: &mut String,
+    samples: &[Sample],
+    metric: &str,
+    title: &str,
+    row: impl Fn(&BTreeMap<String, String>) -> String,
+) {
+    let nonzero: Vec<_> = samples.iter().filter(|s| s.name == metric && s.value > 0.0).collect();
+    if nonzero.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "\n{title}");
+    for s in nonzero {
+        let _ = writeln!(out, "  {}{:>12}", row(&s.labels), s.value);
+    }
+}
+
+fn label<'a>(labels: &'a BTreeMap<String, String>, name: &str) -> &'a str {
+    labels.get(name).map_or("", String::as_str)
 }
 
 fn parse_labels(text: &str) -> BTreeMap<String, String> {
