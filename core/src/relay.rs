@@ -917,17 +917,23 @@ mod tests {
     }
 
     #[test]
-    fn unresolved_neighbour_is_counted_and_reported_once() {
-        let (mut relay, counters) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
-        relay.set_next_hop(UpstreamId(0), Err(NoHop::NeighborUnresolved));
-        for _ in 0..3 {
-            let mut request =
-                udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"), b"x");
-            assert_eq!(relay.handle(0, IfaceId(0), &mut request), Verdict::Drop(DropReason::NeighborUnresolved));
+    fn an_upstream_without_a_next_hop_is_counted_by_why_and_reported_once() {
+        for (why, reason, other) in [
+            (NoHop::NeighborUnresolved, DropReason::NeighborUnresolved, DropReason::NoRoute),
+            (NoHop::NoRoute, DropReason::NoRoute, DropReason::NeighborUnresolved),
+        ] {
+            let (mut relay, counters) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
+            relay.set_next_hop(UpstreamId(0), Err(why));
+            for _ in 0..3 {
+                let mut request =
+                    udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"), b"x");
+                assert_eq!(relay.handle(0, IfaceId(0), &mut request), Verdict::Drop(reason));
+            }
+            assert_eq!(relay.take_unresolved().collect::<Vec<_>>(), vec![UpstreamId(0)]);
+            assert_eq!(relay.take_unresolved().count(), 0);
+            assert_eq!(counters.dropped(reason), 3);
+            assert_eq!(counters.dropped(other), 0);
         }
-        assert_eq!(relay.take_unresolved().collect::<Vec<_>>(), vec![UpstreamId(0)]);
-        assert_eq!(relay.take_unresolved().count(), 0);
-        assert_eq!(counters.dropped(DropReason::NeighborUnresolved), 3);
     }
 
     #[test]
@@ -973,15 +979,6 @@ mod tests {
         assert_eq!(counters.sessions_created.get(), 0);
         assert_eq!(counters.dropped(DropReason::ForeignDestinationMac), 4);
         assert_eq!(counters.dropped(DropReason::OwnSourceAddress), 2);
-    }
-
-    #[test]
-    fn an_upstream_without_a_route_is_counted_as_no_route() {
-        let (mut relay, counters) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
-        relay.set_next_hop(UpstreamId(0), Err(NoHop::NoRoute));
-        let mut request = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"), b"x");
-        assert_eq!(relay.handle(0, IfaceId(0), &mut request), Verdict::Drop(DropReason::NoRoute));
-        assert_eq!(counters.dropped(DropReason::NeighborUnresolved), 0);
     }
 
     #[test]
