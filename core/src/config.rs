@@ -333,245 +333,41 @@ const DEFAULT_UNREPLIED_TIMEOUT_SECS: u64 = 30;
 /// Per-source rate table slots per worker: 65,536 x 64 bytes = 4 MiB.
 const DEFAULT_SOURCE_TABLE: usize = 65_536;
 
+/// Turns a byte span of the source into an error with line and column.
+struct Positions<'a> {
+    source: &'a str,
+}
+
+impl Positions<'_> {
+    fn at(&self, span: core::ops::Range<usize>, message: String) -> ConfigError {
+        let (line, column) = line_column(self.source, span.start);
+        ConfigError { line: Some(line), column: Some(column), message }
+    }
+}
+
+/// An error about the file as a whole, with no position.
+fn whole_file(message: &str) -> ConfigError {
+    ConfigError { line: None, column: None, message: message.into() }
+}
+
 impl RawConfig {
     fn resolve(self, source: &str) -> Result<Config, ConfigError> {
         let defaults = preset_defaults(self.preset);
-        let at = |span: core::ops::Range<usize>, message: String| {
-            let (line, column) = line_column(source, span.start);
-            ConfigError { line: Some(line), column: Some(column), message }
-        };
-
-        let batch_size = match self.runtime.batch_size {
-            Some(b) if !(1..=256).contains(b.get_ref()) => {
-                return Err(at(b.span(), format!("batch_size must be between 1 and 256, not {}", b.get_ref())));
-            }
-            Some(b) => b.into_inner(),
-            None => 64,
-        };
-        let runtime = Runtime {
-            mode: self.runtime.mode.unwrap_or(Mode::Auto),
-            wait: self.runtime.wait.unwrap_or(defaults.wait),
-            cores: self.runtime.cores,
-            batch_size,
-            stats_interval_secs: self.runtime.stats_interval_secs.unwrap_or(10),
-        };
-
-        let frame_size = match self.pool.frame_size {
-            Some(s) if ![2048, 4096].contains(s.get_ref()) => {
-                return Err(at(s.span(), format!("frame_size must be 2048 or 4096, not {}", s.get_ref())));
-            }
-            Some(s) => s.into_inner(),
-            None => 2048,
-        };
-        let frames_per_worker = match self.pool.frames_per_worker {
-            Some(f) if !f.get_ref().is_power_of_two() || *f.get_ref() < 256 => {
-                return Err(at(
-                    f.span(),
-                    format!("frames_per_worker must be a power of two of at least 256, not {}", f.get_ref()),
-                ));
-            }
-            Some(f) => f.into_inner(),
-            None => 4096,
-        };
-        let pool = Pool { frames_per_worker, frame_size, hugepages: self.pool.hugepages.unwrap_or(defaults.hugepages) };
-
-        if self.interface.is_empty() {
-            return Err(ConfigError { line: None, column: None, message: "no [[interface]] is configured".into() });
-        }
-        let mut seen = HashSet::new();
-        let mut interfaces = Vec::new();
-        for raw in self.interface {
-            let name = raw.name.get_ref();
-            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
-                return Err(at(raw.name.span(), format!("`{name}` is not a valid interface name")));
-            }
-            if !seen.insert(name.clone()) {
-                return Err(at(raw.name.span(), format!("interface `{name}` is listed twice")));
-            }
-            let queues = match raw.queues {
-                Some(q) if *q.get_ref() == 0 || *q.get_ref() > 256 => {
-                    return Err(at(q.span(), format!("queues must be between 1 and 256, not {}", q.get_ref())));
-                }
-                Some(q) => Some(q.into_inner()),
-                None => None,
-            };
-            interfaces.push(Interface {
-                name: raw.name.into_inner(),
-                queues,
-                xdp_mode: raw.xdp_mode.unwrap_or(XdpMode::Auto),
-                role: raw.role.unwrap_or(InterfaceRole::Both),
-            });
-        }
-        let queue_counts: HashSet<Option<u32>> = interfaces.iter().map(|i| i.queues).collect();
-        if queue_counts.len() > 1 {
-            return Err(ConfigError {
-                line: None,
-                column: None,
-                message: "every interface must use the same number of queues (one worker serves queue N of each)"
-                    .into(),
-            });
-        }
-        let has = |role: InterfaceRole| interfaces.iter().any(|i| i.role == role || i.role == InterfaceRole::Both);
-        if !has(InterfaceRole::Client) || !has(InterfaceRole::Upstream) {
-            return Err(ConfigError {
-                line: None,
-                column: None,
-                message: "interfaces need a client side and an upstream side (role = \"both\" is one-arm)".into(),
-            });
-        }
-
-        let ports = match &self.nat.ports {
-            Some(spec) => parse_port_range(spec.get_ref()).map_err(|m| at(spec.span(), m))?,
-            None => DEFAULT_NAT_PORTS,
-        };
-        let nat = Nat {
-            ports,
-            idle_timeout_secs: match self.nat.idle_timeout_secs {
-                Some(t) if *t.get_ref() == 0 => {
-                    return Err(at(t.span(), "idle_timeout_secs must be at least 1".into()));
-                }
-                Some(t) => t.into_inner(),
-                None => defaults.idle_timeout_secs,
-            },
-            unreplied_timeout_secs: match self.nat.unreplied_timeout_secs {
-                Some(t) if *t.get_ref() == 0 => {
-                    return Err(at(t.span(), "unreplied_timeout_secs must be at least 1".into()));
-                }
-                Some(t) => t.into_inner(),
-                None => DEFAULT_UNREPLIED_TIMEOUT_SECS,
-            },
-            max_sessions: match self.nat.max_sessions {
-                Some(m) if *m.get_ref() == 0 => {
-                    return Err(at(m.span(), "max_sessions must be at least 1".into()));
-                }
-                Some(m) => m.into_inner(),
-                None => defaults.max_sessions,
-            },
-        };
-        // An unreplied session never outlives an answered one.
-        let nat = Nat { unreplied_timeout_secs: nat.unreplied_timeout_secs.min(nat.idle_timeout_secs), ..nat };
-
-        if self.route.is_empty() {
-            return Err(ConfigError { line: None, column: None, message: "no [[route]] is configured".into() });
-        }
-        let mut routes: Vec<RouteSpec> = Vec::new();
-        for raw in self.route {
-            let listen = *raw.listen.get_ref();
-            if listen.port() == 0 {
-                return Err(at(raw.listen.span(), format!("listen address {listen} has port 0")));
-            }
-            if listen.ip().is_multicast() || listen.ip() == IpAddr::V4(core::net::Ipv4Addr::BROADCAST) {
-                return Err(at(
-                    raw.listen.span(),
-                    format!("listen address {listen} is multicast or broadcast; the relay serves unicast addresses"),
-                ));
-            }
-            if (ports.0..=ports.1).contains(&listen.port()) {
-                return Err(at(
-                    raw.listen.span(),
-                    format!("listen port {} lies inside the NAT port range {}-{}", listen.port(), ports.0, ports.1),
-                ));
-            }
-            if let Some(other) = routes.iter().find(|r| overlaps(r.listen, listen)) {
-                return Err(at(
-                    raw.listen.span(),
-                    format!("listen address {listen} overlaps route listening on {}", other.listen),
-                ));
-            }
-            if raw.upstreams.get_ref().is_empty() {
-                return Err(at(raw.upstreams.span(), "a route needs at least one upstream".into()));
-            }
-            let listed = raw.upstreams.get_ref();
-            if let Some(twice) = listed.iter().enumerate().find_map(|(i, u)| listed[..i].contains(u).then_some(u)) {
-                return Err(at(raw.upstreams.span(), format!("upstream {twice} is listed twice")));
-            }
-            for upstream in listed {
-                if *upstream == listen || routes.iter().any(|r| r.listen == *upstream) {
-                    return Err(at(
-                        raw.upstreams.span(),
-                        format!(
-                            "upstream {upstream} is one of the relay's own listen addresses: it would relay to itself"
-                        ),
-                    ));
-                }
-                if upstream.is_ipv4() != listen.is_ipv4() {
-                    return Err(at(
-                        raw.upstreams.span(),
-                        format!("upstream {upstream} is not of the same address family as listen address {listen}"),
-                    ));
-                }
-                if upstream.port() == 0 || upstream.ip().is_unspecified() || crate::wire::is_martian(upstream.ip()) {
-                    return Err(at(
-                        raw.upstreams.span(),
-                        format!("upstream {upstream} is not a usable unicast address and port"),
-                    ));
-                }
-            }
-            let mut allowed_clients = Vec::new();
-            for prefix in &raw.allowed_clients {
-                let parsed = prefix.get_ref().parse::<IpPrefix>().map_err(|m| at(prefix.span(), m))?;
-                if parsed.is_ipv4() != listen.is_ipv4() {
-                    return Err(at(
-                        prefix.span(),
-                        format!(
-                            "allowed client prefix {} can never match: listen address {listen} is of the other family",
-                            prefix.get_ref()
-                        ),
-                    ));
-                }
-                allowed_clients.push(parsed);
-            }
-            routes.push(RouteSpec {
-                listen,
-                upstreams: raw.upstreams.into_inner(),
-                allowed_clients,
-                per_source: Limit {
-                    packets_per_second: raw.per_source_packets_per_second,
-                    bytes_per_second: raw.per_source_bytes_per_second,
-                },
-                per_session: Limit {
-                    packets_per_second: raw.per_session_packets_per_second,
-                    bytes_per_second: raw.per_session_bytes_per_second,
-                },
-                listen_key_file: tunnel_key_file(raw.encap, raw.key_file, "encap", "key_file", &at)?,
-                listen_key: None,
-                upstream_key_file: tunnel_key_file(
-                    raw.upstream_encap,
-                    raw.upstream_key_file,
-                    "upstream_encap",
-                    "upstream_key_file",
-                    &at,
-                )?,
-                upstream_key: None,
-            });
-        }
-
-        let mut neighbors = Vec::new();
-        for raw in self.neighbor {
-            let mac = parse_mac(raw.mac.get_ref())
-                .ok_or_else(|| at(raw.mac.span(), format!("`{}` is not a MAC address", raw.mac.get_ref())))?;
-            neighbors.push(StaticNeighbor { ip: raw.ip, mac });
-        }
-
+        let pos = Positions { source };
+        // One section at a time; routes need the NAT range to keep listen ports out of it.
+        let runtime = self.runtime.resolve(&defaults, &pos)?;
+        let pool = self.pool.resolve(&defaults, &pos)?;
+        let interfaces = resolve_interfaces(self.interface, &pos)?;
+        let nat = self.nat.resolve(&defaults, &pos)?;
+        let routes = resolve_routes(self.route, nat.ports, &pos)?;
+        let neighbors = resolve_neighbors(self.neighbor, &pos)?;
+        let security = self.security.resolve(&defaults, &pos)?;
         Ok(Config {
             runtime,
             pool,
             interfaces,
             nat,
-            security: Security {
-                verify_checksums: self.security.verify_checksums.unwrap_or(defaults.verify_checksums),
-                global_limit: Limit {
-                    packets_per_second: self.security.global_packets_per_second,
-                    bytes_per_second: self.security.global_bytes_per_second,
-                },
-                max_sessions_per_source: positive(
-                    self.security.max_sessions_per_source,
-                    defaults.max_sessions_per_source,
-                    &at,
-                )?,
-                source_table_entries: positive(self.security.source_table_entries, DEFAULT_SOURCE_TABLE, &at)?,
-                new_flows_per_second: self.security.new_flows_per_second.unwrap_or(defaults.new_flows_per_second),
-            },
+            security,
             routes,
             neighbors,
             metrics_listen: match self.metrics.enable {
@@ -582,30 +378,279 @@ impl RawConfig {
     }
 }
 
+impl RawRuntime {
+    fn resolve(self, defaults: &PresetDefaults, pos: &Positions) -> Result<Runtime, ConfigError> {
+        let batch_size = match self.batch_size {
+            Some(b) if !(1..=256).contains(b.get_ref()) => {
+                return Err(pos.at(b.span(), format!("batch_size must be between 1 and 256, not {}", b.get_ref())));
+            }
+            Some(b) => b.into_inner(),
+            None => 64,
+        };
+        Ok(Runtime {
+            mode: self.mode.unwrap_or(Mode::Auto),
+            wait: self.wait.unwrap_or(defaults.wait),
+            cores: self.cores,
+            batch_size,
+            stats_interval_secs: self.stats_interval_secs.unwrap_or(10),
+        })
+    }
+}
+
+impl RawPool {
+    fn resolve(self, defaults: &PresetDefaults, pos: &Positions) -> Result<Pool, ConfigError> {
+        let frame_size = match self.frame_size {
+            Some(s) if ![2048, 4096].contains(s.get_ref()) => {
+                return Err(pos.at(s.span(), format!("frame_size must be 2048 or 4096, not {}", s.get_ref())));
+            }
+            Some(s) => s.into_inner(),
+            None => 2048,
+        };
+        let frames_per_worker = match self.frames_per_worker {
+            Some(f) if !f.get_ref().is_power_of_two() || *f.get_ref() < 256 => {
+                return Err(pos.at(
+                    f.span(),
+                    format!("frames_per_worker must be a power of two of at least 256, not {}", f.get_ref()),
+                ));
+            }
+            Some(f) => f.into_inner(),
+            None => 4096,
+        };
+        Ok(Pool { frames_per_worker, frame_size, hugepages: self.hugepages.unwrap_or(defaults.hugepages) })
+    }
+}
+
+fn resolve_interfaces(raws: Vec<RawInterface>, pos: &Positions) -> Result<Vec<Interface>, ConfigError> {
+    if raws.is_empty() {
+        return Err(whole_file("no [[interface]] is configured"));
+    }
+    let mut seen = HashSet::new();
+    let mut interfaces = Vec::new();
+    for raw in raws {
+        let name = raw.name.get_ref();
+        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+            return Err(pos.at(raw.name.span(), format!("`{name}` is not a valid interface name")));
+        }
+        if !seen.insert(name.clone()) {
+            return Err(pos.at(raw.name.span(), format!("interface `{name}` is listed twice")));
+        }
+        let queues = match raw.queues {
+            Some(q) if *q.get_ref() == 0 || *q.get_ref() > 256 => {
+                return Err(pos.at(q.span(), format!("queues must be between 1 and 256, not {}", q.get_ref())));
+            }
+            Some(q) => Some(q.into_inner()),
+            None => None,
+        };
+        interfaces.push(Interface {
+            name: raw.name.into_inner(),
+            queues,
+            xdp_mode: raw.xdp_mode.unwrap_or(XdpMode::Auto),
+            role: raw.role.unwrap_or(InterfaceRole::Both),
+        });
+    }
+    let queue_counts: HashSet<Option<u32>> = interfaces.iter().map(|i| i.queues).collect();
+    if queue_counts.len() > 1 {
+        return Err(whole_file(
+            "every interface must use the same number of queues (one worker serves queue N of each)",
+        ));
+    }
+    let has = |role: InterfaceRole| interfaces.iter().any(|i| i.role == role || i.role == InterfaceRole::Both);
+    if !has(InterfaceRole::Client) || !has(InterfaceRole::Upstream) {
+        return Err(whole_file("interfaces need a client side and an upstream side (role = \"both\" is one-arm)"));
+    }
+    Ok(interfaces)
+}
+
+impl RawNat {
+    fn resolve(self, defaults: &PresetDefaults, pos: &Positions) -> Result<Nat, ConfigError> {
+        let ports = match &self.ports {
+            Some(spec) => parse_port_range(spec.get_ref()).map_err(|m| pos.at(spec.span(), m))?,
+            None => DEFAULT_NAT_PORTS,
+        };
+        let idle_timeout_secs =
+            at_least_one(self.idle_timeout_secs, defaults.idle_timeout_secs, "idle_timeout_secs", pos)?;
+        let unreplied_timeout_secs =
+            at_least_one(self.unreplied_timeout_secs, DEFAULT_UNREPLIED_TIMEOUT_SECS, "unreplied_timeout_secs", pos)?;
+        Ok(Nat {
+            ports,
+            idle_timeout_secs,
+            // An unreplied session never outlives an answered one.
+            unreplied_timeout_secs: unreplied_timeout_secs.min(idle_timeout_secs),
+            max_sessions: at_least_one(self.max_sessions, defaults.max_sessions, "max_sessions", pos)?,
+        })
+    }
+}
+
+impl RawSecurity {
+    fn resolve(self, defaults: &PresetDefaults, pos: &Positions) -> Result<Security, ConfigError> {
+        Ok(Security {
+            verify_checksums: self.verify_checksums.unwrap_or(defaults.verify_checksums),
+            global_limit: Limit {
+                packets_per_second: self.global_packets_per_second,
+                bytes_per_second: self.global_bytes_per_second,
+            },
+            max_sessions_per_source: at_least_one(
+                self.max_sessions_per_source,
+                defaults.max_sessions_per_source,
+                "max_sessions_per_source",
+                pos,
+            )?,
+            source_table_entries: at_least_one(
+                self.source_table_entries,
+                DEFAULT_SOURCE_TABLE,
+                "source_table_entries",
+                pos,
+            )?,
+            new_flows_per_second: self.new_flows_per_second.unwrap_or(defaults.new_flows_per_second),
+        })
+    }
+}
+
+fn resolve_routes(raws: Vec<RawRoute>, nat_ports: (u16, u16), pos: &Positions) -> Result<Vec<RouteSpec>, ConfigError> {
+    if raws.is_empty() {
+        return Err(whole_file("no [[route]] is configured"));
+    }
+    let mut routes: Vec<RouteSpec> = Vec::new();
+    for raw in raws {
+        let route = raw.resolve(&routes, nat_ports, pos)?;
+        routes.push(route);
+    }
+    Ok(routes)
+}
+
+impl RawRoute {
+    /// One route, checked on its own and against the routes before it.
+    fn resolve(self, earlier: &[RouteSpec], nat_ports: (u16, u16), pos: &Positions) -> Result<RouteSpec, ConfigError> {
+        let listen = *self.listen.get_ref();
+        let listen_error = |message: String| Err(pos.at(self.listen.span(), message));
+        if listen.port() == 0 {
+            return listen_error(format!("listen address {listen} has port 0"));
+        }
+        if listen.ip().is_multicast() || listen.ip() == IpAddr::V4(core::net::Ipv4Addr::BROADCAST) {
+            return listen_error(format!(
+                "listen address {listen} is multicast or broadcast; the relay serves unicast addresses"
+            ));
+        }
+        if (nat_ports.0..=nat_ports.1).contains(&listen.port()) {
+            return listen_error(format!(
+                "listen port {} lies inside the NAT port range {}-{}",
+                listen.port(),
+                nat_ports.0,
+                nat_ports.1
+            ));
+        }
+        if let Some(other) = earlier.iter().find(|r| overlaps(r.listen, listen)) {
+            return listen_error(format!("listen address {listen} overlaps route listening on {}", other.listen));
+        }
+        check_upstreams(listen, &self.upstreams, earlier, pos)?;
+        let mut allowed_clients = Vec::new();
+        for prefix in &self.allowed_clients {
+            let parsed = prefix.get_ref().parse::<IpPrefix>().map_err(|m| pos.at(prefix.span(), m))?;
+            if parsed.is_ipv4() != listen.is_ipv4() {
+                return Err(pos.at(
+                    prefix.span(),
+                    format!(
+                        "allowed client prefix {} can never match: listen address {listen} is of the other family",
+                        prefix.get_ref()
+                    ),
+                ));
+            }
+            allowed_clients.push(parsed);
+        }
+        Ok(RouteSpec {
+            listen,
+            upstreams: self.upstreams.into_inner(),
+            allowed_clients,
+            per_source: Limit {
+                packets_per_second: self.per_source_packets_per_second,
+                bytes_per_second: self.per_source_bytes_per_second,
+            },
+            per_session: Limit {
+                packets_per_second: self.per_session_packets_per_second,
+                bytes_per_second: self.per_session_bytes_per_second,
+            },
+            listen_key_file: tunnel_key_file(self.encap, self.key_file, "encap", "key_file", pos)?,
+            listen_key: None,
+            upstream_key_file: tunnel_key_file(
+                self.upstream_encap,
+                self.upstream_key_file,
+                "upstream_encap",
+                "upstream_key_file",
+                pos,
+            )?,
+            upstream_key: None,
+        })
+    }
+}
+
+/// A route's upstreams: present, distinct, not the relay itself, of the listen family, unicast.
+fn check_upstreams(
+    listen: SocketAddr,
+    upstreams: &Spanned<Vec<SocketAddr>>,
+    earlier: &[RouteSpec],
+    pos: &Positions,
+) -> Result<(), ConfigError> {
+    let refuse = |message: String| Err(pos.at(upstreams.span(), message));
+    let listed = upstreams.get_ref();
+    if listed.is_empty() {
+        return refuse("a route needs at least one upstream".into());
+    }
+    if let Some(twice) = listed.iter().enumerate().find_map(|(i, u)| listed[..i].contains(u).then_some(u)) {
+        return refuse(format!("upstream {twice} is listed twice"));
+    }
+    for upstream in listed {
+        if *upstream == listen || earlier.iter().any(|r| r.listen == *upstream) {
+            return refuse(format!(
+                "upstream {upstream} is one of the relay's own listen addresses: it would relay to itself"
+            ));
+        }
+        if upstream.is_ipv4() != listen.is_ipv4() {
+            return refuse(format!("upstream {upstream} is not of the same address family as listen address {listen}"));
+        }
+        if upstream.port() == 0 || upstream.ip().is_unspecified() || crate::wire::is_martian(upstream.ip()) {
+            return refuse(format!("upstream {upstream} is not a usable unicast address and port"));
+        }
+    }
+    Ok(())
+}
+
+fn resolve_neighbors(raws: Vec<RawNeighbor>, pos: &Positions) -> Result<Vec<StaticNeighbor>, ConfigError> {
+    raws.into_iter()
+        .map(|raw| {
+            let mac = parse_mac(raw.mac.get_ref())
+                .ok_or_else(|| pos.at(raw.mac.span(), format!("`{}` is not a MAC address", raw.mac.get_ref())))?;
+            Ok(StaticNeighbor { ip: raw.ip, mac })
+        })
+        .collect()
+}
+
 /// The key file of a tunnel side: required with `encap = "oxtunnel"`, refused without it.
 fn tunnel_key_file(
     encap: Option<Spanned<Encap>>,
     key_file: Option<Spanned<String>>,
     encap_key: &str,
     file_key: &str,
-    at: &impl Fn(core::ops::Range<usize>, String) -> ConfigError,
+    pos: &Positions,
 ) -> Result<Option<String>, ConfigError> {
     match (encap.as_ref().map(|e| (*e.get_ref(), e.span())), key_file) {
         (Some((Encap::Oxtunnel, _)), Some(file)) => Ok(Some(file.into_inner())),
-        (Some((Encap::Oxtunnel, span)), None) => Err(at(span, format!("{encap_key} = \"oxtunnel\" needs {file_key}"))),
-        (_, Some(file)) => Err(at(file.span(), format!("{file_key} is only used with {encap_key} = \"oxtunnel\""))),
+        (Some((Encap::Oxtunnel, span)), None) => {
+            Err(pos.at(span, format!("{encap_key} = \"oxtunnel\" needs {file_key}")))
+        }
+        (_, Some(file)) => Err(pos.at(file.span(), format!("{file_key} is only used with {encap_key} = \"oxtunnel\""))),
         (_, None) => Ok(None),
     }
 }
 
-/// A positive count from the config, or `default` when absent.
-fn positive(
-    value: Option<Spanned<usize>>,
-    default: usize,
-    at: &impl Fn(core::ops::Range<usize>, String) -> ConfigError,
-) -> Result<usize, ConfigError> {
+/// A count or duration of at least 1 named `key`, or `default` when absent.
+fn at_least_one<T: Copy + PartialEq + From<u8> + fmt::Display>(
+    value: Option<Spanned<T>>,
+    default: T,
+    key: &str,
+    pos: &Positions,
+) -> Result<T, ConfigError> {
     match value {
-        Some(v) if *v.get_ref() == 0 => Err(at(v.span(), "must be at least 1".into())),
+        Some(v) if *v.get_ref() == T::from(0) => Err(pos.at(v.span(), format!("{key} must be at least 1"))),
         Some(v) => Ok(v.into_inner()),
         None => Ok(default),
     }
