@@ -14,7 +14,7 @@ use mio::net::UdpSocket as MioUdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use oxidize_relay_core::config::WaitMode;
 use oxidize_relay_core::counters::Counters;
-use oxidize_relay_core::relay::{ClientAction, Upstreamward};
+use oxidize_relay_core::relay::{Datagram, Destination, Upstreamward};
 use oxidize_relay_core::session::Session;
 use oxidize_relay_core::{DropReason, IfaceId};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -182,15 +182,12 @@ impl SocketWorker {
         let now = self.core.now();
         for (source, slot, len) in batch.datagrams_mut() {
             let Some(client) = source else { continue };
-            let bytes = self.count_rx(client, len);
-            let Ok((action, len)) =
-                self.core.relay.client_payload(now, IfaceId(0), client, listen, [0; 6], bytes, slot, len)
-            else {
-                continue;
-            };
+            let wire_bytes = self.count_rx(client, len);
+            let datagram = Datagram { from: client, to: listen, ingress: IfaceId(0), from_mac: [0; 6], wire_bytes };
+            let Ok((destination, len)) = self.core.relay.relay_payload(now, &datagram, slot, len) else { continue };
             let payload = &slot[..len];
-            match action {
-                ClientAction::Forward(session) => {
+            match destination {
+                Destination::Upstream(session) => {
                     let counters = self.core.counters.clone();
                     let Some(socket) = self.session_socket(&session, index) else { continue };
                     if socket.outgoing.is_full() {
@@ -198,7 +195,9 @@ impl SocketWorker {
                     }
                     socket.outgoing.push(None, payload);
                 }
-                ClientAction::KeepaliveReply => self.queue_reply(index, client, payload),
+                Destination::Sender => self.queue_reply(index, client, payload),
+                // A listen address is never a NAT address: no reply arrives here.
+                Destination::Client(_) => {}
             }
         }
     }
@@ -211,8 +210,12 @@ impl SocketWorker {
         let now = self.core.now();
         for (source, slot, len) in batch.datagrams_mut() {
             let Some(from) = source else { continue };
-            self.count_rx(from, len);
-            let Ok((back, len)) = self.core.relay.reply_payload(now, from, local, slot, len) else { continue };
+            let wire_bytes = self.count_rx(from, len);
+            let datagram = Datagram { from, to: local, ingress: IfaceId(0), from_mac: [0; 6], wire_bytes };
+            // A NAT port's socket receives only replies (the port tells the relay the direction).
+            let Ok((Destination::Client(back), len)) = self.core.relay.relay_payload(now, &datagram, slot, len) else {
+                continue;
+            };
             self.queue_reply(listener, back.client, &slot[..len]);
         }
     }

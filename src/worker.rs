@@ -111,12 +111,8 @@ impl Worker {
                         cursor.set_pos(room);
                         room
                     };
-                    let outcome = self.core.relay.handle_sized(
-                        now,
-                        IfaceId(ingress as u8),
-                        &mut data.contents_mut()[..room],
-                        len,
-                    );
+                    let outcome =
+                        self.core.relay.relay_frame(now, IfaceId(ingress as u8), &mut data.contents_mut()[..room], len);
                     data.cursor().set_pos(outcome.1);
                     outcome
                 };

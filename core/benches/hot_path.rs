@@ -10,7 +10,7 @@
 //! - `oxtunnel/seal_1400b_text` and `oxtunnel/seal_1400b_random`: wrap a 1400-byte payload
 //!   (LZ4 attempt + keyed BLAKE3 tag), compressible and incompressible
 //! - `oxtunnel/open_1400b_text`: check and unwrap the compressible one
-//! - `handle_burst/64`: one full `Relay::handle` over a 64-packet burst of client
+//! - `handle_burst/64`: one full `Relay::relay_whole_frame` over a 64-packet burst of client
 //!   traffic with established sessions (parse, validate, route, session, rewrite);
 //!   throughput is reported per packet
 
@@ -161,7 +161,7 @@ fn benches(c: &mut Criterion) {
     let burst: Vec<Vec<u8>> =
         (0..64).map(|i| udp_frame(MAC_A, MAC_B, client(i), addr("10.0.0.1:5000"), &[0x5a; 64])).collect();
     for frame in &burst {
-        assert!(matches!(relay.handle(0, IfaceId(0), &mut frame.clone()), Verdict::Forward(_)));
+        assert!(matches!(relay.relay_whole_frame(0, IfaceId(0), &mut frame.clone()), Verdict::Forward(_)));
     }
     let mut group = c.benchmark_group("handle_burst");
     group.throughput(Throughput::Elements(64));
@@ -170,7 +170,7 @@ fn benches(c: &mut Criterion) {
             || burst.clone(),
             |frames| {
                 for frame in frames.iter_mut() {
-                    black_box(relay.handle(1, IfaceId(0), frame));
+                    black_box(relay.relay_whole_frame(1, IfaceId(0), frame));
                 }
             },
             BatchSize::SmallInput,

@@ -4,6 +4,7 @@
 //! testable without a kernel.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod checksum;
 pub mod config;
 pub mod counters;
@@ -17,6 +18,7 @@ pub mod route;
 pub mod seed;
 pub mod session;
 pub mod time;
+pub mod tunnel_steps;
 pub mod wire;
 
 pub use drop_reason::DropReason;

@@ -1,23 +1,40 @@
 //! The hot path: one frame in, one decision out. No syscalls, no clock reads,
 //! no allocation after construction.
+//!
+//! [`Relay::relay_frame`] serves the AF_XDP backend (whole Ethernet frames);
+//! [`Relay::relay_payload`] serves the socket backend (the kernel parsed the
+//! headers) and is the second half of `relay_frame`, so both run the same steps.
 
 use core::net::{IpAddr, SocketAddr};
-use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::admission::Admission;
 use crate::counters::Counters;
 use crate::directory::{Binding, NatDirectory};
 use crate::drop_reason::DropReason;
-use crate::oxtunnel::{self, TunnelError, TunnelKey};
-use crate::ratelimit::{Limit, SourceLimiter, TokenPair};
+use crate::oxtunnel::TunnelKey;
+use crate::ratelimit::{Limit, TokenPair};
 use crate::route::{self, RouteTable, UpstreamId};
 use crate::seed::Seeds;
 use crate::session::{AdmitError, FlowKey, IfaceId, Session, SessionTable, Slot, Timeouts};
 use crate::time::Millis;
+use crate::tunnel_steps::{Opened, TunnelSteps};
 use crate::wire::{Layout, MacAddr, Rewrite, UdpFrame};
 
 /// Admissions remembered between two drains by the worker (more than a burst's worth).
 const ADMITTED_BACKLOG: usize = 1024;
+
+/// One received datagram's facts; its payload is passed beside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Datagram {
+    pub from: SocketAddr,
+    /// A listen address (from a client) or a NAT address (from an upstream).
+    pub to: SocketAddr,
+    pub ingress: IfaceId,
+    pub from_mac: MacAddr,
+    /// Its size on the wire, for byte rate limits.
+    pub wire_bytes: u64,
+}
 
 /// Where a client datagram goes: the session's upstream, from its NAT address.
 /// Small on purpose: it is returned for every packet.
@@ -37,19 +54,18 @@ pub struct Clientward {
     pub mac: MacAddr,
 }
 
-/// What the relay does with a client datagram's payload.
+/// Where a relayed payload goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClientAction {
-    /// Send it to the session's upstream.
-    Forward(Upstreamward),
-    /// It was a tunnel keepalive: send the (sealed) answer back to where it came from.
-    KeepaliveReply,
+pub enum Destination {
+    /// A client's datagram, to its session's upstream.
+    Upstream(Upstreamward),
+    /// An upstream's reply, to the session's client.
+    Client(Clientward),
+    /// A tunnel keepalive: the sealed answer goes back to the relay that sent it, from the address it asked.
+    Sender,
 }
 
-/// Room for one opened or to-be-sealed payload (a 4 KiB frame's worth).
-const SCRATCH: usize = 4096;
-
-/// What to do with a frame after [`Relay::handle`] rewrote it.
+/// What to do with a frame after [`Relay::relay_frame`] rewrote it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     /// Send the (rewritten) frame out of this interface.
@@ -133,30 +149,24 @@ impl RelaySettings {
     }
 }
 
-/// One worker's relay state: routes, its session shard and next hops.
+/// One worker's relay state: routes, its session shard, admission, tunnel steps and next hops.
 #[derive(Debug)]
 pub struct Relay {
     routes: Arc<RouteTable>,
     sessions: SessionTable,
     directory: Arc<NatDirectory>,
+    admission: Admission,
     next_hops: Vec<Result<NextHop, NoHop>>,
     /// Upstreams whose next hop was missing when a packet needed it; the
     /// worker drains this to ask the control thread for resolution.
     unresolved: Vec<bool>,
     iface_macs: Vec<MacAddr>,
     verify_checksums: bool,
-    global_limit: Limit,
-    global_tokens: TokenPair,
-    source_limiter: SourceLimiter,
     /// Flows admitted since the worker last drained them (it registers them with XDP).
     admitted: Vec<FlowKey>,
     /// Whether any route has a tunnel side (otherwise the tunnel steps are skipped).
     tunnels: bool,
-    /// Where tunnel payloads are opened and staged; allocated once.
-    scratch: Vec<u8>,
-    /// Live sessions per client address; holds only addresses with sessions, so it is bounded by the table.
-    sessions_per_source: HashMap<IpAddr, u32, ahash::RandomState>,
-    max_sessions_per_source: usize,
+    tunnel: TunnelSteps,
     counters: Arc<Counters>,
 }
 
@@ -174,46 +184,65 @@ impl Relay {
                 settings.timeouts,
                 session_seeds,
             ),
+            admission: Admission::new(
+                settings.global_limit,
+                settings.source_table_entries,
+                settings.max_sessions_per_source,
+                settings.max_sessions,
+                &mut seeds,
+            ),
             directory: settings.directory,
             next_hops: vec![Err(NoHop::NeighborUnresolved); upstreams],
             unresolved: vec![false; upstreams],
             routes,
             iface_macs: settings.iface_macs,
             verify_checksums: settings.verify_checksums,
-            global_tokens: TokenPair::full(&settings.global_limit, 0),
-            global_limit: settings.global_limit,
-            source_limiter: SourceLimiter::new(settings.source_table_entries, seeds.hasher()),
-            sessions_per_source: HashMap::with_capacity_and_hasher(settings.max_sessions, seeds.hasher()),
-            max_sessions_per_source: settings.max_sessions_per_source,
             admitted: Vec::with_capacity(ADMITTED_BACKLOG),
             tunnels,
-            scratch: vec![0; SCRATCH],
+            tunnel: TunnelSteps::default(),
             counters,
         }
     }
 
-    /// Parses, validates and rewrites `frame` in place (a frame whose length
-    /// cannot change: tunnel hops that need room are dropped). On `Drop` the
-    /// reason is already counted.
+    /// Parses, validates and rewrites in place the frame of `len` bytes at the
+    /// start of `buffer`, which may have room after it for a tunnel header.
+    /// Returns the verdict and the frame's new length; on `Drop` the reason is already counted.
     #[inline]
-    pub fn handle(&mut self, now: Millis, ingress: IfaceId, frame: &mut [u8]) -> Verdict {
-        let len = frame.len();
-        self.handle_sized(now, ingress, frame, len).0
+    pub fn relay_frame(&mut self, now: Millis, ingress: IfaceId, buffer: &mut [u8], len: usize) -> (Verdict, usize) {
+        match self.frame_steps(now, ingress, buffer, len) {
+            Ok(forward) => forward,
+            Err(reason) => {
+                self.counters.count_drop(reason);
+                (Verdict::Drop(reason), len)
+            }
+        }
     }
 
-    /// Like [`handle`](Self::handle) for a frame of `len` bytes at the start of
-    /// `buffer`, which may have room after it for a tunnel header. Returns the
-    /// verdict and the frame's new length.
+    /// [`relay_frame`](Self::relay_frame) of a whole frame with no room after it
+    /// (tunnel hops that need room are dropped).
+    #[cfg(any(test, feature = "test-support"))]
+    pub fn relay_whole_frame(&mut self, now: Millis, ingress: IfaceId, frame: &mut [u8]) -> Verdict {
+        let len = frame.len();
+        self.relay_frame(now, ingress, frame, len).0
+    }
+
+    /// The relay steps of one datagram whose headers were already parsed: the
+    /// session (created on a client's first datagram), limits and tunnel steps.
+    /// `payload` holds `len` bytes and may have room after them; returns where
+    /// it goes and its new length. Drops are counted.
     #[inline]
-    pub fn handle_sized(&mut self, now: Millis, ingress: IfaceId, buffer: &mut [u8], len: usize) -> (Verdict, usize) {
-        let (verdict, new_len) = match self.relay(now, ingress, buffer, len) {
-            Ok((verdict, new_len)) => (verdict, new_len),
-            Err(reason) => (Verdict::Drop(reason), len),
-        };
-        if let Verdict::Drop(reason) = verdict {
+    pub fn relay_payload(
+        &mut self,
+        now: Millis,
+        datagram: &Datagram,
+        payload: &mut [u8],
+        len: usize,
+    ) -> Result<(Destination, usize), DropReason> {
+        let result = self.payload_steps(now, datagram, payload, len);
+        if let Err(reason) = result {
             self.counters.count_drop(reason);
         }
-        (verdict, new_len)
+        result
     }
 
     /// Installs or clears the next hop of `upstream`.
@@ -241,7 +270,7 @@ impl Relay {
     pub fn expire(&mut self, now: Millis, budget: usize, mut on_expired: impl FnMut(&Session)) {
         let mut evicted = 0;
         for session in self.sessions.take_retired() {
-            release_source(&mut self.sessions_per_source, session.flow.client.ip());
+            self.admission.closed(session.flow.client.ip());
             on_expired(&session);
             evicted += 1;
         }
@@ -249,50 +278,15 @@ impl Relay {
             self.counters.sessions_evicted.add(evicted);
             self.counters.sessions_active.set(self.sessions.len() as u64);
         }
-        let per_source = &mut self.sessions_per_source;
+        let admission = &mut self.admission;
         let expired = self.sessions.expire(now, budget, |session| {
-            release_source(per_source, session.flow.client.ip());
+            admission.closed(session.flow.client.ip());
             on_expired(session);
         });
         if expired > 0 {
             self.counters.sessions_expired.add(expired as u64);
             self.counters.sessions_active.set(self.sessions.len() as u64);
         }
-    }
-
-    /// A client datagram to `listen`: session (created on first sight), rate
-    /// limits, and the tunnel steps of its route. `payload` holds `len` bytes and
-    /// may have room after them; returns the action and the payload's new length.
-    /// Drops are counted. Used directly by the socket backend.
-    #[expect(clippy::too_many_arguments, reason = "one datagram's facts, passed apart to avoid a struct per packet")]
-    pub fn client_payload(
-        &mut self,
-        now: Millis,
-        ingress: IfaceId,
-        client: SocketAddr,
-        listen: SocketAddr,
-        client_mac: MacAddr,
-        frame_bytes: u64,
-        payload: &mut [u8],
-        len: usize,
-    ) -> Result<(ClientAction, usize), DropReason> {
-        let result = self.client_steps(now, ingress, FlowKey { client, listen }, client_mac, frame_bytes, payload, len);
-        self.count_error(result)
-    }
-
-    /// An upstream datagram from `from` to NAT address `to`: its session and the
-    /// tunnel steps of its route, with `payload` as in [`client_payload`](Self::client_payload).
-    /// Drops are counted.
-    pub fn reply_payload(
-        &mut self,
-        now: Millis,
-        from: SocketAddr,
-        to: SocketAddr,
-        payload: &mut [u8],
-        len: usize,
-    ) -> Result<(Clientward, usize), DropReason> {
-        let result = self.reply_steps(now, from, to, payload, len);
-        self.count_error(result)
     }
 
     pub fn routes(&self) -> &RouteTable {
@@ -303,14 +297,8 @@ impl Relay {
         self.sessions.len()
     }
 
-    fn count_error<T>(&self, result: Result<T, DropReason>) -> Result<T, DropReason> {
-        if let Err(reason) = result {
-            self.counters.count_drop(reason);
-        }
-        result
-    }
-
-    fn relay(
+    /// Parse and check the frame, relay its payload, rewrite the headers.
+    fn frame_steps(
         &mut self,
         now: Millis,
         ingress: IfaceId,
@@ -329,30 +317,17 @@ impl Relay {
         if self.iface_macs.get(usize::from(ingress.0)) != Some(&packet.dst_mac()) {
             return Err(DropReason::ForeignDestinationMac);
         }
-        let (src, dst, src_mac) = (packet.src(), packet.dst(), packet.src_mac());
         let (at, payload_len, layout) = (packet.payload_offset(), packet.payload().len(), packet.layout());
-        // Config keeps listen ports out of the NAT range, so the port alone tells the direction.
-        if self.directory.covers(dst.port()) {
-            let (back, new_len) = self.reply_steps(now, src, dst, &mut buffer[at..], payload_len)?;
-            let to = Rewrite {
-                src_mac: self.iface_macs[usize::from(back.iface.0)],
-                dst_mac: back.mac,
-                src: back.listen,
-                dst: back.client,
-            };
-            return finish(buffer, layout, payload_len, new_len, partial, &to, back.iface);
-        }
-        let (action, new_len) = self.client_steps(
-            now,
+        let datagram = Datagram {
+            from: packet.src(),
+            to: packet.dst(),
             ingress,
-            FlowKey { client: src, listen: dst },
-            src_mac,
-            (at + payload_len) as u64,
-            &mut buffer[at..],
-            payload_len,
-        )?;
-        let (to, egress) = match action {
-            ClientAction::Forward(out) => {
+            from_mac: packet.src_mac(),
+            wire_bytes: (at + payload_len) as u64,
+        };
+        let (destination, new_len) = self.payload_steps(now, &datagram, &mut buffer[at..], payload_len)?;
+        let (to, egress) = match destination {
+            Destination::Upstream(out) => {
                 let hop = self.resolved_hop(out.upstream).map_err(NoHop::drop_reason)?;
                 let to = Rewrite {
                     src_mac: self.iface_macs[usize::from(hop.iface.0)],
@@ -362,121 +337,99 @@ impl Relay {
                 };
                 (to, hop.iface)
             }
-            // Straight back to the relay that asked, from the address it asked.
-            ClientAction::KeepaliveReply => {
-                let to =
-                    Rewrite { src_mac: self.iface_macs[usize::from(ingress.0)], dst_mac: src_mac, src: dst, dst: src };
+            Destination::Client(back) => {
+                let to = Rewrite {
+                    src_mac: self.iface_macs[usize::from(back.iface.0)],
+                    dst_mac: back.mac,
+                    src: back.listen,
+                    dst: back.client,
+                };
+                (to, back.iface)
+            }
+            Destination::Sender => {
+                let to = Rewrite {
+                    src_mac: self.iface_macs[usize::from(ingress.0)],
+                    dst_mac: datagram.from_mac,
+                    src: datagram.to,
+                    dst: datagram.from,
+                };
                 (to, ingress)
             }
         };
-        finish(buffer, layout, payload_len, new_len, partial, &to, egress)
+        rewrite_headers(buffer, layout, payload_len, new_len, partial, &to, egress)
     }
 
-    /// Client-side steps: open the listen side's tunnel (answering keepalives),
-    /// admit and limit, then seal for the upstream's tunnel.
-    #[expect(clippy::too_many_arguments, reason = "one datagram's facts, passed apart to avoid a struct per packet")]
+    #[inline]
+    fn payload_steps(
+        &mut self,
+        now: Millis,
+        datagram: &Datagram,
+        payload: &mut [u8],
+        len: usize,
+    ) -> Result<(Destination, usize), DropReason> {
+        // Config keeps listen ports out of the NAT range, so the port alone tells the direction.
+        if self.directory.covers(datagram.to.port()) {
+            self.reply_steps(now, datagram, payload, len)
+        } else {
+            self.client_steps(now, datagram, payload, len)
+        }
+    }
+
+    /// A client's datagram: open the listen side's tunnel (answering keepalives),
+    /// the session and its limits, then seal for the upstream's tunnel.
     #[inline]
     fn client_steps(
         &mut self,
         now: Millis,
-        ingress: IfaceId,
-        flow: FlowKey,
-        client_mac: MacAddr,
-        frame_bytes: u64,
+        datagram: &Datagram,
         payload: &mut [u8],
         len: usize,
-    ) -> Result<(ClientAction, usize), DropReason> {
+    ) -> Result<(Destination, usize), DropReason> {
         if !self.tunnels {
-            let out = self.admit_client(now, ingress, flow, client_mac, frame_bytes, 0)?;
-            return Ok((ClientAction::Forward(out), len));
+            let out = self.client_session(now, datagram, 0)?;
+            return Ok((Destination::Upstream(out), len));
         }
-        let route = self.routes.route(self.routes.lookup(flow.listen).ok_or(DropReason::NoRoute)?);
-        let (listen_key, upstream_key) = (route.listen_key.clone(), route.upstream_key.clone());
-        let mut opened = None;
-        if let Some(key) = &listen_key {
-            let inner = oxtunnel::open(key, &payload[..len], &mut self.scratch).map_err(TunnelError::drop_reason)?;
-            if inner.keepalive {
-                self.counters.tunnel_keepalives.add(1);
-                let sealed =
-                    oxtunnel::seal(key, inner.flow_id, true, &[], payload).map_err(TunnelError::drop_reason)?;
-                return Ok((ClientAction::KeepaliveReply, sealed.len));
-            }
-            opened = Some(inner);
+        let route = self.routes.lookup(datagram.to).ok_or(DropReason::NoRoute)?;
+        let (listen_key, upstream_key) = self.tunnel_keys(route);
+        let opened = self.tunnel.open(listen_key.as_ref(), &payload[..len])?;
+        if let (Opened::Keepalive { flow_id }, Some(key)) = (opened, &listen_key) {
+            self.counters.tunnel_keepalives.add(1);
+            return Ok((Destination::Sender, TunnelSteps::answer_keepalive(key, flow_id, payload)?));
         }
-        let peer_flow = opened.map_or(0, |o| o.flow_id);
-        let out = self.admit_client(now, ingress, flow, client_mac, frame_bytes, peer_flow)?;
-        let plain = opened.map(|o| o.len);
-        let new_len = self.tunnel_out(upstream_key.as_ref(), u32::from(out.nat_port), plain, payload, len)?;
-        Ok((ClientAction::Forward(out), new_len))
+        let out = self.client_session(now, datagram, opened.flow_id())?;
+        let flow_id = u32::from(out.nat_port);
+        let new_len = self.tunnel.pass_on(upstream_key.as_ref(), flow_id, opened, payload, len, &self.counters)?;
+        Ok((Destination::Upstream(out), new_len))
     }
 
-    /// Upstream-side steps: the session, then open the upstream's tunnel and seal for the client's.
+    /// An upstream's datagram: its session, then open the upstream's tunnel and seal for the client's.
     #[inline]
     fn reply_steps(
         &mut self,
         now: Millis,
-        from: SocketAddr,
-        to: SocketAddr,
+        datagram: &Datagram,
         payload: &mut [u8],
         len: usize,
-    ) -> Result<(Clientward, usize), DropReason> {
-        let (back, route, peer_flow) = self.find_reply(now, from, to)?;
+    ) -> Result<(Destination, usize), DropReason> {
+        let (back, route, peer_flow) = self.session_of_reply(now, datagram.from, datagram.to)?;
         if !self.tunnels {
-            return Ok((back, len));
+            return Ok((Destination::Client(back), len));
         }
-        let route = self.routes.route(route);
-        let (listen_key, upstream_key) = (route.listen_key.clone(), route.upstream_key.clone());
-        let mut plain = None;
-        if let Some(key) = &upstream_key {
-            let inner = oxtunnel::open(key, &payload[..len], &mut self.scratch).map_err(TunnelError::drop_reason)?;
-            if inner.keepalive {
-                return Err(DropReason::TunnelMalformed);
-            }
-            plain = Some(inner.len);
-        }
-        let new_len = self.tunnel_out(listen_key.as_ref(), peer_flow, plain, payload, len)?;
-        Ok((back, new_len))
+        let (listen_key, upstream_key) = self.tunnel_keys(route);
+        let opened = self.tunnel.open(upstream_key.as_ref(), &payload[..len])?;
+        let new_len = self.tunnel.pass_on(listen_key.as_ref(), peer_flow, opened, payload, len, &self.counters)?;
+        Ok((Destination::Client(back), new_len))
     }
 
-    /// Writes the outgoing payload: sealed with `key` when the next hop is a
-    /// tunnel, the opened plain bytes (in scratch) when only the previous hop
-    /// was, unchanged otherwise. Returns its length.
-    fn tunnel_out(
-        &mut self,
-        key: Option<&TunnelKey>,
-        flow_id: u32,
-        plain: Option<usize>,
-        payload: &mut [u8],
-        len: usize,
-    ) -> Result<usize, DropReason> {
-        match (key, plain) {
-            (Some(key), _) => {
-                let plain_len = match plain {
-                    Some(n) => n,
-                    None => {
-                        let room = self.scratch.get_mut(..len).ok_or(DropReason::TunnelMalformed)?;
-                        room.copy_from_slice(&payload[..len]);
-                        len
-                    }
-                };
-                let sealed = oxtunnel::seal(key, flow_id, false, &self.scratch[..plain_len], payload)
-                    .map_err(TunnelError::drop_reason)?;
-                self.counters
-                    .tunnel_bytes_saved
-                    .add((plain_len + oxtunnel::OVERHEAD).saturating_sub(sealed.len) as u64);
-                Ok(sealed.len)
-            }
-            (None, Some(n)) => {
-                payload.get_mut(..n).ok_or(DropReason::TunnelMalformed)?.copy_from_slice(&self.scratch[..n]);
-                Ok(n)
-            }
-            (None, None) => Ok(len),
-        }
+    /// The keys of a route's client side and upstream side (copied: the steps that use them borrow the relay).
+    fn tunnel_keys(&self, route: route::RouteId) -> (Option<TunnelKey>, Option<TunnelKey>) {
+        let route = self.routes.route(route);
+        (route.listen_key.clone(), route.upstream_key.clone())
     }
 
     /// The session a reply answers: where it goes back to, its route and the peer's flow id.
     #[inline]
-    fn find_reply(
+    fn session_of_reply(
         &mut self,
         now: Millis,
         from: SocketAddr,
@@ -500,22 +453,13 @@ impl Relay {
         Ok((back, binding.route, binding.peer_flow))
     }
 
-    /// Client traffic: the global limit, then per-source, then the session (this
-    /// worker's, another worker's, or created), then per-session. Cheapest refusal
-    /// first, so a flood costs little.
+    /// A client datagram's session and limits: the global limit, then per-source,
+    /// then the session (this worker's, another worker's, or opened now), then
+    /// per-session. Cheapest refusal first, so a flood costs little.
     #[inline]
-    fn admit_client(
-        &mut self,
-        now: Millis,
-        ingress: IfaceId,
-        flow: FlowKey,
-        client_mac: MacAddr,
-        bytes: u64,
-        peer_flow: u32,
-    ) -> Result<Upstreamward, DropReason> {
-        if !self.global_limit.is_unlimited() && !self.global_tokens.allow(&self.global_limit, now, bytes) {
-            return Err(DropReason::RateLimitedGlobal);
-        }
+    fn client_session(&mut self, now: Millis, datagram: &Datagram, peer_flow: u32) -> Result<Upstreamward, DropReason> {
+        self.admission.allow_global(now, datagram.wire_bytes)?;
+        let flow = FlowKey { client: datagram.from, listen: datagram.to };
         // An established flow knows its route; only a new one needs the route lookup.
         let existing = self.sessions.find(&flow);
         let elsewhere = if existing.is_none() { self.directory.find(&flow) } else { None };
@@ -525,25 +469,21 @@ impl Relay {
             (None, None) => self.routes.lookup(flow.listen).ok_or(DropReason::NoRoute)?,
         };
         let route = self.routes.route(route_id);
-        let (per_source, per_session) = (route.per_source, route.per_session);
-        if !per_source.is_unlimited()
-            && !self.source_limiter.allow(route_id.0, flow.client.ip(), &per_source, now, bytes)
-        {
-            return Err(DropReason::RateLimitedSource);
-        }
+        let per_session = route.per_session;
+        self.admission.allow_source(route_id, &route.per_source, flow.client.ip(), now, datagram.wire_bytes)?;
         if let Some((port, binding)) = elsewhere {
             return Ok(self.relay_for_owner(now, port, &binding));
         }
         let slot = match existing {
             Some(slot) => slot,
-            None => match self.admit(now, ingress, flow, client_mac, route_id, peer_flow)? {
-                Admitted::Here(slot) => slot,
-                Admitted::Elsewhere(port, binding) => return Ok(self.relay_for_owner(now, port, &binding)),
+            None => match self.open_session(now, datagram, flow, route_id, peer_flow)? {
+                Opening::Here(slot) => slot,
+                Opening::Elsewhere(port, binding) => return Ok(self.relay_for_owner(now, port, &binding)),
             },
         };
         let session = self.sessions.refresh(slot, now).ok_or(DropReason::NoSession)?;
         self.directory.client_sent(session.nat_port);
-        if !per_session.is_unlimited() && !session.tokens.allow(&per_session, now, bytes) {
+        if !per_session.is_unlimited() && !session.tokens.allow(&per_session, now, datagram.wire_bytes) {
             return Err(DropReason::RateLimitedSession);
         }
         Ok(Upstreamward { upstream: session.upstream, nat_ip: session.nat_ip, nat_port: session.nat_port })
@@ -559,16 +499,15 @@ impl Relay {
         Upstreamward { upstream: binding.upstream, nat_ip: binding.nat_ip, nat_port: port }
     }
 
-    /// Creates the session of a new flow: access list, per-source cap, upstream choice, NAT port.
-    fn admit(
+    /// Opens the session of a new flow: access list, per-source cap, upstream choice, NAT port.
+    fn open_session(
         &mut self,
         now: Millis,
-        ingress: IfaceId,
+        datagram: &Datagram,
         flow: FlowKey,
-        client_mac: MacAddr,
         route_id: route::RouteId,
         peer_flow: u32,
-    ) -> Result<Admitted, DropReason> {
+    ) -> Result<Opening, DropReason> {
         let route = self.routes.route(route_id);
         if self.is_own_address(flow.client.ip()) {
             return Err(DropReason::OwnSourceAddress);
@@ -577,10 +516,7 @@ impl Relay {
             return Err(DropReason::ClientNotAllowed);
         }
         let per_session = route.per_session;
-        let held = self.sessions_per_source.get(&flow.client.ip()).copied().unwrap_or(0);
-        if held as usize >= self.max_sessions_per_source {
-            return Err(DropReason::SourceSessionLimit);
-        }
+        self.admission.may_open(flow.client.ip())?;
         let upstream = self.routes.choose_upstream(route_id, flow.client);
         // The NAT address must be known before the session exists: it is what the upstream replies to.
         let hop = self.resolved_hop(upstream).map_err(NoHop::drop_reason)?;
@@ -590,8 +526,8 @@ impl Relay {
             upstream,
             nat_ip: hop.src_ip,
             nat_port: 0,
-            client_iface: ingress,
-            client_mac,
+            client_iface: datagram.ingress,
+            client_mac: datagram.from_mac,
             last_seen: now,
             created: now,
             tokens: TokenPair::full(&per_session, now),
@@ -604,19 +540,19 @@ impl Relay {
             // Another worker created this flow's session at this very moment: use that one.
             Err(AdmitError::Contended(port)) => {
                 return match self.directory.binding(port).filter(|b| b.flow == flow) {
-                    Some(binding) => Ok(Admitted::Elsewhere(port, binding)),
+                    Some(binding) => Ok(Opening::Elsewhere(port, binding)),
                     None => Err(DropReason::SessionContended),
                 };
             }
         };
-        *self.sessions_per_source.entry(flow.client.ip()).or_insert(0) += 1;
+        self.admission.opened(flow.client.ip());
         // Bounded so the hot path never allocates; a flow past it only meets the XDP new-flow budget.
         if self.admitted.len() < ADMITTED_BACKLOG {
             self.admitted.push(flow);
         }
         self.counters.sessions_created.add(1);
         self.counters.sessions_active.set(self.sessions.len() as u64);
-        Ok(Admitted::Here(slot))
+        Ok(Opening::Here(slot))
     }
 
     /// Whether `ip` is one of the relay's own: a listen address or a NAT source address.
@@ -636,25 +572,15 @@ impl Relay {
 }
 
 /// Where a new flow's session ended up.
-enum Admitted {
+enum Opening {
     Here(Slot),
     Elsewhere(u16, Binding),
-}
-
-/// One session of `source` ended: forget the source once it holds none.
-fn release_source(per_source: &mut HashMap<IpAddr, u32, ahash::RandomState>, source: IpAddr) {
-    if let Some(count) = per_source.get_mut(&source) {
-        *count -= 1;
-        if *count == 0 {
-            per_source.remove(&source);
-        }
-    }
 }
 
 /// Rewrites addresses (and, when the payload changed length, the lengths and
 /// the UDP checksum) of the frame in `buffer`; returns the verdict and its length.
 #[inline]
-fn finish(
+fn rewrite_headers(
     buffer: &mut [u8],
     layout: Layout,
     old_payload: usize,
@@ -747,10 +673,10 @@ mod tests {
     fn a_reply_on_another_workers_queue_reaches_the_client() {
         let [(mut first, first_counters), (mut second, second_counters)] = two_workers();
         let mut request = client_frame(40000);
-        assert_eq!(first.handle(1, IfaceId(0), &mut request), Verdict::Forward(IfaceId(1)));
+        assert_eq!(first.relay_whole_frame(1, IfaceId(0), &mut request), Verdict::Forward(IfaceId(1)));
         let nat = source_of(&request);
         let mut reply = udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.2:7000"), nat, b"pong");
-        assert_eq!(second.handle(2, IfaceId(1), &mut reply), Verdict::Forward(IfaceId(0)));
+        assert_eq!(second.relay_whole_frame(2, IfaceId(1), &mut reply), Verdict::Forward(IfaceId(0)));
         let expected = udp_frame(RELAY_CLIENT_SIDE, CLIENT_MAC, addr("10.0.0.1:5000"), addr("10.0.0.2:40000"), b"pong");
         assert_eq!(reply, expected);
         assert_eq!(second_counters.replies_cross_queue.get(), 1);
@@ -763,17 +689,17 @@ mod tests {
         first.expire(30_002, usize::MAX, |_| {});
         assert_eq!(first.session_count(), 0);
         let mut late = udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.2:7000"), nat, b"late");
-        assert_eq!(second.handle(30_003, IfaceId(1), &mut late), Verdict::Drop(DropReason::NoSession));
+        assert_eq!(second.relay_whole_frame(30_003, IfaceId(1), &mut late), Verdict::Drop(DropReason::NoSession));
     }
 
     #[test]
     fn a_client_flow_moved_to_another_queue_keeps_its_session() {
         let [(mut first, first_counters), (mut second, second_counters)] = two_workers();
         let mut request = client_frame(40000);
-        first.handle(1, IfaceId(0), &mut request);
+        first.relay_whole_frame(1, IfaceId(0), &mut request);
         let nat = source_of(&request);
         let mut moved = client_frame(40000);
-        assert_eq!(second.handle(2, IfaceId(0), &mut moved), Verdict::Forward(IfaceId(1)));
+        assert_eq!(second.relay_whole_frame(2, IfaceId(0), &mut moved), Verdict::Forward(IfaceId(1)));
         assert_eq!(source_of(&moved), nat, "the same NAT port: no second session");
         assert_eq!((second.session_count(), second_counters.clients_cross_queue.get()), (0, 1));
         assert_eq!(second_counters.sessions_created.get(), 0);
@@ -781,15 +707,15 @@ mod tests {
         // Answered, then client traffic on the other queue 2 s on: established where it was
         // created, so a flood of new flows through the owner's full table cannot evict it.
         let mut reply = udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.2:7000"), nat, b"r");
-        assert_eq!(second.handle(3, IfaceId(1), &mut reply), Verdict::Forward(IfaceId(0)));
-        second.handle(2_500, IfaceId(0), &mut client_frame(40000));
+        assert_eq!(second.relay_whole_frame(3, IfaceId(1), &mut reply), Verdict::Forward(IfaceId(0)));
+        second.relay_whole_frame(2_500, IfaceId(0), &mut client_frame(40000));
         for port in 1000..1200 {
-            first.handle(2_600, IfaceId(0), &mut client_frame(port));
+            first.relay_whole_frame(2_600, IfaceId(0), &mut client_frame(port));
         }
         first.expire(2_600, 0, |_| {});
         assert!(first_counters.sessions_evicted.get() >= 100, "the owner's table churned");
         let mut again = client_frame(40000);
-        assert_eq!(second.handle(2_700, IfaceId(0), &mut again), Verdict::Forward(IfaceId(1)));
+        assert_eq!(second.relay_whole_frame(2_700, IfaceId(0), &mut again), Verdict::Forward(IfaceId(1)));
         assert_eq!(source_of(&again), nat, "still the same session after the owner's table churned");
     }
 
@@ -803,14 +729,14 @@ mod tests {
             let mut request = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr(client), addr(listen), b"offloaded");
             make_partial(&mut request);
             assert!(UdpFrame::new_checked(&request[..]).expect("valid").udp_checksum_partial());
-            assert_eq!(relay.handle(1, IfaceId(0), &mut request), Verdict::Forward(IfaceId(1)));
+            assert_eq!(relay.relay_whole_frame(1, IfaceId(0), &mut request), Verdict::Forward(IfaceId(1)));
             let nat = source_of(&request);
             let expected = udp_frame(RELAY_UPSTREAM_SIDE, UPSTREAM_MAC, nat, addr(upstream), b"offloaded");
             assert_eq!(request, expected, "a complete checksum, though verification was on");
 
             let mut reply = udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr(upstream), nat, b"back");
             make_partial(&mut reply);
-            assert_eq!(relay.handle(2, IfaceId(1), &mut reply), Verdict::Forward(IfaceId(0)));
+            assert_eq!(relay.relay_whole_frame(2, IfaceId(1), &mut reply), Verdict::Forward(IfaceId(0)));
             assert_eq!(reply, udp_frame(RELAY_CLIENT_SIDE, CLIENT_MAC, addr(listen), addr(client), b"back"));
             assert_eq!(counters.total_drops(), 0);
         }
@@ -836,14 +762,14 @@ mod tests {
         let (mut relay, counters) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
         let mut request =
             udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"), b"ping");
-        assert_eq!(relay.handle(1, IfaceId(0), &mut request), Verdict::Forward(IfaceId(1)));
+        assert_eq!(relay.relay_whole_frame(1, IfaceId(0), &mut request), Verdict::Forward(IfaceId(1)));
         let nat = source_of(&request);
         assert!((20000..=20999).contains(&nat.port()) && nat.ip() == addr("10.1.0.1:0").ip());
         let expected = udp_frame(RELAY_UPSTREAM_SIDE, UPSTREAM_MAC, nat, addr("10.1.0.2:7000"), b"ping");
         assert_eq!(request, expected);
 
         let mut reply = udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.2:7000"), nat, b"pong");
-        assert_eq!(relay.handle(2, IfaceId(1), &mut reply), Verdict::Forward(IfaceId(0)));
+        assert_eq!(relay.relay_whole_frame(2, IfaceId(1), &mut reply), Verdict::Forward(IfaceId(0)));
         let expected = udp_frame(RELAY_CLIENT_SIDE, CLIENT_MAC, addr("10.0.0.1:5000"), addr("10.0.0.2:40000"), b"pong");
         assert_eq!(reply, expected);
         assert_eq!(counters.sessions_created.get(), 1);
@@ -855,10 +781,10 @@ mod tests {
         let (mut relay, _) = two_arm_relay("[::]:5000", "[fd01::2]:7000", "fd01::1");
         let mut request =
             udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("[fd00::2]:40000"), addr("[fd00::1]:5000"), b"ping6");
-        assert_eq!(relay.handle(1, IfaceId(0), &mut request), Verdict::Forward(IfaceId(1)));
+        assert_eq!(relay.relay_whole_frame(1, IfaceId(0), &mut request), Verdict::Forward(IfaceId(1)));
         let mut reply =
             udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("[fd01::2]:7000"), source_of(&request), b"pong6");
-        assert_eq!(relay.handle(2, IfaceId(1), &mut reply), Verdict::Forward(IfaceId(0)));
+        assert_eq!(relay.relay_whole_frame(2, IfaceId(1), &mut reply), Verdict::Forward(IfaceId(0)));
         let expected =
             udp_frame(RELAY_CLIENT_SIDE, CLIENT_MAC, addr("[fd00::1]:5000"), addr("[fd00::2]:40000"), b"pong6");
         assert_eq!(reply, expected, "the reply comes from the exact address the client used");
@@ -876,7 +802,7 @@ mod tests {
                 addr("10.0.0.1:5000"),
                 &port.to_be_bytes(),
             );
-            assert_eq!(relay.handle(1, IfaceId(0), &mut request), Verdict::Forward(IfaceId(1)));
+            assert_eq!(relay.relay_whole_frame(1, IfaceId(0), &mut request), Verdict::Forward(IfaceId(1)));
             let view = UdpFrame::new_checked(&request[..]).expect("valid");
             nat_port_of.push((port, view.src().port()));
         }
@@ -888,7 +814,7 @@ mod tests {
                 SocketAddr::new("10.1.0.1".parse().expect("ip"), nat_port),
                 b"r",
             );
-            assert_eq!(relay.handle(2, IfaceId(1), &mut reply), Verdict::Forward(IfaceId(0)));
+            assert_eq!(relay.relay_whole_frame(2, IfaceId(1), &mut reply), Verdict::Forward(IfaceId(0)));
             assert_eq!(UdpFrame::new_checked(&reply[..]).expect("valid").dst().port(), client_port);
         }
         assert_eq!(relay.session_count(), 500);
@@ -898,19 +824,22 @@ mod tests {
     fn replies_are_refused_from_strangers_and_after_expiry() {
         let (mut relay, counters) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
         let mut request = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"), b"x");
-        relay.handle(0, IfaceId(0), &mut request);
+        relay.relay_whole_frame(0, IfaceId(0), &mut request);
         let nat = source_of(&request);
 
         let mut stranger = udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.66:7000"), nat, b"evil");
-        assert_eq!(relay.handle(1, IfaceId(1), &mut stranger), Verdict::Drop(DropReason::UnexpectedReplySource));
+        assert_eq!(
+            relay.relay_whole_frame(1, IfaceId(1), &mut stranger),
+            Verdict::Drop(DropReason::UnexpectedReplySource)
+        );
         let other_port = SocketAddr::new(nat.ip(), if nat.port() == 20000 { 20001 } else { 20000 });
         let mut unknown_port = udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.2:7000"), other_port, b"?");
-        assert_eq!(relay.handle(1, IfaceId(1), &mut unknown_port), Verdict::Drop(DropReason::NoSession));
+        assert_eq!(relay.relay_whole_frame(1, IfaceId(1), &mut unknown_port), Verdict::Drop(DropReason::NoSession));
 
         relay.expire(30_000, usize::MAX, |_| {});
         assert_eq!(relay.session_count(), 0);
         let mut late = udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.2:7000"), nat, b"late");
-        assert_eq!(relay.handle(30_001, IfaceId(1), &mut late), Verdict::Drop(DropReason::NoSession));
+        assert_eq!(relay.relay_whole_frame(30_001, IfaceId(1), &mut late), Verdict::Drop(DropReason::NoSession));
         assert_eq!(counters.sessions_expired.get(), 1);
         assert_eq!(counters.dropped(DropReason::NoSession), 2);
         assert_eq!(counters.dropped(DropReason::UnexpectedReplySource), 1);
@@ -927,7 +856,7 @@ mod tests {
             for _ in 0..3 {
                 let mut request =
                     udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"), b"x");
-                assert_eq!(relay.handle(0, IfaceId(0), &mut request), Verdict::Drop(reason));
+                assert_eq!(relay.relay_whole_frame(0, IfaceId(0), &mut request), Verdict::Drop(reason));
             }
             assert_eq!(relay.take_unresolved().collect::<Vec<_>>(), vec![UpstreamId(0)]);
             assert_eq!(relay.take_unresolved().count(), 0);
@@ -946,10 +875,10 @@ mod tests {
         });
         let exchange = |relay: &mut Relay, now: Millis, client: SocketAddr| {
             let mut request = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, client, addr("10.0.0.1:5000"), b"q");
-            relay.handle(now, IfaceId(0), &mut request);
+            relay.relay_whole_frame(now, IfaceId(0), &mut request);
             let nat = source_of(&request);
             let mut reply = udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.1.0.2:7000"), nat, b"r");
-            (nat, relay.handle(now, IfaceId(1), &mut reply))
+            (nat, relay.relay_whole_frame(now, IfaceId(1), &mut reply))
         };
         let settled = addr("10.0.0.2:41000");
         let (nat, _) = exchange(&mut relay, 0, settled);
@@ -970,11 +899,17 @@ mod tests {
         let (mut relay, counters) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
         for dst_mac in [[0xff; 6], [0x01, 0x00, 0x5e, 0, 0, 1], [2, 0, 0, 0, 0, 0x77], RELAY_UPSTREAM_SIDE] {
             let mut flooded = udp_frame(CLIENT_MAC, dst_mac, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"), b"x");
-            assert_eq!(relay.handle(0, IfaceId(0), &mut flooded), Verdict::Drop(DropReason::ForeignDestinationMac));
+            assert_eq!(
+                relay.relay_whole_frame(0, IfaceId(0), &mut flooded),
+                Verdict::Drop(DropReason::ForeignDestinationMac)
+            );
         }
         for own in ["10.0.0.1:6000", "10.1.0.1:6000"] {
             let mut spoofed = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr(own), addr("10.0.0.1:5000"), b"x");
-            assert_eq!(relay.handle(0, IfaceId(0), &mut spoofed), Verdict::Drop(DropReason::OwnSourceAddress));
+            assert_eq!(
+                relay.relay_whole_frame(0, IfaceId(0), &mut spoofed),
+                Verdict::Drop(DropReason::OwnSourceAddress)
+            );
         }
         assert_eq!(counters.sessions_created.get(), 0);
         assert_eq!(counters.dropped(DropReason::ForeignDestinationMac), 4);
@@ -988,12 +923,12 @@ mod tests {
             udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"), b"abcd");
         let last = corrupt.len() - 1;
         corrupt[last] ^= 1;
-        assert_eq!(relay.handle(0, IfaceId(0), &mut corrupt), Verdict::Drop(DropReason::BadChecksum));
+        assert_eq!(relay.relay_whole_frame(0, IfaceId(0), &mut corrupt), Verdict::Drop(DropReason::BadChecksum));
         let mut other_port =
             udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:40000"), addr("10.0.0.1:5001"), b"abcd");
-        assert_eq!(relay.handle(0, IfaceId(0), &mut other_port), Verdict::Drop(DropReason::NoRoute));
+        assert_eq!(relay.relay_whole_frame(0, IfaceId(0), &mut other_port), Verdict::Drop(DropReason::NoRoute));
         let mut runt = vec![0u8; 10];
-        assert_eq!(relay.handle(0, IfaceId(0), &mut runt), Verdict::Drop(DropReason::TooShort));
+        assert_eq!(relay.relay_whole_frame(0, IfaceId(0), &mut runt), Verdict::Drop(DropReason::TooShort));
         assert_eq!(counters.total_drops(), 3);
     }
 
@@ -1015,16 +950,16 @@ mod tests {
         };
         let (mut relay, counters) = relay_with(spec, "10.1.0.1", |_| {});
         let forwarded = (0..100)
-            .filter(|_| matches!(relay.handle(0, IfaceId(0), &mut client_frame(1000)), Verdict::Forward(_)))
+            .filter(|_| matches!(relay.relay_whole_frame(0, IfaceId(0), &mut client_frame(1000)), Verdict::Forward(_)))
             .count();
         assert_eq!(forwarded, 10, "a 200 ms burst at 50 pps");
         assert_eq!(counters.dropped(DropReason::RateLimitedSession), 90);
         assert!(
-            matches!(relay.handle(0, IfaceId(0), &mut client_frame(1001)), Verdict::Forward(_)),
+            matches!(relay.relay_whole_frame(0, IfaceId(0), &mut client_frame(1001)), Verdict::Forward(_)),
             "another session is unaffected"
         );
         assert!(
-            matches!(relay.handle(100, IfaceId(0), &mut client_frame(1000)), Verdict::Forward(_)),
+            matches!(relay.relay_whole_frame(100, IfaceId(0), &mut client_frame(1000)), Verdict::Forward(_)),
             "tokens come back with time"
         );
     }
@@ -1037,7 +972,9 @@ mod tests {
         };
         let (mut relay, counters) = relay_with(spec, "10.1.0.1", |_| {});
         let forwarded = (0..100u16)
-            .filter(|p| matches!(relay.handle(0, IfaceId(0), &mut client_frame(2000 + p)), Verdict::Forward(_)))
+            .filter(|p| {
+                matches!(relay.relay_whole_frame(0, IfaceId(0), &mut client_frame(2000 + p)), Verdict::Forward(_))
+            })
             .count();
         assert_eq!(forwarded, 10);
         assert_eq!(counters.dropped(DropReason::RateLimitedSource), 90);
@@ -1051,13 +988,14 @@ mod tests {
             s.global_limit = Limit { packets_per_second: Some(100), bytes_per_second: None };
             s.max_sessions_per_source = 3;
         });
-        let verdicts: Vec<_> = (0..30u16).map(|p| relay.handle(0, IfaceId(0), &mut client_frame(3000 + p))).collect();
+        let verdicts: Vec<_> =
+            (0..30u16).map(|p| relay.relay_whole_frame(0, IfaceId(0), &mut client_frame(3000 + p))).collect();
         assert_eq!(verdicts.iter().filter(|v| matches!(v, Verdict::Forward(_))).count(), 3);
         assert_eq!(counters.dropped(DropReason::SourceSessionLimit), 17, "the 20-packet global burst, less 3 sessions");
         assert_eq!(counters.dropped(DropReason::RateLimitedGlobal), 10);
         relay.expire(60_000, usize::MAX, |_| {});
         assert!(
-            matches!(relay.handle(60_000, IfaceId(0), &mut client_frame(4000)), Verdict::Forward(_)),
+            matches!(relay.relay_whole_frame(60_000, IfaceId(0), &mut client_frame(4000)), Verdict::Forward(_)),
             "expiry frees the source's quota"
         );
     }
@@ -1080,7 +1018,7 @@ mod tests {
         let request = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"), &payload);
         let mut buffer = request.clone();
         buffer.resize(2048, 0);
-        let (verdict, len) = edge.handle_sized(1, IfaceId(0), &mut buffer, request.len());
+        let (verdict, len) = edge.relay_frame(1, IfaceId(0), &mut buffer, request.len());
         assert_eq!(verdict, Verdict::Forward(IfaceId(1)));
         assert!(len < request.len(), "the hop carries less: {len} < {}", request.len());
         assert!(UdpFrame::new_checked(&buffer[..len]).expect("valid").checksums_valid());
@@ -1088,7 +1026,7 @@ mod tests {
 
         // On the hop's link the exit relay's client side is the next hop.
         buffer[..6].copy_from_slice(&RELAY_CLIENT_SIDE);
-        let (verdict, len) = exit.handle_sized(2, IfaceId(0), &mut buffer, len);
+        let (verdict, len) = exit.relay_frame(2, IfaceId(0), &mut buffer, len);
         assert_eq!(verdict, Verdict::Forward(IfaceId(1)));
         let plain = UdpFrame::new_checked(&buffer[..len]).expect("valid");
         assert_eq!(plain.payload(), &payload[..], "the exit relay forwards the original payload");
@@ -1099,12 +1037,12 @@ mod tests {
         let reply = udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr("10.2.0.2:7000"), exit_nat, b"pong");
         let mut buffer = reply.clone();
         buffer.resize(2048, 0);
-        let (verdict, len) = exit.handle_sized(3, IfaceId(1), &mut buffer, reply.len());
+        let (verdict, len) = exit.relay_frame(3, IfaceId(1), &mut buffer, reply.len());
         assert_eq!(verdict, Verdict::Forward(IfaceId(0)));
         assert_eq!(len, reply.len() + oxtunnel::OVERHEAD, "too short to compress: sealed plain");
         // The sealed reply reaches the edge relay's NAT port.
         buffer[..6].copy_from_slice(&RELAY_UPSTREAM_SIDE);
-        let (verdict, len) = edge.handle_sized(4, IfaceId(1), &mut buffer, len);
+        let (verdict, len) = edge.relay_frame(4, IfaceId(1), &mut buffer, len);
         assert_eq!(verdict, Verdict::Forward(IfaceId(0)));
         let back = UdpFrame::new_checked(&buffer[..len]).expect("valid");
         assert_eq!((back.payload(), back.dst()), (&b"pong"[..], addr("10.0.0.2:40000")));
@@ -1121,7 +1059,7 @@ mod tests {
         let (mut exit, counters) = relay_with(exit_spec, "10.2.0.1", |_| {});
         let mut forged =
             udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.1.0.1:20000"), addr("10.1.0.2:6000"), &[0x4f; 64]);
-        assert_eq!(exit.handle(0, IfaceId(0), &mut forged), Verdict::Drop(DropReason::TunnelMalformed));
+        assert_eq!(exit.relay_whole_frame(0, IfaceId(0), &mut forged), Verdict::Drop(DropReason::TunnelMalformed));
         let edge_spec = RouteSpec {
             upstream_key: Some(TunnelKey::from_bytes([2; 32])),
             ..RouteSpec::new(addr("10.0.0.1:5000"), vec![addr("10.1.0.2:6000")])
@@ -1130,14 +1068,14 @@ mod tests {
         let mut sealed = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:1"), addr("10.0.0.1:5000"), &[7; 100]);
         let original = sealed.len();
         sealed.resize(2048, 0);
-        let (_, len) = edge.handle_sized(0, IfaceId(0), &mut sealed, original);
+        let (_, len) = edge.relay_frame(0, IfaceId(0), &mut sealed, original);
         sealed[..6].copy_from_slice(&RELAY_CLIENT_SIDE);
-        assert_eq!(exit.handle_sized(0, IfaceId(0), &mut sealed, len).0, Verdict::Drop(DropReason::TunnelAuthFailed));
+        assert_eq!(exit.relay_frame(0, IfaceId(0), &mut sealed, len).0, Verdict::Drop(DropReason::TunnelAuthFailed));
         assert_eq!(counters.dropped(DropReason::TunnelAuthFailed), 1);
         let mut no_room =
             udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:2"), addr("10.0.0.1:5000"), &[7; 100]);
         assert_eq!(
-            edge.handle(0, IfaceId(0), &mut no_room),
+            edge.relay_whole_frame(0, IfaceId(0), &mut no_room),
             Verdict::Drop(DropReason::TunnelMalformed),
             "no room to grow"
         );

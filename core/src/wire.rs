@@ -426,7 +426,8 @@ fn array16(bytes: &[u8]) -> [u8; 16] {
     out
 }
 
-/// Builds well-formed frames for tests, benches and fuzz seeds (checksums computed from scratch).
+/// Builds well-formed frames (checksums computed from scratch): the packets of
+/// `oxr-loadgen`, which the flood scenarios and the e2e bench run, and test fixtures.
 pub mod build {
     use super::*;
 

@@ -52,7 +52,7 @@ fuzz_target!(|data: &[u8]| {
         }
         rest = &rest[4 + len..];
         frames += 1;
-        if let Verdict::Forward(egress) = relay.handle(now, ingress, &mut frame) {
+        if let Verdict::Forward(egress) = relay.relay_whole_frame(now, ingress, &mut frame) {
             assert!(egress.0 < 2);
             forwarded += 1;
         }

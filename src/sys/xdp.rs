@@ -102,6 +102,7 @@ pub enum XdpError {
         #[source]
         source: io::Error,
     },
+    #[cfg(feature = "test-support")]
     #[error("bpf_prog_test_run_opts failed")]
     TestRun(#[source] io::Error),
 }
@@ -255,6 +256,7 @@ impl XdpProgram {
 
     /// Runs the program once over `frame` with BPF_PROG_TEST_RUN; returns the
     /// XDP action and the frame as the program left it.
+    #[cfg(feature = "test-support")]
     pub fn test_run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>), XdpError> {
         let mut out = vec![0u8; frame.len() + 256];
         let mut opts = bpf::bpf_test_run_opts {
