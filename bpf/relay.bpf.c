@@ -59,7 +59,7 @@ static __always_inline int is_nat(const struct endpoint_key *dst)
 #define BUDGET_BURST_MS 250
 
 /* Whether a client packet may reach the socket: established flows always, new ones within the budget. */
-static __always_inline int admit_client(const struct endpoint_key *dst, const __u8 *src_addr, __be16 src_port)
+static __always_inline int established_or_within_budget(const struct endpoint_key *dst, const __u8 *src_addr, __be16 src_port)
 {
 	__u32 zero = 0;
 	struct relay_config *config = bpf_map_lookup_elem(&relay_config_map, &zero);
@@ -180,7 +180,7 @@ int oxidize_relay(struct xdp_md *ctx)
 	if (udp_len < sizeof(*udp) || udp_len > ip_payload_len ||
 	    (void *)udp + udp_len > c.end)
 		return drop(XDP_CNT_DROP_BAD_UDP_LENGTH);
-	if (redirect_counter == XDP_CNT_REDIRECT_LISTEN && !admit_client(&dst, src_addr, udp->source))
+	if (redirect_counter == XDP_CNT_REDIRECT_LISTEN && !established_or_within_budget(&dst, src_addr, udp->source))
 		return drop(XDP_CNT_DROP_NEW_FLOW_BUDGET);
 
 	return to_socket(ctx, redirect_counter);
