@@ -7,16 +7,31 @@ use oxidize_relay_core::config::StaticNeighbor;
 use oxidize_relay_core::route::UpstreamId;
 use oxidize_relay_core::{IfaceId, NextHop, NoHop};
 
+use std::sync::Arc;
+
 use crate::sys::iface::IfaceInfo;
-use crate::sys::netlink::{self, RouteSocket};
+use crate::sys::netlink::{self, NetlinkError, RouteSocket};
 
 /// Why an upstream has no next hop right now (logged when it changes).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 enum Unreachable {
-    NoRoute(String),
+    NoRoute(Arc<NetlinkError>),
     ForeignInterface(u32),
     NoSourceAddress,
     NeighborPending(IpAddr),
+}
+
+/// Equal when the reason is the same: a route lookup failing again with another errno is no news.
+impl PartialEq for Unreachable {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Unreachable::NoRoute(_), Unreachable::NoRoute(_))
+            | (Unreachable::NoSourceAddress, Unreachable::NoSourceAddress) => true,
+            (Unreachable::ForeignInterface(a), Unreachable::ForeignInterface(b)) => a == b,
+            (Unreachable::NeighborPending(a), Unreachable::NeighborPending(b)) => a == b,
+            _ => false,
+        }
+    }
 }
 
 impl Unreachable {
@@ -75,7 +90,7 @@ impl NextHopResolver {
                     tracing::warn!(%upstream, neighbor = %ip, "neighbour not resolved yet; resolution requested, packets for it are counted as neighbor_unresolved")
                 }
                 Err(Unreachable::NoRoute(error)) => {
-                    tracing::warn!(%upstream, %error, "no route to upstream")
+                    tracing::warn!(%upstream, error = &**error as &dyn std::error::Error, "no route to upstream")
                 }
                 Err(Unreachable::ForeignInterface(ifindex)) => {
                     tracing::warn!(%upstream, ifindex, "upstream is routed through an interface the relay does not serve")
@@ -98,7 +113,7 @@ impl NextHopResolver {
     }
 
     fn resolve(&mut self, upstream: IpAddr) -> Result<NextHop, Unreachable> {
-        let route = self.socket.route_to(upstream).map_err(|e| Unreachable::NoRoute(e.to_string()))?;
+        let route = self.socket.route_to(upstream).map_err(|e| Unreachable::NoRoute(Arc::new(e)))?;
         if !self.link_layer {
             let src_ip = route.preferred_source.ok_or(Unreachable::NoSourceAddress)?;
             return Ok(NextHop { iface: IfaceId(0), src_ip, dst_mac: [0; 6] });

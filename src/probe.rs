@@ -1,22 +1,19 @@
 //! What this host can do for the relay, and which backend `mode = "auto"` picks.
 
 use std::fs;
+use std::io;
+use std::sync::Arc;
+
+use caps::{CapSet, Capability};
 
 use oxidize_relay_core::config::{Config, Mode, XdpMode};
 use serde_json::{Value, json};
 
-use crate::sys::iface::IfaceInfo;
+use crate::sys::iface::{IfaceError, IfaceInfo};
 use crate::sys::netlink::RouteSocket;
 use crate::sys::{xdp, xsk};
 
-/// Capability bits of interest (linux/capability.h).
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_NET_RAW: u32 = 13;
-const CAP_IPC_LOCK: u32 = 14;
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_BPF: u32 = 39;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct InterfaceReport {
     pub name: String,
     pub driver: Option<String>,
@@ -24,17 +21,16 @@ pub struct InterfaceReport {
     /// `None` when the interface is missing or the kernel does not advertise XDP features.
     pub native_xdp: Option<bool>,
     pub zero_copy: Option<bool>,
-    pub error: Option<String>,
-    pub missing: bool,
+    pub error: Option<IfaceError>,
 }
 
 /// Everything `probe` prints and `auto` decides from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct HostReport {
     pub kernel: String,
     pub btf: bool,
     pub xdp_programs: bool,
-    pub af_xdp_sockets: Result<(), String>,
+    pub af_xdp_sockets: Result<(), Arc<io::Error>>,
     pub cap_net_admin: bool,
     pub cap_net_raw: bool,
     pub cap_bpf: bool,
@@ -47,7 +43,7 @@ pub struct HostReport {
 }
 
 /// The backend `auto` chose, with the reasons behind it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Choice {
     pub mode: Mode,
     pub reasons: Vec<String>,
@@ -55,19 +51,19 @@ pub struct Choice {
 
 impl HostReport {
     pub fn gather(interfaces: &[String]) -> Self {
-        let caps = effective_capabilities();
-        let has = |bit: u32| caps & (1u64 << bit) != 0;
+        // Unreadable counts as absent: probe reports, it does not guess.
+        let has = |cap: Capability| caps::has_cap(None, CapSet::Effective, cap).unwrap_or(false);
         let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
         HostReport {
             kernel: fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_owned()).unwrap_or_default(),
             btf: fs::metadata("/sys/kernel/btf/vmlinux").is_ok(),
             xdp_programs: xdp::kernel_loads_xdp(),
-            af_xdp_sockets: xsk::af_xdp_socket_available().map_err(|e| e.to_string()),
-            cap_net_admin: has(CAP_NET_ADMIN),
-            cap_net_raw: has(CAP_NET_RAW),
+            af_xdp_sockets: xsk::af_xdp_socket_available().map_err(Arc::new),
+            cap_net_admin: has(Capability::CAP_NET_ADMIN),
+            cap_net_raw: has(Capability::CAP_NET_RAW),
             // CAP_SYS_ADMIN implies what CAP_BPF grants on kernels that have it.
-            cap_bpf: has(CAP_BPF) || has(CAP_SYS_ADMIN),
-            cap_ipc_lock: has(CAP_IPC_LOCK),
+            cap_bpf: has(Capability::CAP_BPF) || has(Capability::CAP_SYS_ADMIN),
+            cap_ipc_lock: has(Capability::CAP_IPC_LOCK),
             memlock_limit: memlock_limit(),
             hugepages_free: meminfo_value(&meminfo, "HugePages_Free:"),
             hugepage_kib: meminfo_value(&meminfo, "Hugepagesize:"),
@@ -96,7 +92,7 @@ impl HostReport {
         }
         for interface in &self.interfaces {
             if let Some(error) = &interface.error {
-                blockers.push(format!("interface {}: {error}", interface.name));
+                blockers.push(with_causes(error));
             }
         }
         if !blockers.is_empty() {
@@ -141,7 +137,7 @@ impl HostReport {
             "hugepages": { "free": self.hugepages_free, "size_kib": self.hugepage_kib },
             "interfaces": self.interfaces.iter().map(|i| json!({
                 "name": i.name, "driver": i.driver, "rx_queues": i.rx_queues,
-                "native_xdp": i.native_xdp, "zero_copy": i.zero_copy, "error": i.error,
+                "native_xdp": i.native_xdp, "zero_copy": i.zero_copy, "error": i.error.as_ref().map(with_causes),
             })).collect::<Vec<_>>(),
             "auto_mode": mode_name(choice.mode),
             "reasons": choice.reasons,
@@ -165,7 +161,7 @@ impl HostReport {
         row("hugepages free", format!("{} x {} KiB", self.hugepages_free, self.hugepage_kib));
         for i in &self.interfaces {
             let detail = match &i.error {
-                Some(error) => error.clone(),
+                Some(error) => with_causes(error),
                 None => format!(
                     "driver {}, {} RX queues, native XDP {}, zero-copy {}",
                     i.driver.as_deref().unwrap_or("?"),
@@ -185,26 +181,34 @@ impl HostReport {
     }
 }
 
+/// Why the configured mode cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum ModeError {
+    #[error(transparent)]
+    Interface(IfaceError),
+    #[error("mode = \"af_xdp\" cannot run on this host: {reasons}; use mode = \"auto\" or \"socket\"")]
+    AfXdpUnavailable { reasons: String },
+}
+
 /// Resolves `mode` for `config`: `auto` probes; a forced `af_xdp` that cannot
 /// work fails here, before anything is attached.
-pub fn resolve_mode(config: &Config) -> Result<(Mode, HostReport), String> {
+pub fn resolve_mode(config: &Config) -> Result<(Mode, HostReport), ModeError> {
     let names: Vec<String> = config.interfaces.iter().map(|i| i.name.clone()).collect();
     let report = HostReport::gather(&names);
     let choice = report.choose();
     if config.runtime.mode != Mode::Socket
-        && let Some(missing) = report.interfaces.iter().find(|i| i.missing)
+        && let Some(missing) = report.interfaces.iter().find_map(|i| i.error.as_ref().filter(|e| e.is_missing()))
     {
-        return Err(missing.error.clone().unwrap_or_default());
+        return Err(ModeError::Interface(missing.clone()));
     }
     match config.runtime.mode {
         Mode::Auto => {
             tracing::info!(mode = mode_name(choice.mode), reasons = %choice.reasons.join("; "), "mode auto: backend chosen");
             Ok((choice.mode, report))
         }
-        Mode::AfXdp if choice.mode != Mode::AfXdp => Err(format!(
-            "mode = \"af_xdp\" cannot run on this host: {}; use mode = \"auto\" or \"socket\"",
-            choice.reasons.join("; ")
-        )),
+        Mode::AfXdp if choice.mode != Mode::AfXdp => {
+            Err(ModeError::AfXdpUnavailable { reasons: choice.reasons.join("; ") })
+        }
         forced => Ok((forced, report)),
     }
 }
@@ -228,7 +232,6 @@ fn interface_report(name: &str) -> InterfaceReport {
                 native_xdp: features.map(|f| f.native()),
                 zero_copy: features.map(|f| f.zero_copy()),
                 error: None,
-                missing: false,
             }
         }
         Err(error) => InterfaceReport {
@@ -237,19 +240,20 @@ fn interface_report(name: &str) -> InterfaceReport {
             rx_queues: None,
             native_xdp: None,
             zero_copy: None,
-            missing: error.missing,
-            error: Some(error.to_string()),
+            error: Some(error),
         },
     }
 }
 
-fn effective_capabilities() -> u64 {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("CapEff:").map(|v| u64::from_str_radix(v.trim(), 16).unwrap_or(0)))
-        })
-        .unwrap_or(0)
+/// An error and every cause under it, as one line.
+fn with_causes(error: &IfaceError) -> String {
+    let mut line = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(inner) = cause {
+        line += &format!(": {inner}");
+        cause = inner.source();
+    }
+    line
 }
 
 fn memlock_limit() -> Option<u64> {

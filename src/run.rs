@@ -18,7 +18,7 @@ use crate::metrics;
 use crate::metrics_endpoint::{self, EndpointError};
 use crate::nexthop::NextHopResolver;
 use crate::preflight::{self, KeyFileError};
-use crate::probe;
+use crate::probe::{self, ModeError};
 use crate::socket_worker::SocketSetupError;
 use crate::stats::Totals;
 use crate::sys;
@@ -34,8 +34,8 @@ const RESOLVE_AT_START: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    #[error("{0}")]
-    Mode(String),
+    #[error(transparent)]
+    Mode(#[from] ModeError),
     #[error(transparent)]
     Interface(#[from] IfaceError),
     #[error(transparent)]
@@ -121,7 +121,7 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
         control::write_atomically(path, "{}")
             .map_err(|source| SetupError::StatsFile { path: path.display().to_string(), source })?;
     }
-    let (mode, report) = probe::resolve_mode(&config).map_err(SetupError::Mode)?;
+    let (mode, report) = probe::resolve_mode(&config)?;
     let routes = Arc::new(RouteTable::new(&config.routes));
     let (unresolved_tx, unresolved_rx) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
     let directory = Arc::new(NatDirectory::new(config.nat.ports, sys::random_u64().map_err(SetupError::Seed)?));

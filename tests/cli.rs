@@ -63,7 +63,7 @@ fn missing_interface_fails_with_its_name() {
     let output =
         relay(&["run", "--interface", "oxrnothere0", "--listen", "10.0.0.1:5000", "--upstream", "10.1.0.2:7000"]);
     assert_eq!(output.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("interface `oxrnothere0`: not found"));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("interface `oxrnothere0` not found: No such device"));
 }
 
 #[test]

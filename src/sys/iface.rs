@@ -3,6 +3,7 @@
 use std::ffi::CString;
 use std::fs;
 use std::io;
+use std::sync::Arc;
 
 use oxidize_relay_core::config::parse_mac;
 use oxidize_relay_core::wire::MacAddr;
@@ -15,13 +16,30 @@ fn index_of(name: &str) -> Option<u32> {
     (index != 0).then_some(index)
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("interface `{name}`: {what}")]
-pub struct IfaceError {
-    name: String,
-    what: String,
+/// Why an interface cannot be served. Cloned into probe reports, hence the shared sources.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IfaceError {
+    #[error("interface `{name}` not found")]
+    NotFound {
+        name: String,
+        #[source]
+        source: Arc<io::Error>,
+    },
+    #[error("interface `{name}`: reading its MAC failed")]
+    UnreadableMac {
+        name: String,
+        #[source]
+        source: Arc<io::Error>,
+    },
+    #[error("interface `{name}` has no Ethernet MAC (`{address}`)")]
+    NotEthernet { name: String, address: String },
+}
+
+impl IfaceError {
     /// The interface does not exist (as opposed to existing without what AF_XDP needs).
-    pub missing: bool,
+    pub fn is_missing(&self) -> bool {
+        matches!(self, IfaceError::NotFound { .. })
+    }
 }
 
 /// What the relay needs to know about one interface.
@@ -44,16 +62,15 @@ impl IfaceInfo {
     }
 
     pub fn lookup(name: &str) -> Result<Self, IfaceError> {
-        let error = |what: String| IfaceError { name: name.to_owned(), what, missing: false };
         let index = index_of(name).unwrap_or(0);
         if index == 0 {
-            return Err(IfaceError { missing: true, ..error(format!("not found ({})", io::Error::last_os_error())) });
+            return Err(IfaceError::NotFound { name: name.to_owned(), source: Arc::new(io::Error::last_os_error()) });
         }
         let sysfs = format!("/sys/class/net/{name}");
         let address = fs::read_to_string(format!("{sysfs}/address"))
-            .map_err(|e| error(format!("reading its MAC failed: {e}")))?;
-        let mac =
-            parse_mac(address.trim()).ok_or_else(|| error(format!("has no Ethernet MAC (`{}`)", address.trim())))?;
+            .map_err(|e| IfaceError::UnreadableMac { name: name.to_owned(), source: Arc::new(e) })?;
+        let mac = parse_mac(address.trim())
+            .ok_or_else(|| IfaceError::NotEthernet { name: name.to_owned(), address: address.trim().to_owned() })?;
         let rx_queues = fs::read_dir(format!("{sysfs}/queues"))
             .map(|entries| {
                 entries.filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().starts_with("rx-")).count()
