@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::prefix::IpPrefix;
+use crate::prefix::parse_prefix;
 use crate::ratelimit::Limit;
 use crate::route::RouteSpec;
 use crate::wire::MacAddr;
@@ -545,8 +545,8 @@ impl RawRoute {
         check_upstreams(listen, &self.upstreams, earlier, pos)?;
         let mut allowed_clients = Vec::new();
         for prefix in &self.allowed_clients {
-            let parsed = prefix.get_ref().parse::<IpPrefix>().map_err(|m| pos.at(prefix.span(), m))?;
-            if parsed.is_ipv4() != listen.is_ipv4() {
+            let parsed = parse_prefix(prefix.get_ref()).map_err(|m| pos.at(prefix.span(), m))?;
+            if matches!(parsed, ipnet::IpNet::V4(_)) != listen.is_ipv4() {
                 return Err(pos.at(
                     prefix.span(),
                     format!(

@@ -6,7 +6,7 @@ use core::net::SocketAddr;
 use std::collections::HashMap;
 
 use crate::oxtunnel::TunnelKey;
-use crate::prefix::IpPrefix;
+use crate::prefix::IpNet;
 use crate::ratelimit::Limit;
 
 /// Index of a route in its [`RouteTable`].
@@ -23,7 +23,7 @@ pub struct Route {
     pub listen: SocketAddr,
     pub upstreams: Vec<UpstreamId>,
     /// Empty means every client is allowed.
-    pub allowed_clients: Vec<IpPrefix>,
+    pub allowed_clients: Vec<IpNet>,
     pub per_source: Limit,
     pub per_session: Limit,
     /// Clients reach this route through an OxTunnel hop with this key.
@@ -48,7 +48,7 @@ pub struct RouteTable {
 pub struct RouteSpec {
     pub listen: SocketAddr,
     pub upstreams: Vec<SocketAddr>,
-    pub allowed_clients: Vec<IpPrefix>,
+    pub allowed_clients: Vec<IpNet>,
     /// Rate each client address may send to this route.
     pub per_source: Limit,
     /// Rate each session of this route may send.
@@ -164,7 +164,7 @@ impl RouteTable {
 
 /// Whether `client` may use `route` under its allow list.
 pub fn client_allowed(route: &Route, client: SocketAddr) -> bool {
-    route.allowed_clients.is_empty() || route.allowed_clients.iter().any(|p| p.contains(client.ip()))
+    route.allowed_clients.is_empty() || route.allowed_clients.iter().any(|p| p.contains(&client.ip()))
 }
 
 #[cfg(test)]
@@ -225,7 +225,7 @@ mod tests {
     fn allow_list() {
         let mut route = RouteTable::new(&[spec("10.0.0.1:1", &["10.1.0.2:7"])]).route(RouteId(0)).clone();
         assert!(client_allowed(&route, addr("203.0.113.1:5")));
-        route.allowed_clients = vec!["10.9.0.0/16".parse().expect("prefix")];
+        route.allowed_clients = vec![crate::prefix::parse_prefix("10.9.0.0/16").expect("prefix")];
         assert!(client_allowed(&route, addr("10.9.3.3:5")));
         assert!(!client_allowed(&route, addr("10.8.3.3:5")));
     }
