@@ -15,6 +15,7 @@ use oxidize_relay_core::route::UpstreamId;
 use serde_json::{Map, Value, json};
 
 use crate::backend::Attached;
+use crate::backend::worker_core::WorkerUpdate;
 use crate::keepalive::Keepalives;
 use crate::metrics;
 use crate::nexthop::NextHopResolver;
@@ -22,7 +23,6 @@ use crate::run::{IgnoredSignals, SetupError};
 use crate::stats::Totals;
 use crate::sys::bpf_abi::XdpCounter;
 use crate::systemd::Notifier;
-use crate::worker_core::WorkerUpdate;
 
 const CONTROL_TICK: Duration = Duration::from_millis(200);
 const NEXT_HOP_REFRESH: Duration = Duration::from_secs(1);

@@ -11,6 +11,8 @@ use oxidize_relay_core::config::{Config, Mode};
 use oxidize_relay_core::directory::NatDirectory;
 use oxidize_relay_core::route::RouteTable;
 
+use crate::backend::socket::worker::SocketSetupError;
+use crate::backend::worker_core::CHANNEL_CAPACITY;
 use crate::backend::{self, AnyWorker, Backend, WorkerShared};
 use crate::control::{self, StatsContext};
 use crate::keepalive::Keepalives;
@@ -19,7 +21,6 @@ use crate::metrics_endpoint::{self, EndpointError};
 use crate::nexthop::NextHopResolver;
 use crate::preflight::{self, KeyFileError};
 use crate::probe::{self, ModeError};
-use crate::socket_worker::SocketSetupError;
 use crate::stats::Totals;
 use crate::sys;
 use crate::sys::iface::IfaceError;
@@ -27,7 +28,6 @@ use crate::sys::netlink::{NetlinkError, RouteSocket};
 use crate::sys::xdp::XdpError;
 use crate::sys::xsk::XskError;
 use crate::systemd::Notifier;
-use crate::worker_core::CHANNEL_CAPACITY;
 
 /// How long start-up waits for upstream next hops before declaring ready anyway.
 const RESOLVE_AT_START: Duration = Duration::from_secs(3);

@@ -5,6 +5,7 @@
 
 pub(crate) mod af_xdp;
 pub(crate) mod socket;
+pub mod worker_core;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -18,13 +19,13 @@ use oxidize_relay_core::route::{RouteTable, UpstreamId};
 use oxidize_relay_core::session::Timeouts;
 use oxidize_relay_core::{Relay, RelaySettings};
 
+use crate::backend::af_xdp::worker::Worker;
+use crate::backend::socket::worker::SocketWorker;
+use crate::backend::worker_core::{CHANNEL_CAPACITY, WorkerCore, WorkerUpdate};
 use crate::run::SetupError;
-use crate::socket_worker::SocketWorker;
 use crate::sys;
 use crate::sys::iface::IfaceInfo;
 use crate::sys::xdp::{AttachedMode, XdpProgram};
-use crate::worker::Worker;
-use crate::worker_core::{CHANNEL_CAPACITY, WorkerCore, WorkerUpdate};
 
 /// An XDP program attached to one interface, with the mode it got.
 pub(crate) struct Attached {

@@ -19,8 +19,8 @@ use oxidize_relay_core::session::Session;
 use oxidize_relay_core::{DropReason, IfaceId};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::backend::worker_core::{EXPIRY_BUDGET, IDLE_POLL, WorkerCore};
 use crate::sys::udp::{RecvBatch, SendBatch};
-use crate::worker_core::{EXPIRY_BUDGET, IDLE_POLL, WorkerCore};
 
 /// Batches read from one socket before the others get their turn (fairness between
 /// a flooded listen socket and the session sockets carrying replies).

@@ -4,9 +4,9 @@ use oxidize_relay_core::config::WaitMode;
 use oxidize_relay_core::counters::KernelSocketStat;
 use oxidize_relay_core::{IfaceId, Verdict};
 
+use crate::backend::worker_core::{EXPIRY_BUDGET, IDLE_POLL, WorkerCore};
 use crate::sys::xdp::FlowMap;
 use crate::sys::xsk::{self, Frame, FramePool, QueueSocket};
-use crate::worker_core::{EXPIRY_BUDGET, IDLE_POLL, WorkerCore};
 
 /// How often a worker reads its sockets' kernel counters (one getsockopt per socket).
 const KERNEL_STATS_EVERY_MS: u64 = 200;

@@ -1,11 +1,13 @@
 //! The socket backend: the same relay core over ordinary UDP sockets, for hosts where
 //! AF_XDP cannot run.
 
+pub(crate) mod worker;
+
 use oxidize_relay_core::config::Config;
 
 use super::{AnyWorker, Backend, WorkerShared, worker_core};
+use crate::backend::socket::worker::SocketWorker;
 use crate::run::SetupError;
-use crate::socket_worker::SocketWorker;
 use crate::sys::iface::IfaceInfo;
 
 /// Binds the listen sockets (SO_REUSEPORT) of every worker.

@@ -1,16 +1,18 @@
 //! The AF_XDP backend: the XDP program on every interface, one AF_XDP socket per
 //! (interface, queue) on a UMEM per worker, one worker per queue.
 
+pub(crate) mod worker;
+
 use oxidize_relay_core::config::{Config, InterfaceRole};
 
 use super::{AnyWorker, Attached, Backend, WorkerShared, worker_core};
+use crate::backend::af_xdp::worker::Worker;
 use crate::probe::HostReport;
 use crate::run::SetupError;
 use crate::sys::bpf_abi::RelayConfig;
 use crate::sys::iface::IfaceInfo;
 use crate::sys::xdp::XdpProgram;
 use crate::sys::xsk::{self, FramePool, QueueSocket};
-use crate::worker::Worker;
 
 /// Attaches the XDP program to every interface and binds an AF_XDP socket on every queue.
 pub(crate) fn build(config: &Config, report: &HostReport, shared: &WorkerShared) -> Result<Backend, SetupError> {
