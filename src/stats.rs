@@ -32,7 +32,7 @@ impl Totals {
             for (total, described) in totals.scalars.iter_mut().zip(&SCALARS) {
                 *total += (described.read)(c).get();
             }
-            for (total, counter) in totals.drops.iter_mut().zip(&c.drops) {
+            for (total, counter) in totals.drops.iter_mut().zip(c.drops.iter()) {
                 *total += counter.get();
             }
             for (total, counter) in totals.kernel.iter_mut().zip(&c.kernel) {

@@ -39,6 +39,15 @@ impl Admission {
         }
     }
 
+    /// A reload's limits: the global bucket starts full under a changed limit; per-source state is kept.
+    pub fn set_limits(&mut self, global_limit: Limit, max_sessions_per_source: usize) {
+        if global_limit != self.global_limit {
+            self.global_tokens = TokenPair::full(&global_limit, 0);
+            self.global_limit = global_limit;
+        }
+        self.max_sessions_per_source = max_sessions_per_source;
+    }
+
     /// The relay-wide limit: checked first, before any lookup, so a flood costs little.
     #[inline]
     pub fn allow_global(&mut self, now: Millis, bytes: u64) -> Result<(), DropReason> {

@@ -256,6 +256,9 @@ struct RawSecurity {
 struct RawRoute {
     listen: Spanned<SocketAddr>,
     upstreams: Spanned<Vec<SocketAddr>>,
+    /// Upstreams that keep their sessions but get no new ones.
+    #[serde(default)]
+    draining_upstreams: Vec<Spanned<SocketAddr>>,
     #[serde(default)]
     allowed_clients: Vec<Spanned<String>>,
     per_source_packets_per_second: Option<u64>,
@@ -543,6 +546,16 @@ impl RawRoute {
             return listen_error(format!("listen address {listen} overlaps route listening on {}", other.listen));
         }
         check_upstreams(listen, &self.upstreams, earlier, pos)?;
+        let mut draining = Vec::new();
+        for upstream in &self.draining_upstreams {
+            if !self.upstreams.get_ref().contains(upstream.get_ref()) {
+                return Err(pos.at(
+                    upstream.span(),
+                    format!("draining upstream {} is not one of the route's upstreams", upstream.get_ref()),
+                ));
+            }
+            draining.push(*upstream.get_ref());
+        }
         let mut allowed_clients = Vec::new();
         for prefix in &self.allowed_clients {
             let parsed = parse_prefix(prefix.get_ref()).map_err(|m| pos.at(prefix.span(), m))?;
@@ -559,6 +572,7 @@ impl RawRoute {
         }
         Ok(RouteSpec {
             listen,
+            draining,
             upstreams: self.upstreams.into_inner(),
             allowed_clients,
             per_source: Limit {

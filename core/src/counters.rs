@@ -27,6 +27,24 @@ impl Counter {
     }
 }
 
+/// One counter per [`DropReason`], indexed by its discriminant.
+#[derive(Debug)]
+pub struct DropCounters([Counter; DropReason::COUNT]);
+
+impl Default for DropCounters {
+    fn default() -> Self {
+        DropCounters(core::array::from_fn(|_| Counter::default()))
+    }
+}
+
+impl core::ops::Deref for DropCounters {
+    type Target = [Counter; DropReason::COUNT];
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
 /// Everything one worker counts. The exported ones are described in [`SCALARS`],
 /// [`DROPS`] and [`KERNEL`] (and the pools); `loops` and `pool_domains` are internal.
 #[derive(Debug, Default)]
@@ -35,7 +53,7 @@ pub struct Counters {
     pub rx_bytes: Counter,
     pub tx_packets: Counter,
     pub tx_bytes: Counter,
-    pub drops: [Counter; DropReason::COUNT],
+    pub drops: DropCounters,
     pub sessions_created: Counter,
     pub sessions_expired: Counter,
     pub sessions_active: Counter,

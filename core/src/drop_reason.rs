@@ -50,6 +50,12 @@ pub enum DropReason {
     /// Two workers created the same new flow's session at one instant and both
     /// withdrew (the flow's next packet creates it).
     SessionContended,
+    /// The session's route, or its upstream, was removed from the config by a reload.
+    RouteWithdrawn,
+    /// A new session while the relay drains (existing sessions are served).
+    Draining,
+    /// A new session on a route whose every upstream is draining.
+    NoUpstreamAccepting,
     /// The upstream's next-hop MAC is not resolved yet (resolution was requested).
     NeighborUnresolved,
     /// The client address is not in the route's allowed prefixes.
@@ -101,6 +107,9 @@ impl DropReason {
         DropReason::SessionTableFull,
         DropReason::NatPortsExhausted,
         DropReason::SessionContended,
+        DropReason::RouteWithdrawn,
+        DropReason::Draining,
+        DropReason::NoUpstreamAccepting,
         DropReason::NeighborUnresolved,
         DropReason::ClientNotAllowed,
         DropReason::RateLimitedGlobal,
@@ -138,6 +147,9 @@ impl DropReason {
             DropReason::SessionTableFull => "session_table_full",
             DropReason::NatPortsExhausted => "nat_ports_exhausted",
             DropReason::SessionContended => "session_contended",
+            DropReason::RouteWithdrawn => "route_withdrawn",
+            DropReason::Draining => "draining",
+            DropReason::NoUpstreamAccepting => "no_upstream_accepting",
             DropReason::NeighborUnresolved => "neighbor_unresolved",
             DropReason::ClientNotAllowed => "client_not_allowed",
             DropReason::RateLimitedGlobal => "rate_limited_global",

@@ -102,6 +102,42 @@ impl NoHop {
     }
 }
 
+/// The settings a reload changes besides the routes (this worker's share of them).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReloadedLimits {
+    pub global_limit: Limit,
+    pub max_sessions_per_source: usize,
+    pub verify_checksums: bool,
+}
+
+/// A session as one relay process hands it to the next (a restart or an upgrade):
+/// addresses rather than ids, since the successor's config may number them otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandedOver {
+    pub client: SocketAddr,
+    pub listen: SocketAddr,
+    pub upstream: SocketAddr,
+    pub nat: SocketAddr,
+    pub client_iface: IfaceId,
+    pub client_mac: MacAddr,
+    pub peer_flow: u32,
+    /// How long neither side had sent when it was handed over.
+    pub idle: Millis,
+    pub established: bool,
+}
+
+/// Why a handed-over session was not taken over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TakeOverRefused {
+    RouteGone,
+    UpstreamGone,
+    InterfaceGone,
+    /// It would have expired by now.
+    Expired,
+    /// Its NAT port is not this worker's or is taken.
+    PortTaken,
+}
+
 /// Per-worker relay settings.
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
@@ -167,6 +203,9 @@ pub struct Relay {
     /// Whether any route has a tunnel side (otherwise the tunnel steps are skipped).
     tunnels: bool,
     tunnel: TunnelSteps,
+    /// False while the relay drains: existing sessions are served, no new ones opened.
+    accepting_sessions: bool,
+    idle_timeout: Millis,
     counters: Arc<Counters>,
 }
 
@@ -200,6 +239,8 @@ impl Relay {
             admitted: Vec::with_capacity(ADMITTED_BACKLOG),
             tunnels,
             tunnel: TunnelSteps::default(),
+            accepting_sessions: true,
+            idle_timeout: settings.timeouts.idle,
             counters,
         }
     }
@@ -243,6 +284,84 @@ impl Relay {
             self.counters.count_drop(reason);
         }
         result
+    }
+
+    /// Applies a reloaded config: `routes` is the [successor](RouteTable::successor) of the
+    /// current table (ids kept), so every live session stays valid unless its route or
+    /// upstream was removed. New upstreams start without a next hop.
+    pub fn reconfigure(&mut self, routes: Arc<RouteTable>, limits: &ReloadedLimits) {
+        let upstreams = routes.upstreams().len();
+        self.next_hops.resize(upstreams, Err(NoHop::NeighborUnresolved));
+        self.unresolved.resize(upstreams, false);
+        self.tunnels = routes.routes().iter().any(|r| r.listen_key.is_some() || r.upstream_key.is_some());
+        self.routes = routes;
+        self.verify_checksums = limits.verify_checksums;
+        self.admission.set_limits(limits.global_limit, limits.max_sessions_per_source);
+    }
+
+    /// Stops (false) or resumes (true) opening new sessions; existing ones are always served.
+    pub fn set_accepting_sessions(&mut self, accepting: bool) {
+        self.accepting_sessions = accepting;
+    }
+
+    /// This worker's live sessions as a successor process needs them, idle times relative to `now`.
+    pub fn hand_over(&self, now: Millis) -> Vec<HandedOver> {
+        self.sessions
+            .live()
+            .map(|(session, established, last)| HandedOver {
+                client: session.flow.client,
+                listen: session.flow.listen,
+                upstream: self.routes.upstream(session.upstream),
+                nat: SocketAddr::new(session.nat_ip, session.nat_port),
+                client_iface: session.client_iface,
+                client_mac: session.client_mac,
+                peer_flow: session.peer_flow,
+                idle: now.saturating_sub(last),
+                established,
+            })
+            .collect()
+    }
+
+    /// Whether this worker owns `nat_port` (so it is the one to take over its session).
+    pub fn owns_port(&self, nat_port: u16) -> bool {
+        self.sessions.owns_port(nat_port)
+    }
+
+    /// Takes over a session a previous relay process handed over, if this config
+    /// still serves it; `since` is how long ago it was handed over.
+    pub fn take_over(&mut self, now: Millis, since: Millis, saved: &HandedOver) -> Result<(), TakeOverRefused> {
+        let route = self.routes.lookup(saved.listen).ok_or(TakeOverRefused::RouteGone)?;
+        let upstream = self.routes.upstream_id(saved.upstream).ok_or(TakeOverRefused::UpstreamGone)?;
+        if !self.routes.serves(route, upstream) {
+            return Err(TakeOverRefused::UpstreamGone);
+        }
+        if saved.idle.saturating_add(since) >= self.idle_timeout {
+            return Err(TakeOverRefused::Expired);
+        }
+        if usize::from(saved.client_iface.0) >= self.iface_macs.len() {
+            return Err(TakeOverRefused::InterfaceGone);
+        }
+        let per_session = self.routes.route(route).per_session;
+        let session = Session {
+            flow: FlowKey { client: saved.client, listen: saved.listen },
+            route,
+            upstream,
+            nat_ip: saved.nat.ip(),
+            nat_port: saved.nat.port(),
+            client_iface: saved.client_iface,
+            client_mac: saved.client_mac,
+            last_seen: now,
+            created: now,
+            tokens: TokenPair::full(&per_session, now),
+            peer_flow: saved.peer_flow,
+        };
+        self.sessions.restore(session, saved.established).map_err(|_| TakeOverRefused::PortTaken)?;
+        self.admission.opened(saved.client.ip());
+        if self.admitted.len() < ADMITTED_BACKLOG {
+            self.admitted.push(session.flow);
+        }
+        self.counters.sessions_active.set(self.sessions.len() as u64);
+        Ok(())
     }
 
     /// Installs or clears the next hop of `upstream`.
@@ -440,6 +559,9 @@ impl Relay {
         if binding.nat_ip != to.ip() || self.routes.upstream(binding.upstream) != from {
             return Err(DropReason::UnexpectedReplySource);
         }
+        if !self.routes.serves(binding.route, binding.upstream) {
+            return Err(DropReason::RouteWithdrawn);
+        }
         self.directory.answered(to.port(), now);
         if !self.sessions.owns_port(to.port()) {
             self.counters.replies_cross_queue.add(1);
@@ -463,11 +585,16 @@ impl Relay {
         // An established flow knows its route; only a new one needs the route lookup.
         let existing = self.sessions.find(&flow);
         let elsewhere = if existing.is_none() { self.directory.find(&flow) } else { None };
-        let route_id = match (existing.and_then(|slot| self.sessions.get(slot)), elsewhere) {
-            (Some(session), _) => session.route,
-            (None, Some((_, binding))) => binding.route,
-            (None, None) => self.routes.lookup(flow.listen).ok_or(DropReason::NoRoute)?,
+        let (route_id, upstream) = match (existing.and_then(|slot| self.sessions.get(slot)), elsewhere) {
+            (Some(session), _) => (session.route, Some(session.upstream)),
+            (None, Some((_, binding))) => (binding.route, Some(binding.upstream)),
+            (None, None) => (self.routes.lookup(flow.listen).ok_or(DropReason::NoRoute)?, None),
         };
+        if let Some(upstream) = upstream
+            && !self.routes.serves(route_id, upstream)
+        {
+            return Err(DropReason::RouteWithdrawn);
+        }
         let route = self.routes.route(route_id);
         let per_session = route.per_session;
         self.admission.allow_source(route_id, &route.per_source, flow.client.ip(), now, datagram.wire_bytes)?;
@@ -508,6 +635,9 @@ impl Relay {
         route_id: route::RouteId,
         peer_flow: u32,
     ) -> Result<Opening, DropReason> {
+        if !self.accepting_sessions {
+            return Err(DropReason::Draining);
+        }
         let route = self.routes.route(route_id);
         if self.is_own_address(flow.client.ip()) {
             return Err(DropReason::OwnSourceAddress);
@@ -517,7 +647,7 @@ impl Relay {
         }
         let per_session = route.per_session;
         self.admission.may_open(flow.client.ip())?;
-        let upstream = self.routes.choose_upstream(route_id, flow.client);
+        let upstream = self.routes.choose_upstream(route_id, flow.client).ok_or(DropReason::NoUpstreamAccepting)?;
         // The NAT address must be known before the session exists: it is what the upstream replies to.
         let hop = self.resolved_hop(upstream).map_err(NoHop::drop_reason)?;
         let template = Session {
@@ -717,6 +847,108 @@ mod tests {
         let mut again = client_frame(40000);
         assert_eq!(second.relay_whole_frame(2_700, IfaceId(0), &mut again), Verdict::Forward(IfaceId(1)));
         assert_eq!(source_of(&again), nat, "still the same session after the owner's table churned");
+    }
+
+    /// A client request through `relay` at `now`; returns the NAT address it left from.
+    fn request(relay: &mut Relay, now: Millis, port: u16) -> SocketAddr {
+        let mut frame = client_frame(port);
+        assert_eq!(relay.relay_whole_frame(now, IfaceId(0), &mut frame), Verdict::Forward(IfaceId(1)));
+        source_of(&frame)
+    }
+
+    /// The upstream `from` answers `nat` at `now`.
+    fn answer(relay: &mut Relay, now: Millis, from: &str, nat: SocketAddr) -> Verdict {
+        relay.relay_whole_frame(
+            now,
+            IfaceId(1),
+            &mut udp_frame(UPSTREAM_MAC, RELAY_UPSTREAM_SIDE, addr(from), nat, b"r"),
+        )
+    }
+
+    #[test]
+    fn a_reload_keeps_live_sessions_and_withdraws_removed_ones() {
+        let (mut relay, counters) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
+        let nat = request(&mut relay, 1, 40000);
+        let routes = relay.routes().clone();
+        let limits =
+            ReloadedLimits { global_limit: Limit::default(), max_sessions_per_source: 1, verify_checksums: true };
+
+        // The upstream becomes draining and another is added: the session stays where it is.
+        let mut spec = RouteSpec::new(addr("10.0.0.1:5000"), vec![addr("10.1.0.9:7000"), addr("10.1.0.2:7000")]);
+        spec.draining = vec![addr("10.1.0.2:7000")];
+        relay.reconfigure(Arc::new(routes.successor(&[spec])), &limits);
+        assert_eq!(relay.next_hops.len(), 2, "the new upstream has a next-hop slot");
+        relay.set_next_hop(UpstreamId(1), relay.next_hops[0]);
+        assert_eq!(request(&mut relay, 2, 40000), nat, "same NAT port after the reload");
+        assert_eq!(answer(&mut relay, 3, "10.1.0.2:7000", nat), Verdict::Forward(IfaceId(0)));
+        let mut fresh = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.4:1"), addr("10.0.0.1:5000"), b"x");
+        assert_eq!(relay.relay_whole_frame(4, IfaceId(0), &mut fresh), Verdict::Forward(IfaceId(1)));
+        let to = UdpFrame::new_checked(&fresh[..]).expect("valid").dst();
+        assert_eq!(to, addr("10.1.0.9:7000"), "a new session avoids the draining upstream");
+        let mut capped = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.3:1"), addr("10.0.0.1:5000"), b"x");
+        relay.relay_whole_frame(4, IfaceId(0), &mut capped);
+        let mut second = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.3:2"), addr("10.0.0.1:5000"), b"x");
+        assert_eq!(
+            relay.relay_whole_frame(4, IfaceId(0), &mut second),
+            Verdict::Drop(DropReason::SourceSessionLimit),
+            "reloaded limits apply"
+        );
+
+        // The route is removed: its sessions are refused both ways, and counted.
+        relay.reconfigure(Arc::new(relay.routes().successor(&[])), &limits);
+        assert_eq!(
+            relay.relay_whole_frame(5, IfaceId(0), &mut client_frame(40000)),
+            Verdict::Drop(DropReason::RouteWithdrawn)
+        );
+        assert_eq!(answer(&mut relay, 5, "10.1.0.2:7000", nat), Verdict::Drop(DropReason::RouteWithdrawn));
+        assert_eq!(counters.dropped(DropReason::RouteWithdrawn), 2);
+    }
+
+    #[test]
+    fn a_draining_relay_serves_its_sessions_and_opens_none() {
+        let (mut relay, _) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
+        let nat = request(&mut relay, 1, 40000);
+        relay.set_accepting_sessions(false);
+        assert_eq!(request(&mut relay, 2, 40000), nat);
+        assert_eq!(answer(&mut relay, 3, "10.1.0.2:7000", nat), Verdict::Forward(IfaceId(0)));
+        assert_eq!(
+            relay.relay_whole_frame(4, IfaceId(0), &mut client_frame(40001)),
+            Verdict::Drop(DropReason::Draining)
+        );
+        relay.set_accepting_sessions(true);
+        request(&mut relay, 5, 40001);
+    }
+
+    #[test]
+    fn a_successor_takes_over_sessions_on_their_nat_ports() {
+        let (mut old, _) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
+        let ports: Vec<u16> = (40000..40010).collect();
+        let nats: Vec<SocketAddr> = ports.iter().map(|&p| request(&mut old, 1, p)).collect();
+        for nat in &nats[..5] {
+            answer(&mut old, 2, "10.1.0.2:7000", *nat);
+        }
+        let handed = old.hand_over(10_000);
+        assert_eq!(handed.len(), 10);
+        assert!(handed.iter().all(|h| h.idle >= 9_998), "idle times are carried over");
+
+        let (mut new, counters) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
+        for saved in &handed {
+            assert_eq!(new.take_over(0, 1_000, saved), Ok(()));
+        }
+        assert_eq!(counters.sessions_active.get(), 10);
+        for (port, nat) in ports.iter().zip(&nats) {
+            assert_eq!(
+                answer(&mut new, 1, "10.1.0.2:7000", *nat),
+                Verdict::Forward(IfaceId(0)),
+                "replies reach the client"
+            );
+            assert_eq!(request(&mut new, 2, *port), *nat, "the client keeps its NAT port");
+        }
+        let too_old = HandedOver { idle: 29_500, ..handed[0] };
+        let (mut late, _) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
+        assert_eq!(late.take_over(0, 1_000, &too_old), Err(TakeOverRefused::Expired));
+        let (mut moved, _) = two_arm_relay("10.0.0.1:5000", "10.1.0.3:7000", "10.1.0.1");
+        assert_eq!(moved.take_over(0, 0, &handed[0]), Err(TakeOverRefused::UpstreamGone));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Routes: a listen address maps to one or more upstreams; each client sticks
 //! to one upstream by rendezvous hashing, so adding an upstream moves only the
-//! clients it wins.
+//! clients it wins. A reload builds the [successor](RouteTable::successor) table,
+//! which keeps every surviving route's and upstream's id, so live sessions (which
+//! hold ids) stay valid; removed ones stay as withdrawn entries.
 
 use core::net::SocketAddr;
 use std::collections::HashMap;
@@ -21,7 +23,12 @@ pub struct UpstreamId(pub u16);
 #[derive(Debug, Clone)]
 pub struct Route {
     pub listen: SocketAddr,
+    /// Every upstream whose sessions the route serves.
     pub upstreams: Vec<UpstreamId>,
+    /// The ones new sessions may choose: `upstreams` less the draining ones.
+    pub accepting: Vec<UpstreamId>,
+    /// Removed by a reload: its sessions are refused, nothing finds it.
+    pub withdrawn: bool,
     /// Empty means every client is allowed.
     pub allowed_clients: Vec<IpNet>,
     pub per_source: Limit,
@@ -48,6 +55,8 @@ pub struct RouteTable {
 pub struct RouteSpec {
     pub listen: SocketAddr,
     pub upstreams: Vec<SocketAddr>,
+    /// Upstreams (of `upstreams`) that keep their sessions but get no new ones.
+    pub draining: Vec<SocketAddr>,
     pub allowed_clients: Vec<IpNet>,
     /// Rate each client address may send to this route.
     pub per_source: Limit,
@@ -67,6 +76,7 @@ impl RouteSpec {
         RouteSpec {
             listen,
             upstreams,
+            draining: Vec::new(),
             allowed_clients: Vec::new(),
             per_source: Limit::default(),
             per_session: Limit::default(),
@@ -84,25 +94,57 @@ impl RouteTable {
     pub fn new(specs: &[RouteSpec]) -> Self {
         // Fixed seeds: upstream choice must agree across workers and restarts.
         let hasher = ahash::RandomState::with_seeds(0x6f78, 0x6964, 0x6972, 0x6c79);
-        let mut table = RouteTable {
-            routes: Vec::with_capacity(specs.len()),
+        let empty = RouteTable {
+            routes: Vec::new(),
             upstreams: Vec::new(),
             exact: HashMap::with_hasher(hasher.clone()),
             wildcard: HashMap::with_hasher(hasher.clone()),
             hasher,
         };
+        empty.successor(specs)
+    }
+
+    /// The table of a reloaded config: a route keeps its id when its listen
+    /// address stays, an upstream keeps its id when its address stays; new ones
+    /// get new ids; routes no longer configured are kept as withdrawn.
+    pub fn successor(&self, specs: &[RouteSpec]) -> Self {
+        let mut table = RouteTable {
+            routes: self.routes.iter().map(|r| Route { withdrawn: true, ..r.clone() }).collect(),
+            upstreams: self.upstreams.clone(),
+            exact: HashMap::with_hasher(self.hasher.clone()),
+            wildcard: HashMap::with_hasher(self.hasher.clone()),
+            hasher: self.hasher.clone(),
+        };
         for spec in specs {
-            let upstreams = spec.upstreams.iter().map(|u| table.intern_upstream(*u)).collect();
-            let id = RouteId(table.routes.len() as u16);
-            table.routes.push(Route {
+            let upstreams: Vec<UpstreamId> = spec.upstreams.iter().map(|u| table.intern_upstream(*u)).collect();
+            let accepting = spec
+                .upstreams
+                .iter()
+                .zip(&upstreams)
+                .filter(|(address, _)| !spec.draining.contains(address))
+                .map(|(_, id)| *id)
+                .collect();
+            let route = Route {
                 listen: spec.listen,
                 upstreams,
+                accepting,
+                withdrawn: false,
                 allowed_clients: spec.allowed_clients.clone(),
                 per_source: spec.per_source,
                 per_session: spec.per_session,
                 listen_key: spec.listen_key.clone(),
                 upstream_key: spec.upstream_key.clone(),
-            });
+            };
+            let id = match table.routes.iter().position(|r| r.listen == spec.listen) {
+                Some(index) => {
+                    table.routes[index] = route;
+                    RouteId(index as u16)
+                }
+                None => {
+                    table.routes.push(route);
+                    RouteId(table.routes.len() as u16 - 1)
+                }
+            };
             if spec.listen.ip().is_unspecified() {
                 table.wildcard.insert((spec.listen.is_ipv6(), spec.listen.port()), id);
             } else {
@@ -110,6 +152,13 @@ impl RouteTable {
             }
         }
         table
+    }
+
+    /// Whether a session of `route` on `upstream` is still served: neither was removed.
+    #[inline]
+    pub fn serves(&self, route: RouteId, upstream: UpstreamId) -> bool {
+        let route = self.route(route);
+        !route.withdrawn && route.upstreams.contains(&upstream)
     }
 
     /// The route whose listen address matches `dst` exactly, else a wildcard on its port.
@@ -134,20 +183,23 @@ impl RouteTable {
         self.upstreams[usize::from(id.0)]
     }
 
-    /// Rendezvous (highest random weight) choice of upstream for `client`.
+    /// Rendezvous (highest random weight) choice among the route's accepting
+    /// upstreams for `client`; `None` when every upstream drains. Weights hash the
+    /// upstream's address, so the choice holds whatever order the config lists them in.
     #[inline]
-    pub fn choose_upstream(&self, route: RouteId, client: SocketAddr) -> UpstreamId {
-        let candidates = &self.route(route).upstreams;
-        let mut best = candidates[0];
-        let mut best_weight = 0u64;
-        for &candidate in candidates {
-            let weight = self.hasher.hash_one((client.ip(), candidate.0));
-            if weight >= best_weight {
-                best = candidate;
-                best_weight = weight;
-            }
-        }
-        best
+    pub fn choose_upstream(&self, route: RouteId, client: SocketAddr) -> Option<UpstreamId> {
+        let weight = |candidate: &&UpstreamId| self.hasher.hash_one((client.ip(), self.upstream(**candidate)));
+        self.route(route).accepting.iter().max_by_key(weight).copied()
+    }
+
+    /// Live routes (not withdrawn) with their ids.
+    pub fn live_routes(&self) -> impl Iterator<Item = (RouteId, &Route)> {
+        self.routes.iter().enumerate().filter(|(_, r)| !r.withdrawn).map(|(i, r)| (RouteId(i as u16), r))
+    }
+
+    /// The id of an upstream address, if the table has it.
+    pub fn upstream_id(&self, address: SocketAddr) -> Option<UpstreamId> {
+        self.upstreams.iter().position(|u| *u == address).map(|i| UpstreamId(i as u16))
     }
 
     fn intern_upstream(&mut self, upstream: SocketAddr) -> UpstreamId {
@@ -208,10 +260,10 @@ mod tests {
         let mut moved = 0;
         for i in 0..3000u32 {
             let client = SocketAddr::new(core::net::Ipv4Addr::from(0x0a00_0000 + i).into(), 4000);
-            let choice = three.choose_upstream(RouteId(0), client);
-            assert_eq!(choice, three.choose_upstream(RouteId(0), client), "sticky");
+            let choice = three.choose_upstream(RouteId(0), client).expect("an upstream");
+            assert_eq!(Some(choice), three.choose_upstream(RouteId(0), client), "sticky");
             per_upstream[usize::from(choice.0)] += 1;
-            let after = four.choose_upstream(RouteId(0), client);
+            let after = four.choose_upstream(RouteId(0), client).expect("an upstream");
             if after != choice {
                 assert_eq!(after, UpstreamId(3), "a client only ever moves to the new upstream");
                 moved += 1;
@@ -219,6 +271,34 @@ mod tests {
         }
         assert!(per_upstream.iter().all(|&n| n > 800), "spread: {per_upstream:?}");
         assert!((500..1000).contains(&moved), "about a quarter move: {moved}");
+    }
+
+    #[test]
+    fn a_reload_keeps_ids_withdraws_what_went_and_drains_without_moving_sessions() {
+        let before =
+            RouteTable::new(&[spec("10.0.0.1:1", &["10.1.0.2:7", "10.1.0.3:7"]), spec("10.0.0.1:2", &["10.1.0.4:7"])]);
+        // Reordered, one route gone, one upstream added, one draining.
+        let mut kept = spec("10.0.0.1:1", &["10.1.0.5:7", "10.1.0.3:7", "10.1.0.2:7"]);
+        kept.draining = vec![addr("10.1.0.2:7")];
+        let after = before.successor(&[spec("10.0.0.1:3", &["10.1.0.2:7"]), kept]);
+        assert_eq!(after.lookup(addr("10.0.0.1:1")), Some(RouteId(0)), "a surviving route keeps its id");
+        assert_eq!(after.lookup(addr("10.0.0.1:2")), None, "a removed route is not found");
+        assert_eq!(after.lookup(addr("10.0.0.1:3")), Some(RouteId(2)), "a new route gets a new id");
+        for (address, id) in [("10.1.0.2:7", 0), ("10.1.0.3:7", 1), ("10.1.0.4:7", 2), ("10.1.0.5:7", 3)] {
+            assert_eq!(after.upstream(UpstreamId(id)), addr(address), "upstream ids never move");
+        }
+        assert!(after.serves(RouteId(0), UpstreamId(0)), "a draining upstream keeps its sessions");
+        assert!(!after.serves(RouteId(1), UpstreamId(2)), "the removed route's sessions are withdrawn");
+        for i in 0..200u32 {
+            let client = SocketAddr::new(core::net::Ipv4Addr::from(0x0a00_0000 + i).into(), 4000);
+            assert_ne!(after.choose_upstream(RouteId(0), client), Some(UpstreamId(0)), "draining gets no new sessions");
+            let old = before.choose_upstream(RouteId(0), client).expect("an upstream");
+            let new = after.choose_upstream(RouteId(0), client).expect("an upstream");
+            assert!(old == new || old == UpstreamId(0) || new == UpstreamId(3), "only drained or won clients move");
+        }
+        let mut all_draining = spec("10.0.0.1:1", &["10.1.0.2:7"]);
+        all_draining.draining = vec![addr("10.1.0.2:7")];
+        assert_eq!(RouteTable::new(&[all_draining]).choose_upstream(RouteId(0), addr("10.0.0.9:1")), None);
     }
 
     #[test]

@@ -193,22 +193,53 @@ impl SessionTable {
             None => return Err(AdmitError::PortsExhausted),
         };
         template.nat_port = self.first_port + slot;
-        self.directory.publish(template.nat_port, Some(&template.binding()), template.last_seen);
-        if let Err(error) = self.directory.insert(&template.flow, template.nat_port) {
-            self.directory.publish(template.nat_port, None, template.last_seen);
+        self.install(slot, template)
+    }
+
+    /// Takes over a session a previous relay process held, on its NAT port (the upstream
+    /// knows the client by it); `established` as it was. Fails when the port is not this
+    /// worker's, is taken, or the table is full: a take-over never evicts.
+    pub fn restore(&mut self, session: Session, established: bool) -> Result<Slot, AdmitError> {
+        if !self.owns_port(session.nat_port) || self.by_flow.len() >= self.capacity {
+            return Err(AdmitError::TableFull);
+        }
+        let slot = session.nat_port - self.first_port;
+        let free = self.free.iter().position(|&s| s == slot).ok_or(AdmitError::PortsExhausted)?;
+        self.free.swap_remove(free);
+        let installed = self.install(slot, session)?;
+        if established {
+            self.directory.answered(session.nat_port, session.last_seen);
+            self.directory.client_sent(session.nat_port);
+        }
+        Ok(installed)
+    }
+
+    /// Puts `session` in `slot` and publishes it; on failure the slot is free again.
+    fn install(&mut self, slot: u16, session: Session) -> Result<Slot, AdmitError> {
+        self.directory.publish(session.nat_port, Some(&session.binding()), session.last_seen);
+        if let Err(error) = self.directory.insert(&session.flow, session.nat_port) {
+            self.directory.publish(session.nat_port, None, session.last_seen);
             self.free.push(slot);
             return Err(match error {
                 IndexError::Taken(port) => AdmitError::Contended(port),
                 IndexError::Full => AdmitError::TableFull,
             });
         }
-        self.by_flow.insert(template.flow, slot);
+        self.by_flow.insert(session.flow, slot);
         if self.by_age.len() == self.by_age.capacity() {
             self.by_age.pop_front();
         }
-        self.by_age.push_back((slot, template.created));
-        self.slots[usize::from(slot)] = Some(template);
+        self.by_age.push_back((slot, session.created));
+        self.slots[usize::from(slot)] = Some(session);
         Ok(Slot(slot))
+    }
+
+    /// Every live session with whether it is established and when either side last sent.
+    pub fn live(&self) -> impl Iterator<Item = (&Session, bool, Millis)> + '_ {
+        self.slots.iter().flatten().map(|session| {
+            let last = session.last_seen.max(self.directory.last_active(session.nat_port));
+            (session, self.established(session), last)
+        })
     }
 
     /// Sessions evicted since the last call, for the clean-up expiry does.
