@@ -1,5 +1,5 @@
 //! The control thread's loop: next hops, keepalives, the stats file, metrics, the
-//! summary line, the watchdog, and what signals and link changes ask for.
+//! summary line, the watchdog, and what signals (reload, drain, resume) and link changes ask for.
 
 use std::fs;
 use std::path::PathBuf;
@@ -19,7 +19,8 @@ use crate::backend::worker_core::WorkerUpdate;
 use crate::keepalive::Keepalives;
 use crate::metrics;
 use crate::nexthop::NextHopResolver;
-use crate::run::{IgnoredSignals, SetupError};
+use crate::reload::{Reloadable, Reloader, WORKER_WAIT};
+use crate::run::SetupError;
 use crate::stats::Totals;
 use crate::sys::bpf_abi::XdpCounter;
 use crate::systemd::Notifier;
@@ -57,60 +58,138 @@ impl StatsContext<'_> {
     }
 }
 
-#[expect(clippy::too_many_arguments, reason = "the control thread's pieces, each borrowed from run()")]
-pub(crate) fn control_loop(
-    config: &Config,
-    stop: &AtomicBool,
-    ignored: &IgnoredSignals,
-    resolver: &mut NextHopResolver,
-    unresolved: &Receiver<UpstreamId>,
-    updates: &[Sender<WorkerUpdate>],
-    stats: &StatsContext<'_>,
-    notifier: &Notifier,
-    keepalives: &mut Keepalives,
-) -> Result<(), SetupError> {
-    let interval = Duration::from_secs(config.runtime.stats_interval_secs.max(1));
-    let mut last_summary = (Instant::now(), Totals::collect(stats.counters));
-    let mut last_refresh = Instant::now();
-    let mut watchdog = (Instant::now(), worker_loops(stats.counters));
-    while !stop.load(Ordering::Relaxed) {
-        if let Some(gone) = stats.attached.iter().find(|a| !a.info.still_present()) {
-            return Err(SetupError::InterfaceGone(gone.info.name.clone()));
-        }
-        // A worker that met an unresolved upstream wakes us early.
-        let asked = unresolved.recv_timeout(CONTROL_TICK).is_ok();
-        while unresolved.try_recv().is_ok() {}
-        if asked || last_refresh.elapsed() >= NEXT_HOP_REFRESH {
-            publish(resolver, stats.attached, updates)?;
-            last_refresh = Instant::now();
-        }
-        keepalives.tick();
-        ignored.log_received();
-        crate::log_limit::report_suppressed();
-        let totals = Totals::collect(stats.counters);
-        stats.write(&totals, true);
-        metrics::publish(stats.counters, &stats.xdp_counters());
-        if last_summary.0.elapsed() >= interval {
-            let seconds = last_summary.0.elapsed().as_secs_f64();
-            let summary = totals.summary(&last_summary.1, seconds, stats.counters.len(), stats.backend);
-            tracing::info!("{summary}");
-            notifier.status(&summary);
-            last_summary = (Instant::now(), totals);
-        }
-        // Ping only while every worker's loop advances: a stuck worker lets systemd restart us.
-        if let Some(period) = notifier.watchdog_interval()
-            && watchdog.0.elapsed() >= period
-        {
-            let loops = worker_loops(stats.counters);
-            if loops.iter().zip(&watchdog.1).all(|(now, then)| now > then) {
-                notifier.watchdog();
-            } else {
-                tracing::error!("a worker made no progress for {period:?}; withholding the watchdog ping");
+/// What an operator asks of a running relay by signal: SIGHUP reloads the config,
+/// SIGUSR1 drains (no new sessions; existing ones are served), SIGUSR2 resumes.
+pub(crate) struct OperatorSignals {
+    reload: Arc<AtomicBool>,
+    drain: Arc<AtomicBool>,
+    resume: Arc<AtomicBool>,
+}
+
+impl OperatorSignals {
+    pub(crate) fn register() -> Result<Self, SetupError> {
+        use signal_hook::consts::{SIGHUP, SIGUSR1, SIGUSR2};
+        let flag = |signal| {
+            let flag = Arc::new(AtomicBool::new(false));
+            signal_hook::flag::register(signal, flag.clone()).map(|_| flag).map_err(SetupError::Signals)
+        };
+        Ok(OperatorSignals { reload: flag(SIGHUP)?, drain: flag(SIGUSR1)?, resume: flag(SIGUSR2)? })
+    }
+}
+
+/// Everything the control thread runs, borrowed from `run`.
+pub(crate) struct ControlPlane<'a> {
+    pub(crate) config: &'a Config,
+    pub(crate) stop: &'a AtomicBool,
+    pub(crate) signals: &'a OperatorSignals,
+    pub(crate) resolver: NextHopResolver,
+    pub(crate) unresolved: &'a Receiver<UpstreamId>,
+    pub(crate) updates: &'a [Sender<WorkerUpdate>],
+    pub(crate) stats: &'a StatsContext<'a>,
+    pub(crate) notifier: &'a Notifier,
+    pub(crate) keepalives: Keepalives,
+    pub(crate) reloader: Reloader,
+    /// Cleared while draining; the metrics endpoint's `/ready` reads it.
+    pub(crate) accepting: &'a AtomicBool,
+}
+
+impl ControlPlane<'_> {
+    /// Runs until `stop` is set or an interface goes away.
+    pub(crate) fn run(&mut self) -> Result<(), SetupError> {
+        let stats = self.stats;
+        let interval = Duration::from_secs(self.config.runtime.stats_interval_secs.max(1));
+        let mut last_summary = (Instant::now(), Totals::collect(stats.counters));
+        let mut last_refresh = Instant::now();
+        let mut watchdog = (Instant::now(), worker_loops(stats.counters));
+        while !self.stop.load(Ordering::Relaxed) {
+            if let Some(gone) = stats.attached.iter().find(|a| !a.info.still_present()) {
+                return Err(SetupError::InterfaceGone(gone.info.name.clone()));
             }
-            watchdog = (Instant::now(), loops);
+            // A worker that met an unresolved upstream wakes us early.
+            let asked = self.unresolved.recv_timeout(CONTROL_TICK).is_ok();
+            while self.unresolved.try_recv().is_ok() {}
+            self.operator_requests();
+            if asked || last_refresh.elapsed() >= NEXT_HOP_REFRESH {
+                publish(&mut self.resolver, stats.attached, self.updates)?;
+                last_refresh = Instant::now();
+            }
+            self.keepalives.tick();
+            crate::log_limit::report_suppressed();
+            let totals = Totals::collect(stats.counters);
+            stats.write(&totals, true);
+            metrics::publish(stats.counters, &stats.xdp_counters());
+            if last_summary.0.elapsed() >= interval {
+                let seconds = last_summary.0.elapsed().as_secs_f64();
+                let summary = totals.summary(&last_summary.1, seconds, stats.counters.len(), stats.backend);
+                tracing::info!("{summary}");
+                let draining = if self.accepting.load(Ordering::Relaxed) { "" } else { "draining; " };
+                self.notifier.status(&format!("{draining}{summary}"));
+                last_summary = (Instant::now(), totals);
+            }
+            // Ping only while every worker's loop advances: a stuck worker lets systemd restart us.
+            if let Some(period) = self.notifier.watchdog_interval()
+                && watchdog.0.elapsed() >= period
+            {
+                let loops = worker_loops(stats.counters);
+                if loops.iter().zip(&watchdog.1).all(|(now, then)| now > then) {
+                    self.notifier.watchdog();
+                } else {
+                    tracing::error!("a worker made no progress for {period:?}; withholding the watchdog ping");
+                }
+                watchdog = (Instant::now(), loops);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reload, drain and resume, as the signals asked since the last tick.
+    fn operator_requests(&mut self) {
+        if self.signals.reload.swap(false, Ordering::Relaxed) {
+            tracing::info!("SIGHUP: reloading the config");
+            self.notifier.reloading();
+            let parts = Reloadable {
+                attached: self.stats.attached,
+                updates: self.updates,
+                resolver: &mut self.resolver,
+                keepalives: &mut self.keepalives,
+            };
+            match self.reloader.reload(parts) {
+                Ok(()) => metrics::reload("applied"),
+                Err(error) => {
+                    tracing::error!(
+                        error = &error as &dyn std::error::Error,
+                        "reload failed; the running config stays in force"
+                    );
+                    metrics::reload("failed");
+                }
+            }
+            self.notifier.ready("reloaded");
+        }
+        for (flag, accepting) in [(&self.signals.drain, false), (&self.signals.resume, true)] {
+            if flag.swap(false, Ordering::Relaxed) {
+                self.set_accepting(accepting);
+            }
         }
     }
-    Ok(())
+
+    fn set_accepting(&self, accepting: bool) {
+        for (worker, sender) in self.updates.iter().enumerate() {
+            if sender.send_timeout(WorkerUpdate::AcceptSessions(accepting), WORKER_WAIT).is_err() {
+                tracing::error!(worker, "a worker did not take the drain/resume request");
+            }
+        }
+        self.accepting.store(accepting, Ordering::Relaxed);
+        metrics::draining(!accepting);
+        if accepting {
+            tracing::info!("SIGUSR2: resumed; new sessions are opened again");
+            self.notifier.status("accepting new sessions");
+        } else {
+            tracing::info!(
+                "SIGUSR1: draining; existing sessions are served, no new ones are opened, /ready answers 503"
+            );
+            self.notifier.status("draining: no new sessions");
+        }
+    }
 }
 
 /// Writes `path` through a temporary file and a rename, so readers never see half a file.

@@ -35,7 +35,7 @@ impl Keepalives {
     pub fn new(routes: &RouteTable) -> std::io::Result<Self> {
         let mut peers = Vec::new();
         let now = Instant::now();
-        for route in routes.routes() {
+        for (_, route) in routes.live_routes() {
             let Some(key) = &route.upstream_key else { continue };
             for &id in &route.upstreams {
                 let upstream = routes.upstream(id);

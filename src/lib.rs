@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod control;
+pub mod handover;
 pub mod keepalive;
 pub mod log_limit;
 pub mod metrics;
@@ -10,6 +11,7 @@ pub mod metrics_endpoint;
 pub mod nexthop;
 pub mod preflight;
 pub mod probe;
+pub mod reload;
 pub mod run;
 pub mod stats;
 pub mod stats_view;

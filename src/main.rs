@@ -1,7 +1,7 @@
 //! oxidize-relay: a kernel-bypass UDP relay.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
@@ -42,6 +42,10 @@ enum Command {
         /// Write the counters as JSON to this file every 200 ms and at exit.
         #[arg(long)]
         stats_file: Option<PathBuf>,
+        /// Where a clean stop saves the live sessions and the next start takes them over
+        /// (default: systemd's $RUNTIME_DIRECTORY, if set).
+        #[arg(long, env = "RUNTIME_DIRECTORY")]
+        state_dir: Option<PathBuf>,
         /// Override `runtime.mode`: auto, af_xdp or socket.
         #[arg(long, value_parser = ["auto", "af_xdp", "socket"])]
         mode: Option<String>,
@@ -123,7 +127,8 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Command::Run { config, interface, listen, upstream, stats_file, mode } => {
+        Command::Run { config, interface, listen, upstream, stats_file, state_dir, mode } => {
+            let config_file = config.clone();
             let config = match (config, interface, listen) {
                 (Some(file), _, _) => load_config(&file),
                 // The user typed flags, not a file: speak of the flags.
@@ -146,7 +151,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            match run::run(config, run::RunOptions { stats_file }).context("relay setup failed") {
+            match run::run(config, run::RunOptions { config_file, stats_file, state_dir }).context("relay setup failed")
+            {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("error: {error:#}");
@@ -172,10 +178,6 @@ fn show_stats(endpoint: &str, watch: bool) -> anyhow::Result<()> {
 }
 
 /// Reads and validates a config file; the message names the file, line and column.
-fn load_config(file: &PathBuf) -> Result<Config, String> {
-    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: cannot read: {e}", file.display()))?;
-    Config::from_toml(&text).map_err(|e| match (e.line, e.column) {
-        (Some(line), Some(column)) => format!("{}:{line}:{column}: {}", file.display(), e.message),
-        _ => format!("{}: {}", file.display(), e.message),
-    })
+fn load_config(file: &Path) -> Result<Config, String> {
+    preflight::read_config(file).map_err(|error| format!("{:#}", anyhow::Error::from(error)))
 }

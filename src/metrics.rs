@@ -36,6 +36,8 @@ pub const XDP_MODE_INFO: &str = "oxidize_relay_xdp_mode_info";
 pub const BUILD_INFO: &str = "oxidize_relay_build_info";
 pub const TUNNEL_PEER_KEEPALIVES: &str = "oxidize_relay_tunnel_peer_keepalives_total";
 pub const TUNNEL_PEER_UP: &str = "oxidize_relay_tunnel_peer_up";
+pub const RELOADS: &str = "oxidize_relay_reloads_total";
+pub const DRAINING: &str = "oxidize_relay_draining";
 
 /// Every metric the relay exports (the dashboard test checks its queries against this list).
 pub fn names() -> Vec<&'static str> {
@@ -56,6 +58,8 @@ pub fn names() -> Vec<&'static str> {
         BUILD_INFO,
         TUNNEL_PEER_KEEPALIVES,
         TUNNEL_PEER_UP,
+        RELOADS,
+        DRAINING,
     ]);
     names
 }
@@ -71,6 +75,17 @@ pub fn describe() {
     for family in [counters::DROPS, counters::KERNEL] {
         describe_counter!(family.metric, family.help);
     }
+    describe_counter!(RELOADS, "Config reloads by outcome: applied, or failed (the old config stays in force)");
+    describe_gauge!(DRAINING, "1 while the relay drains: existing sessions are served, no new ones are opened");
+}
+
+/// Counts a reload by its outcome.
+pub fn reload(outcome: &'static str) {
+    counter!(RELOADS, "outcome" => outcome).increment(1);
+}
+
+pub fn draining(draining: bool) {
+    gauge!(DRAINING).set(if draining { 1.0 } else { 0.0 });
 }
 
 /// Publishes what never changes after start-up.

@@ -5,6 +5,8 @@
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -36,13 +38,15 @@ pub enum EndpointError {
     Thread(#[source] io::Error),
 }
 
-/// Installs the Prometheus recorder and serves it at `http://{listen}/metrics` from a thread of its own.
-pub fn start(listen: SocketAddr) -> Result<(), EndpointError> {
+/// Installs the Prometheus recorder and serves it at `http://{listen}/metrics` from a thread of its own,
+/// and `/ready`: 200 while `accepting` (new sessions are taken), 503 while the relay drains, so a
+/// load balancer or a routing daemon can withdraw it.
+pub fn start(listen: SocketAddr, accepting: Arc<AtomicBool>) -> Result<(), EndpointError> {
     let handle = PrometheusBuilder::new().install_recorder().map_err(EndpointError::Recorder)?;
     crate::metrics::describe();
     let failed = |source| EndpointError::Listen { listen, source };
     let listener = bind(listen).map_err(failed)?;
-    let mut server = Server::new(TcpListener::from_std(listener), handle).map_err(failed)?;
+    let mut server = Server::new(TcpListener::from_std(listener), handle, accepting).map_err(failed)?;
     thread::Builder::new().name("oxr-metrics".into()).spawn(move || server.run()).map_err(EndpointError::Thread)?;
     Ok(())
 }
@@ -61,6 +65,7 @@ struct Server {
     poll: Poll,
     listener: TcpListener,
     handle: PrometheusHandle,
+    accepting: Arc<AtomicBool>,
     connections: Vec<Option<Connection>>,
 }
 
@@ -73,10 +78,10 @@ struct Connection {
 }
 
 impl Server {
-    fn new(mut listener: TcpListener, handle: PrometheusHandle) -> io::Result<Self> {
+    fn new(mut listener: TcpListener, handle: PrometheusHandle, accepting: Arc<AtomicBool>) -> io::Result<Self> {
         let poll = Poll::new()?;
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
-        Ok(Server { poll, listener, handle, connections: (0..MAX_CONNECTIONS).map(|_| None).collect() })
+        Ok(Server { poll, listener, handle, accepting, connections: (0..MAX_CONNECTIONS).map(|_| None).collect() })
     }
 
     fn run(&mut self) {
@@ -132,7 +137,7 @@ impl Server {
 
     fn serve(&mut self, slot: usize) {
         let Some(connection) = self.connections.get_mut(slot).and_then(Option::as_mut) else { return };
-        let done = match connection.progress(&self.handle) {
+        let done = match connection.progress(&self.handle, self.accepting.load(Ordering::Relaxed)) {
             Ok(done) => done,
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => false,
             Err(_) => true,
@@ -163,7 +168,7 @@ impl Server {
 
 impl Connection {
     /// Reads the request, then writes the answer; `Ok(true)` once the connection is finished.
-    fn progress(&mut self, handle: &PrometheusHandle) -> io::Result<bool> {
+    fn progress(&mut self, handle: &PrometheusHandle, accepting: bool) -> io::Result<bool> {
         while self.response.is_empty() {
             let mut chunk = [0u8; 1024];
             let read = self.stream.read(&mut chunk)?;
@@ -172,7 +177,7 @@ impl Connection {
             }
             self.request.extend_from_slice(&chunk[..read]);
             if self.request.windows(4).any(|w| w == b"\r\n\r\n") {
-                self.response = respond(&self.request, handle);
+                self.response = respond(&self.request, handle, accepting);
             } else if self.request.len() > MAX_REQUEST {
                 self.response = answer("431 Request Header Fields Too Large", "request too large\n");
             }
@@ -184,14 +189,16 @@ impl Connection {
     }
 }
 
-fn respond(request: &[u8], handle: &PrometheusHandle) -> Vec<u8> {
+fn respond(request: &[u8], handle: &PrometheusHandle, accepting: bool) -> Vec<u8> {
     let line = request.split(|&b| b == b'\r').next().unwrap_or_default();
     let mut parts = line.split(|&b| b == b' ');
     match (parts.next(), parts.next()) {
         (Some(b"GET"), Some(path)) if path == b"/metrics" || path.starts_with(b"/metrics?") => {
             answer("200 OK", &handle.render())
         }
-        (Some(b"GET"), Some(_)) => answer("404 Not Found", "try /metrics\n"),
+        (Some(b"GET"), Some(b"/ready")) if accepting => answer("200 OK", "ready\n"),
+        (Some(b"GET"), Some(b"/ready")) => answer("503 Service Unavailable", "draining\n"),
+        (Some(b"GET"), Some(_)) => answer("404 Not Found", "try /metrics or /ready\n"),
         _ => answer("405 Method Not Allowed", "GET /metrics\n"),
     }
 }
@@ -211,11 +218,12 @@ mod tests {
     #[test]
     fn answers_scrapes_and_nothing_else() {
         let handle = PrometheusBuilder::new().build_recorder().handle();
-        let ok = String::from_utf8(respond(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", &handle)).expect("utf-8");
+        let get = |request: &[u8], accepting| String::from_utf8(respond(request, &handle, accepting)).expect("utf-8");
+        let ok = get(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", true);
         assert!(ok.starts_with("HTTP/1.1 200 OK\r\n") && ok.contains("Connection: close"), "{ok}");
-        let missing = String::from_utf8(respond(b"GET / HTTP/1.1\r\n\r\n", &handle)).expect("utf-8");
-        assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
-        let post = String::from_utf8(respond(b"POST /metrics HTTP/1.1\r\n\r\n", &handle)).expect("utf-8");
-        assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+        assert!(get(b"GET / HTTP/1.1\r\n\r\n", true).starts_with("HTTP/1.1 404"));
+        assert!(get(b"POST /metrics HTTP/1.1\r\n\r\n", true).starts_with("HTTP/1.1 405"));
+        assert!(get(b"GET /ready HTTP/1.1\r\n\r\n", true).starts_with("HTTP/1.1 200 OK"));
+        assert!(get(b"GET /ready HTTP/1.1\r\n\r\n", false).starts_with("HTTP/1.1 503"), "draining is not ready");
     }
 }

@@ -70,6 +70,14 @@ impl NextHopResolver {
         NextHopResolver { socket, link_layer: !interfaces.is_empty(), interfaces, statics, upstreams, current }
     }
 
+    /// A reload's upstream list: the old ones keep their ids (and state), new ones start unresolved.
+    pub fn set_upstreams(&mut self, upstreams: &[SocketAddr]) {
+        for &upstream in &upstreams[self.upstreams.len().min(upstreams.len())..] {
+            self.current.push(Err(Unreachable::NeighborPending(upstream.ip())));
+        }
+        self.upstreams = upstreams.to_vec();
+    }
+
     /// Re-resolves every upstream; returns those whose next hop changed.
     pub fn refresh(&mut self) -> Vec<(UpstreamId, Result<NextHop, NoHop>)> {
         let mut changes = Vec::new();

@@ -5,8 +5,9 @@
 use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 
-use oxidize_relay_core::config::Config;
+use oxidize_relay_core::config::{Config, ConfigError};
 use oxidize_relay_core::oxtunnel::TunnelKey;
 
 /// Where the kernel picks ephemeral ports for local sockets.
@@ -22,6 +23,28 @@ pub enum KeyFileError {
     },
     #[error("OxTunnel key file {path}: {reason}")]
     Content { path: String, reason: &'static str },
+}
+
+/// A config file that cannot be used, with where it went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    #[error("{}: cannot read", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{}:{}", path.display(), position(error))]
+    Invalid { path: PathBuf, error: ConfigError },
+}
+
+fn position(error: &ConfigError) -> String {
+    match (error.line, error.column) {
+        (Some(line), Some(column)) => format!("{line}:{column}: {}", error.message),
+        _ => format!(" {}", error.message),
+    }
+}
+
+/// Reads and validates a config file (`check-config`, `run` and every reload).
+pub fn read_config(path: &Path) -> Result<Config, ConfigFileError> {
+    let text = fs::read_to_string(path).map_err(|source| ConfigFileError::Read { path: path.to_owned(), source })?;
+    Config::from_toml(&text).map_err(|error| ConfigFileError::Invalid { path: path.to_owned(), error })
 }
 
 /// Reads every route's tunnel key files into the config (keys never live in the

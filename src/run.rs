@@ -1,12 +1,13 @@
 //! `oxidize-relay run`: pick the backend, set it up, run the control loop,
 //! and tear everything down on SIGTERM/SIGINT.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use oxidize_relay_core::Relay;
 use oxidize_relay_core::config::{Config, Mode};
 use oxidize_relay_core::directory::NatDirectory;
 use oxidize_relay_core::route::RouteTable;
@@ -14,13 +15,15 @@ use oxidize_relay_core::route::RouteTable;
 use crate::backend::socket::worker::SocketSetupError;
 use crate::backend::worker_core::CHANNEL_CAPACITY;
 use crate::backend::{self, AnyWorker, Backend, WorkerShared};
-use crate::control::{self, StatsContext};
+use crate::control::{self, ControlPlane, OperatorSignals, StatsContext};
+use crate::handover;
 use crate::keepalive::Keepalives;
 use crate::metrics;
 use crate::metrics_endpoint::{self, EndpointError};
 use crate::nexthop::NextHopResolver;
 use crate::preflight::{self, KeyFileError};
 use crate::probe::{self, ModeError};
+use crate::reload::Reloader;
 use crate::stats::Totals;
 use crate::sys;
 use crate::sys::iface::IfaceError;
@@ -91,11 +94,15 @@ pub enum SetupError {
     },
 }
 
-/// Options of `run` beyond the config file.
+/// Options of `run` beyond the config.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
+    /// The file the config came from, re-read on SIGHUP (`None`: the quick form, no reload).
+    pub config_file: Option<PathBuf>,
     /// Written every control tick (and at exit) with the counters as JSON.
     pub stats_file: Option<PathBuf>,
+    /// Where a clean stop leaves the live sessions for the next start (see [`handover`]).
+    pub state_dir: Option<PathBuf>,
 }
 
 pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
@@ -103,8 +110,8 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone()).map_err(SetupError::Signals)?;
     }
-    // Their default action would kill the relay silently, leaving the stats file saying it runs.
-    let ignored = IgnoredSignals::register()?;
+    // Registered before anything else: their default action would kill the relay silently.
+    let signals = OperatorSignals::register()?;
     match sys::raise_descriptor_limit() {
         Ok(limit) => tracing::debug!(limit, "open descriptor limit"),
         Err(error) => tracing::warn!(%error, "raising the open descriptor limit failed"),
@@ -125,13 +132,10 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
     let routes = Arc::new(RouteTable::new(&config.routes));
     let (unresolved_tx, unresolved_rx) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
     let directory = Arc::new(NatDirectory::new(config.nat.ports, sys::random_u64().map_err(SetupError::Seed)?));
-    let shared = WorkerShared {
-        routes: routes.clone(),
-        directory,
-        stop: stop.clone(),
-        unresolved: unresolved_tx,
-        epoch: Instant::now(),
-    };
+    // The workers' clock; handed-over idle times are measured on it.
+    let epoch = Instant::now();
+    let shared =
+        WorkerShared { routes: routes.clone(), directory, stop: stop.clone(), unresolved: unresolved_tx, epoch };
     let backend = match mode {
         Mode::Socket => backend::socket::build(&config, &shared)?,
         Mode::AfXdp | Mode::Auto => backend::af_xdp::build(&config, &report, &shared)?,
@@ -142,8 +146,9 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
     // Drop every capability before any other thread exists (capabilities are per thread).
     sys::caps::drop_all().map_err(SetupError::DropCapabilities)?;
     tracing::info!("setup done; all capabilities dropped");
+    let accepting = Arc::new(AtomicBool::new(true));
     if let Some(listen) = config.metrics_listen {
-        metrics_endpoint::start(listen)?;
+        metrics_endpoint::start(listen, accepting.clone())?;
         tracing::info!(%listen, "Prometheus metrics at http://{listen}/metrics");
     }
 
@@ -162,7 +167,15 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
         thread::sleep(Duration::from_millis(50));
     }
 
-    let Backend { name, attached, workers, counters, updates } = backend;
+    let Backend { name, attached, mut workers, counters, updates } = backend;
+    let interfaces: Vec<String> = match mode {
+        Mode::Socket => config.interfaces.iter().map(|i| i.name.clone()).collect(),
+        Mode::AfXdp | Mode::Auto => attached.iter().map(|a| a.info.name.clone()).collect(),
+    };
+    let handover_file = options.state_dir.as_ref().map(|dir| dir.join(handover::FILE_NAME));
+    if let Some(path) = &handover_file {
+        inherit_sessions(path, &mut workers, &interfaces, epoch);
+    }
     metrics::publish_static(name, &attached.iter().map(|a| (a.info.name.clone(), a.mode.name())).collect::<Vec<_>>());
     let handles = spawn_workers(workers, &config.runtime.cores)?;
     let context = StatsContext {
@@ -176,26 +189,44 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
     let notifier = Notifier::from_env();
     notifier.ready(&format!("{} workers, backend {name}", handles.len()));
 
-    let mut keepalives = Keepalives::new(&routes).map_err(SetupError::Keepalive)?;
-    let outcome = control::control_loop(
-        &config,
-        &stop,
-        &ignored,
-        &mut resolver,
-        &unresolved_rx,
-        &updates,
-        &context,
-        &notifier,
-        &mut keepalives,
-    );
+    let mut control = ControlPlane {
+        config: &config,
+        stop: &stop,
+        signals: &signals,
+        resolver,
+        unresolved: &unresolved_rx,
+        updates: &updates,
+        stats: &context,
+        notifier: &notifier,
+        keepalives: Keepalives::new(&routes).map_err(SetupError::Keepalive)?,
+        reloader: Reloader::new(options.config_file.clone(), config.clone(), routes.clone(), mode == Mode::Socket),
+        accepting: &accepting,
+    };
+    let outcome = control.run();
     // Whatever ended the loop, the workers stop and the stats file stops claiming a running relay.
     stop.store(true, Ordering::Relaxed);
 
     notifier.stopping();
     tracing::info!("shutting down: stopping workers, detaching XDP");
-    for handle in handles {
-        if handle.join().is_err() {
-            tracing::error!("a worker thread panicked");
+    let relays: Vec<Relay> = handles
+        .into_iter()
+        .filter_map(|handle| match handle.join() {
+            Ok(relay) => Some(relay),
+            Err(_) => {
+                tracing::error!("a worker thread panicked; its sessions are not handed over");
+                None
+            }
+        })
+        .collect();
+    if let Some(path) = &handover_file
+        && outcome.is_ok()
+    {
+        let now = epoch.elapsed().as_millis() as u64;
+        match handover::save(path, &relays, &interfaces, now) {
+            Ok(count) => {
+                tracing::info!(sessions = count, path = %path.display(), "live sessions saved for the next start")
+            }
+            Err(error) => tracing::error!(error = &error as &dyn std::error::Error, "saving the live sessions failed"),
         }
     }
     let totals = Totals::collect(&counters);
@@ -205,34 +236,22 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
     outcome
 }
 
-/// Signals an operator or a service manager may send that have no meaning yet
-/// (SIGHUP will reload once reload exists): caught, logged, otherwise ignored.
-pub(crate) struct IgnoredSignals {
-    flags: Vec<(&'static str, Arc<AtomicBool>)>,
-}
-
-impl IgnoredSignals {
-    fn register() -> Result<Self, SetupError> {
-        use signal_hook::consts::{SIGHUP, SIGUSR1, SIGUSR2};
-        let mut flags = Vec::new();
-        for (name, signal) in [("SIGHUP", SIGHUP), ("SIGUSR1", SIGUSR1), ("SIGUSR2", SIGUSR2)] {
-            let flag = Arc::new(AtomicBool::new(false));
-            signal_hook::flag::register(signal, flag.clone()).map_err(SetupError::Signals)?;
-            flags.push((name, flag));
+/// Takes over the sessions a previous relay process left, before any worker runs.
+fn inherit_sessions(path: &Path, workers: &mut [AnyWorker], interfaces: &[String], epoch: Instant) {
+    match handover::take(path) {
+        Ok(None) => {}
+        Ok(Some(inherited)) => {
+            let mut relays: Vec<&mut Relay> = workers.iter_mut().map(AnyWorker::relay_mut).collect();
+            handover::restore(&inherited, &mut relays, interfaces, epoch.elapsed().as_millis() as u64);
         }
-        Ok(IgnoredSignals { flags })
-    }
-
-    pub(crate) fn log_received(&self) {
-        for (name, flag) in &self.flags {
-            if flag.swap(false, Ordering::Relaxed) {
-                tracing::warn!(signal = name, "received {name}: it has no meaning for this relay yet; ignored");
-            }
-        }
+        Err(error) => tracing::warn!(
+            error = &error as &dyn std::error::Error,
+            "the previous relay's sessions cannot be taken over; starting without them"
+        ),
     }
 }
 
-fn spawn_workers(workers: Vec<AnyWorker>, cores: &[usize]) -> Result<Vec<JoinHandle<()>>, SetupError> {
+fn spawn_workers(workers: Vec<AnyWorker>, cores: &[usize]) -> Result<Vec<JoinHandle<Relay>>, SetupError> {
     let available = core_affinity::get_core_ids().unwrap_or_default();
     workers
         .into_iter()

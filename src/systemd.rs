@@ -34,6 +34,14 @@ impl Notifier {
         send(&[NotifyState::Watchdog]);
     }
 
+    /// A reload starts; `ready` ends it (as `Type=notify-reload` expects).
+    pub fn reloading(&self) {
+        match sd_notify::NotifyState::monotonic_usec_now() {
+            Ok(now) => send(&[NotifyState::Reloading, now]),
+            Err(error) => tracing::debug!(%error, "reading CLOCK_MONOTONIC for sd_notify failed"),
+        }
+    }
+
     pub fn stopping(&self) {
         send(&[NotifyState::Stopping]);
     }

@@ -168,6 +168,30 @@ impl Config {
         ))
     }
 
+    /// The settings that differ in `new` and cannot change while the relay runs (they
+    /// size memory, bind sockets or choose the backend); empty when a reload can apply
+    /// `new`. Routes (upstreams, draining, access lists, limits, tunnel keys) and the
+    /// security limits are reloadable, except that `listen_fixed` (the socket backend,
+    /// whose listen sockets are bound before privileges are dropped) fixes the listen addresses.
+    pub fn restart_needed(&self, new: &Config, listen_fixed: bool) -> Vec<&'static str> {
+        let mut differ = Vec::new();
+        let mut check = |changed: bool, what| {
+            if changed {
+                differ.push(what);
+            }
+        };
+        check(self.runtime != new.runtime, "[runtime]");
+        check(self.pool != new.pool, "[pool]");
+        check(self.interfaces != new.interfaces, "[[interface]]");
+        check(self.nat != new.nat, "[nat]");
+        check(self.neighbors != new.neighbors, "[[neighbor]]");
+        check(self.metrics_listen != new.metrics_listen, "[metrics]");
+        check(self.security.source_table_entries != new.security.source_table_entries, "security.source_table_entries");
+        let listens = |config: &Config| config.routes.iter().map(|r| r.listen).collect::<HashSet<_>>();
+        check(listen_fixed && listens(self) != listens(new), "route listen addresses (on the socket backend)");
+        differ
+    }
+
     /// Number of NAT ports shared out among the workers.
     pub fn nat_port_count(&self) -> usize {
         usize::from(self.nat.ports.1 - self.nat.ports.0) + 1
@@ -843,6 +867,21 @@ upstreams = ["10.1.0.2:7000"]
         assert!(Config::from_toml(no_interface).expect_err("no interface").message.contains("interface"));
         let only_client = MINIMAL.replace("name = \"veth0\"", "name = \"veth0\"\nrole = \"client\"");
         assert!(Config::from_toml(&only_client).expect_err("one side").message.contains("upstream side"));
+    }
+
+    #[test]
+    fn reload_tells_live_changes_from_restart_ones() {
+        let base = Config::from_toml(MINIMAL).expect("minimal");
+        let more =
+            MINIMAL.replace("upstreams = [", "per_source_packets_per_second = 10\nupstreams = [\"10.1.0.9:7000\", ");
+        let reloadable = Config::from_toml(&more).expect("reloadable");
+        assert!(base.restart_needed(&reloadable, true).is_empty(), "upstreams and limits change live");
+        let moved = Config::from_toml(&MINIMAL.replace("[[route]]", "[nat]\nports = \"30000-30999\"\n\n[[route]]"))
+            .expect("nat");
+        assert_eq!(base.restart_needed(&moved, false), vec!["[nat]"]);
+        let relisten = Config::from_toml(&MINIMAL.replace(":5000", ":5001")).expect("listen");
+        assert!(base.restart_needed(&relisten, false).is_empty(), "AF_XDP takes new listen addresses live");
+        assert_eq!(base.restart_needed(&relisten, true).len(), 1, "the socket backend does not");
     }
 
     #[test]

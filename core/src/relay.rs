@@ -322,6 +322,11 @@ impl Relay {
             .collect()
     }
 
+    /// Whether any worker's live session on `nat_port` goes to `upstream`.
+    pub fn nat_port_serves(&self, nat_port: u16, upstream: UpstreamId) -> bool {
+        self.directory.binding(nat_port).is_some_and(|binding| binding.upstream == upstream)
+    }
+
     /// Whether this worker owns `nat_port` (so it is the one to take over its session).
     pub fn owns_port(&self, nat_port: u16) -> bool {
         self.sessions.owns_port(nat_port)

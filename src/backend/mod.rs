@@ -40,6 +40,15 @@ pub(crate) enum AnyWorker {
     Socket(SocketWorker),
 }
 
+impl AnyWorker {
+    pub(crate) fn relay_mut(&mut self) -> &mut oxidize_relay_core::Relay {
+        match self {
+            AnyWorker::AfXdp(worker) => &mut worker.core.relay,
+            AnyWorker::Socket(worker) => &mut worker.core.relay,
+        }
+    }
+}
+
 /// What both backends hand the control thread.
 pub(crate) struct Backend {
     pub(crate) name: &'static str,

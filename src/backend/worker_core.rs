@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use oxidize_relay_core::config::WaitMode;
 use oxidize_relay_core::counters::Counters;
-use oxidize_relay_core::route::UpstreamId;
+use oxidize_relay_core::relay::ReloadedLimits;
+use oxidize_relay_core::route::{RouteTable, UpstreamId};
 use oxidize_relay_core::{NextHop, NoHop, Relay};
 
 /// How long an idle worker in event mode sleeps before checking for shutdown and updates.
@@ -20,10 +21,14 @@ pub const EXPIRY_BUDGET: usize = 256;
 /// the control thread refreshes every next hop each second anyway.
 pub const CHANNEL_CAPACITY: usize = 1024;
 
-/// A change the control thread pushes to every worker.
-#[derive(Debug, Clone, Copy)]
+/// A change the control thread pushes to every worker, applied between two bursts.
+#[derive(Debug, Clone)]
 pub enum WorkerUpdate {
     NextHop(UpstreamId, Result<NextHop, NoHop>),
+    /// A reload: the successor route table and this worker's share of the limits.
+    Reconfigure(Arc<RouteTable>, ReloadedLimits),
+    /// Drain (false: no new sessions) or resume (true).
+    AcceptSessions(bool),
 }
 
 /// What every worker has, whichever backend drives it.
@@ -52,11 +57,13 @@ impl WorkerCore {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// Takes the control thread's next-hop changes.
+    /// Takes the control thread's changes.
     pub fn apply_updates(&mut self) {
         while let Ok(update) = self.updates.try_recv() {
             match update {
                 WorkerUpdate::NextHop(upstream, hop) => self.relay.set_next_hop(upstream, hop),
+                WorkerUpdate::Reconfigure(routes, limits) => self.relay.reconfigure(routes, &limits),
+                WorkerUpdate::AcceptSessions(accepting) => self.relay.set_accepting_sessions(accepting),
             }
         }
     }

@@ -213,6 +213,11 @@ impl XdpProgram {
         update(self.listen, "listen_map", &EndpointKey::new(listen), &1u32)
     }
 
+    /// Removes a listen endpoint (a reload dropped its route): its packets go back to the kernel.
+    pub fn remove_listen(&self, listen: SocketAddr) {
+        delete(self.listen, &EndpointKey::new(listen));
+    }
+
     /// Adds a NAT source address: replies to it within the NAT range go to the socket.
     pub fn add_nat_addr(&self, ip: IpAddr) -> Result<(), XdpError> {
         update(self.nat_addrs, "nat_addrs", &AddrKey::new(ip), &1u8)
@@ -340,10 +345,14 @@ impl FlowMap {
 
     /// Forgets a flow whose session expired.
     pub fn remove(&self, client: SocketAddr, listen_port: u16) {
-        let key = FlowKey::new(client, listen_port);
-        // SAFETY: key is a #[repr(C)] FlowKey matching the map's key size; a missing key is fine.
-        unsafe { bpf::bpf_map_delete_elem(self.fd, (&raw const key).cast()) };
+        delete(self.fd, &FlowKey::new(client, listen_port));
     }
+}
+
+/// Deletes `key` from a map; a missing key is fine.
+fn delete<K>(map_fd: RawFd, key: &K) {
+    // SAFETY: key is a #[repr(C)] value whose size matches the map's key size (asserted in bpf_abi).
+    unsafe { bpf::bpf_map_delete_elem(map_fd, (key as *const K).cast()) };
 }
 
 fn update<K, V>(map_fd: RawFd, map: &'static str, key: &K, value: &V) -> Result<(), XdpError> {

@@ -7,6 +7,7 @@ including after an exception or SIGTERM.
 import atexit
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -252,6 +253,12 @@ def metric(text, name, **labels):
     return total
 
 
+def peer_report(proc, timeout=60):
+    """Waits for a peer that ends by itself and returns its JSON report."""
+    out, _ = proc.communicate(timeout=timeout)
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def stop_peer(proc, timeout=10):
     """SIGTERM a long-running peer and return its JSON report."""
     proc.send_signal(signal.SIGTERM)
@@ -262,9 +269,11 @@ def stop_peer(proc, timeout=10):
 class Relay:
     """The relay under test, running in the relay namespace."""
 
-    def __init__(self, topo, binary, config_text, wrapper=(), role="relay", name=None):
-        """`role` is the namespace it runs in; `name` (default: the role) names its files."""
+    def __init__(self, topo, binary, config_text, wrapper=(), role="relay", name=None, state_dir=None):
+        """`role` is the namespace it runs in; `name` (default: the role) names its files;
+        `state_dir` is where a clean stop leaves its sessions for the next start."""
         self.topo, self.binary, self.wrapper, self.role = topo, binary, list(wrapper), role
+        self.state_dir = state_dir
         name = name or role
         self.config = os.path.join(topo.workdir, f"{name}.toml")
         self.stats_file = os.path.join(topo.workdir, f"{name}-stats.json")
@@ -275,8 +284,9 @@ class Relay:
 
     def start(self, timeout=15):
         log = open(self.log, "w")
+        state = ["--state-dir", self.state_dir] if self.state_dir else []
         self.proc = self.topo.spawn(self.role, *self.wrapper, self.binary, "run", "--config", self.config,
-                                    "--stats-file", self.stats_file, stderr=log)
+                                    "--stats-file", self.stats_file, *state, stderr=log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -287,8 +297,9 @@ class Relay:
         raise RuntimeError(f"relay not ready after {timeout}s:\n{self.log_text()}")
 
     def log_text(self):
+        """The relay's log without terminal colours."""
         with open(self.log) as f:
-            return f.read()
+            return re.sub(r"\x1b\[[0-9;]*m", "", f.read())
 
     def stats(self):
         with open(self.stats_file) as f:
@@ -313,6 +324,22 @@ class Relay:
         out, _ = self.proc.communicate(timeout=timeout)
         lines = [l for l in out.strip().splitlines() if l.startswith("{")]
         return self.proc.returncode, (json.loads(lines[-1]) if lines else None)
+
+    def rewrite_config(self, config_text):
+        """Replaces the config file (the relay reads it again on SIGHUP)."""
+        with open(self.config, "w") as f:
+            f.write(config_text)
+
+    def reload(self, config_text, expect_log, timeout=5):
+        """Writes `config_text`, sends SIGHUP and waits until the log shows `expect_log` once more than before."""
+        before = self.log_text().count(expect_log)
+        self.rewrite_config(config_text)
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while self.log_text().count(expect_log) <= before:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError(f"no `{expect_log}` after SIGHUP:\n{self.log_text()[-2000:]}")
+            time.sleep(0.05)
 
     def kill(self):
         self.proc.kill()

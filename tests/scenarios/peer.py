@@ -152,6 +152,79 @@ def client(args):
     }), flush=True)
 
 
+def stream(args):
+    """A steady stream: `rate` datagrams per second for `duration` seconds, round-robin over
+    `sockets` flows, never retransmitted. Reports every datagram lost, every echo checked byte
+    for byte, and the longest silence between two echoes (a restart's gap as clients see it)."""
+    host, port = split(args.to)
+    family = family_of(host)
+    socks = []
+    for _ in range(args.sockets):
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.connect((host, port))
+        sock.setblocking(False)
+        socks.append(sock)
+    sent = {}  # seq -> payload
+    received = corrupt = refused = 0
+    lost_by_socket = [0] * len(socks)
+    last_echo = None
+    max_gap = 0.0
+    start = time.monotonic()
+    print("ready", file=sys.stderr, flush=True)
+
+    def receive_ready(timeout_ms):
+        nonlocal received, corrupt, refused, last_echo, max_gap
+        for sock in socks:
+            while True:
+                try:
+                    data = sock.recv(2048)
+                except BlockingIOError:
+                    break
+                except ConnectionRefusedError:
+                    refused += 1  # the listen port had no taker for a moment (no relay attached)
+                    continue
+                seq = int.from_bytes(data[:8], "big") if len(data) >= 8 else None
+                if seq in sent and sent[seq] == data:
+                    del sent[seq]
+                    received += 1
+                    now = time.monotonic()
+                    if last_echo is not None:
+                        max_gap = max(max_gap, now - last_echo)
+                    last_echo = now
+                else:
+                    corrupt += 1
+        if timeout_ms:
+            time.sleep(timeout_ms / 1000)
+
+    seq = 0
+    while time.monotonic() - start < args.duration:
+        due = int((time.monotonic() - start) * args.rate)
+        while seq < due:
+            data = payload(seq, args.size)
+            sent[seq] = data
+            try:
+                socks[seq % len(socks)].send(data)
+            except ConnectionRefusedError:
+                refused += 1
+                socks[seq % len(socks)].send(data)
+            seq += 1
+        receive_ready(1)
+    settle = time.monotonic() + 2
+    while sent and time.monotonic() < settle:
+        receive_ready(10)
+    for lost in sent:
+        lost_by_socket[lost % len(socks)] += 1
+    # Where in the stream the losses were, as time offsets (the stream is paced at `rate`).
+    lost_span = [round(min(sent) / args.rate, 2), round(max(sent) / args.rate, 2)] if sent else []
+    print(json.dumps({
+        "sent": seq, "received": received, "lost": len(sent), "corrupt": corrupt, "refused": refused,
+        "max_gap_ms": round(max_gap * 1000, 1), "sockets_with_loss": sum(1 for n in lost_by_socket if n),
+        "lost_between_s": lost_span,
+        "seconds": round(time.monotonic() - start, 2),
+    }), flush=True)
+
+
 def many_clients(args):
     """Open `count` sockets on distinct ports; each sends its own token and must get only its own back."""
     host, port = split(args.to)
@@ -304,6 +377,9 @@ def main():
     p.add_argument("--random", action="store_true", help="incompressible payloads")
     p.add_argument("--sockets", type=int, default=1, help="client sockets (flows), used in turn; --bind gives the first port")
     p.set_defaults(run=client)
+    p = sub.add_parser("stream"); p.add_argument("--to", required=True); p.add_argument("--sockets", type=int, default=64)
+    p.add_argument("--rate", type=float, default=2000); p.add_argument("--duration", type=float, default=5)
+    p.add_argument("--size", type=int, default=64); p.set_defaults(run=stream)
     p = sub.add_parser("many-clients"); p.add_argument("--to", required=True)
     p.add_argument("--count", type=int, default=1000); p.add_argument("--rounds", type=int, default=2)
     p.set_defaults(run=many_clients)

@@ -21,13 +21,7 @@ pub(crate) fn build(config: &Config, report: &HostReport, shared: &WorkerShared)
     let mut attached = Vec::new();
     for (interface, info) in config.interfaces.iter().zip(infos) {
         let mut program = XdpProgram::load(config.nat.max_sessions.try_into().unwrap_or(u32::MAX))?;
-        program.configure(&RelayConfig {
-            nat_port_first: config.nat.ports.0,
-            nat_port_last: config.nat.ports.1,
-            new_flows_per_second: config.security.new_flows_per_second,
-            max_frame_len: xsk::max_frame_len(config.pool.frame_size),
-            pad: 0,
-        })?;
+        program.configure(&xdp_config(config))?;
         for route in &config.routes {
             program.add_listen(route.listen)?;
         }
@@ -68,6 +62,17 @@ pub(crate) fn build(config: &Config, report: &HostReport, shared: &WorkerShared)
     }
     backend.attached = attached;
     Ok(backend)
+}
+
+/// What the XDP program needs of the config (set at start and by every reload).
+pub(crate) fn xdp_config(config: &Config) -> RelayConfig {
+    RelayConfig {
+        nat_port_first: config.nat.ports.0,
+        nat_port_last: config.nat.ports.1,
+        new_flows_per_second: config.security.new_flows_per_second,
+        max_frame_len: xsk::max_frame_len(config.pool.frame_size),
+        pad: 0,
+    }
 }
 
 /// How many queues of each interface the workers serve: every RX queue it has

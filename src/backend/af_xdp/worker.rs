@@ -1,5 +1,6 @@
 //! The AF_XDP worker, one per queue index: RX burst, relay core, TX burst, run to completion.
 
+use oxidize_relay_core::Relay;
 use oxidize_relay_core::config::WaitMode;
 use oxidize_relay_core::counters::KernelSocketStat;
 use oxidize_relay_core::{IfaceId, Verdict};
@@ -41,7 +42,7 @@ impl Bursts {
 
 impl Worker {
     /// Runs until `stop` is set.
-    pub fn run(mut self) {
+    pub fn run(mut self) -> Relay {
         let batch = self.core.batch_size;
         // Two bursts of backlog per egress: one in flight to the ring, one just received.
         let backlog = 2 * batch;
@@ -86,6 +87,8 @@ impl Worker {
                 self.idle(&fds);
             }
         }
+        // Its sessions go to the control thread, which hands them to the next relay process.
+        self.core.relay
     }
 
     /// One pass over every socket: reclaim, refill, receive, relay, transmit.

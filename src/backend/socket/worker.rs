@@ -12,9 +12,11 @@ use std::time::Duration;
 
 use mio::net::UdpSocket as MioUdpSocket;
 use mio::{Events, Interest, Poll, Token};
+use oxidize_relay_core::Relay;
 use oxidize_relay_core::config::WaitMode;
 use oxidize_relay_core::counters::Counters;
 use oxidize_relay_core::relay::{Datagram, Destination, Upstreamward};
+use oxidize_relay_core::route::UpstreamId;
 use oxidize_relay_core::session::Session;
 use oxidize_relay_core::{DropReason, IfaceId};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -27,6 +29,8 @@ use crate::sys::udp::{RecvBatch, SendBatch};
 const DRAIN_BATCHES: usize = 4;
 /// Tokens below this are listen sockets; session sockets use `SESSION_TOKEN_BASE + nat_port`.
 const SESSION_TOKEN_BASE: usize = 1 << 20;
+/// How often a worker closes the NAT sockets it opened for other workers' sessions that ended.
+const FOREIGN_SWEEP_MS: u64 = 1000;
 /// Ethernet + IP + UDP header bytes, so byte counters compare with the AF_XDP backend's frame bytes.
 const IPV4_FRAME_OVERHEAD: u64 = 14 + 20 + 8;
 const IPV6_FRAME_OVERHEAD: u64 = 14 + 40 + 8;
@@ -49,12 +53,13 @@ struct Listener {
 struct SessionSocket {
     socket: MioUdpSocket,
     listener: usize,
+    upstream: UpstreamId,
     outgoing: SendBatch,
 }
 
 /// One socket-backend worker.
 pub struct SocketWorker {
-    core: WorkerCore,
+    pub(crate) core: WorkerCore,
     poll: Poll,
     listeners: Vec<Listener>,
     sessions: HashMap<u16, SessionSocket>,
@@ -90,7 +95,7 @@ impl SocketWorker {
         Ok(SocketWorker { core, poll, listeners, sessions: HashMap::new() })
     }
 
-    pub fn run(mut self) {
+    pub fn run(mut self) -> Relay {
         let mut events = Events::with_capacity(1024);
         let mut batch = RecvBatch::new(self.core.batch_size);
         let idle_timeout = match self.core.wait {
@@ -101,6 +106,7 @@ impl SocketWorker {
         // edge-triggered, so they are revisited without waiting for another edge.
         let mut backlog: Vec<Token> = Vec::with_capacity(64);
         let mut tokens: Vec<Token> = Vec::with_capacity(1024);
+        let mut foreign_sweep_at = 0;
         while self.core.running() {
             let timeout = if backlog.is_empty() { idle_timeout } else { Some(Duration::ZERO) };
             self.core.apply_updates();
@@ -138,10 +144,16 @@ impl SocketWorker {
                     let _ = self.poll.registry().deregister(&mut session.socket);
                 }
             }
+            if now >= foreign_sweep_at {
+                self.close_foreign_sockets();
+                foreign_sweep_at = now + FOREIGN_SWEEP_MS;
+            }
             // No XDP program here, so no flow registry to keep.
             self.core.relay.take_admitted().for_each(drop);
             self.core.report_unresolved();
         }
+        // Its sessions go to the control thread, which hands them to the next relay process.
+        self.core.relay
     }
 
     /// Reads batches from one socket, at most [`DRAIN_BATCHES`] of them, and relays each.
@@ -220,6 +232,23 @@ impl SocketWorker {
         }
     }
 
+    /// Closes the NAT sockets this worker opened for other workers' sessions that have ended
+    /// (their owner closes its own at expiry; this worker would never hear of it).
+    fn close_foreign_sockets(&mut self) {
+        let relay = &self.core.relay;
+        let ended: Vec<u16> = self
+            .sessions
+            .iter()
+            .filter(|(port, socket)| !relay.owns_port(**port) && !relay.nat_port_serves(**port, socket.upstream))
+            .map(|(port, _)| *port)
+            .collect();
+        for port in ended {
+            if let Some(mut session) = self.sessions.remove(&port) {
+                let _ = self.poll.registry().deregister(&mut session.socket);
+            }
+        }
+    }
+
     /// Queues a datagram to a client on a listen socket, sending the batch first when it is full.
     fn queue_reply(&mut self, listener: usize, client: SocketAddr, payload: &[u8]) {
         let Listener { socket, replies, .. } = &mut self.listeners[listener];
@@ -233,7 +262,10 @@ impl SocketWorker {
         if !self.sessions.contains_key(&session.nat_port) {
             let local = SocketAddr::new(session.nat_ip, session.nat_port);
             let upstream = self.core.relay.routes().upstream(session.upstream);
-            let mut socket = match udp_socket(local, Some(upstream), false) {
+            // SO_REUSEPORT: a session's client may reach several workers (a flow the kernel put on
+            // another worker's listen socket, a session taken over from a previous process), and each
+            // needs the NAT port to send from; replies reach one of them and any worker relays them.
+            let mut socket = match udp_socket(local, Some(upstream), true) {
                 Ok(socket) => socket,
                 Err(error) => {
                     tracing::warn!(worker = self.core.id, %local, %error, "cannot bind the NAT port for a new session");
@@ -247,7 +279,12 @@ impl SocketWorker {
             }
             self.sessions.insert(
                 session.nat_port,
-                SessionSocket { socket, listener, outgoing: SendBatch::new(self.core.batch_size) },
+                SessionSocket {
+                    socket,
+                    listener,
+                    upstream: session.upstream,
+                    outgoing: SendBatch::new(self.core.batch_size),
+                },
             );
         }
         self.sessions.get_mut(&session.nat_port)
