@@ -26,6 +26,13 @@ let
     cp "$rendered" "$out"
   '';
 
+  # What the relay cannot change while it runs (it says so and keeps the old config on a
+  # reload): when any of it changes, nixos-rebuild restarts the service; when only routes
+  # and limits change, it reloads (SIGHUP), and live sessions carry on.
+  restartOnly = builtins.toJSON (removeAttrs settings [ "route" "security" ] // {
+    source_table_entries = settings.security.source_table_entries or null;
+  });
+
   # Each step is tried and a failure logged; none stops the relay from starting: a wrong
   # channel count is refused by the relay itself with the fix, and the rest are optimisations.
   nicTuning = ''
@@ -132,8 +139,16 @@ in
       script = nicTuning;
     };
 
+    # A fixed path, so a settings change alters the file, not the unit: the unit reloads.
+    environment.etc."oxidize-relay/config.toml".source = configFile;
+
     systemd.services.oxidize-relay = {
       description = "Oxidize relay (kernel-bypass UDP relay)";
+      reloadTriggers = [ configFile ];
+      restartTriggers = [ restartOnly ];
+      # One `systemctl restart`, not stop + start: a stop would delete the runtime directory
+      # and the sessions the old process leaves there for the new one.
+      stopIfChanged = false;
       documentation = [ "https://github.com/oxidize-relay/oxidize-relay" ];
       wantedBy = [ "multi-user.target" ];
       after = [ "network-online.target" ];
@@ -146,15 +161,20 @@ in
           (lib.getExe cfg.package)
           "run"
           "--config"
-          "${configFile}"
+          "/etc/oxidize-relay/config.toml"
           "--stats-file"
           "/run/oxidize-relay/stats.json"
         ] ++ cfg.extraArgs);
+        # Re-reads /etc/oxidize-relay/config.toml; a bad file is refused and logged, the old config stays.
+        ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
         Restart = "on-failure";
         RestartSec = "2s";
 
         DynamicUser = true;
+        # Also where a stopping relay leaves its live sessions (sessions.json, found through
+        # $RUNTIME_DIRECTORY) for the next start: kept across restarts, removed on stop.
         RuntimeDirectory = "oxidize-relay";
+        RuntimeDirectoryPreserve = "restart";
         # Exactly what XDP and AF_XDP need: attach programs and sockets, load BPF, lock the UMEM.
         AmbientCapabilities = [ "CAP_NET_ADMIN" "CAP_NET_RAW" "CAP_BPF" "CAP_PERFMON" "CAP_IPC_LOCK" ];
         CapabilityBoundingSet = [ "CAP_NET_ADMIN" "CAP_NET_RAW" "CAP_BPF" "CAP_PERFMON" "CAP_IPC_LOCK" ];

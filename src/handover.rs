@@ -154,3 +154,60 @@ fn parse_session(entry: &Value) -> Option<(String, HandedOver)> {
 fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use oxidize_relay_core::counters::Counters;
+    use oxidize_relay_core::route::{RouteSpec, RouteTable, UpstreamId};
+    use oxidize_relay_core::wire::build::udp_frame;
+    use oxidize_relay_core::{NextHop, RelaySettings, Verdict};
+
+    use super::*;
+
+    const RELAY_MACS: [[u8; 6]; 2] = [[2, 0, 0, 0, 0, 0xa1], [2, 0, 0, 0, 0, 0xa2]];
+
+    fn relay() -> Relay {
+        let spec = RouteSpec::new("10.0.0.1:5000".parse().expect("listen"), vec!["10.1.0.2:7000".parse().expect("up")]);
+        let settings = RelaySettings::unlimited(RELAY_MACS.to_vec(), (20000, 20999), 100, 30_000, 3);
+        let mut relay = Relay::new(Arc::new(RouteTable::new(&[spec])), settings, Arc::new(Counters::default()));
+        let hop =
+            NextHop { iface: IfaceId(1), src_ip: "10.1.0.1".parse().expect("ip"), dst_mac: [2, 0, 0, 0, 0, 0xd1] };
+        relay.set_next_hop(UpstreamId(0), Ok(hop));
+        relay
+    }
+
+    fn scratch_file(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("oxr-handover-{}-{name}", std::process::id()))
+    }
+
+    #[test]
+    fn a_saved_session_is_taken_over_once_and_the_file_consumed() {
+        let mut old = relay();
+        let client = "10.0.0.2:40000".parse().expect("client");
+        let mut frame =
+            udp_frame([2, 0, 0, 0, 0, 0xc1], RELAY_MACS[0], client, "10.0.0.1:5000".parse().expect("listen"), b"x");
+        assert_eq!(old.relay_whole_frame(1, IfaceId(0), &mut frame), Verdict::Forward(IfaceId(1)));
+        let path = scratch_file("roundtrip");
+        let interfaces = ["rc0".to_owned(), "ru0".to_owned()];
+        assert_eq!(save(&path, &[old], &interfaces, 5).expect("saved"), 1);
+
+        let inherited = take(&path).expect("readable").expect("present");
+        assert!(!path.exists(), "the file is consumed");
+        assert_eq!(inherited.sessions[0].0, "rc0");
+        assert_eq!(inherited.sessions[0].1.client, client);
+        let mut new = relay();
+        assert_eq!(restore(&inherited, &mut [&mut new], &interfaces, 0), 1);
+        assert_eq!(new.session_count(), 1);
+        assert!(take(&path).expect("no file").is_none(), "nothing to take twice");
+    }
+
+    #[test]
+    fn a_file_of_another_version_is_refused() {
+        let path = scratch_file("version");
+        fs::write(&path, r#"{"format": "oxidize-relay sessions", "version": 99, "sessions": []}"#).expect("write");
+        assert!(matches!(take(&path), Err(HandoverError::Version { version: Some(99), .. })));
+        assert!(!path.exists(), "refused once, not at every start");
+    }
+}
