@@ -16,6 +16,7 @@ use serde_json::{Map, Value, json};
 
 use crate::backend::Attached;
 use crate::backend::worker_core::WorkerUpdate;
+use crate::health_check::HealthChecker;
 use crate::keepalive::Keepalives;
 use crate::metrics;
 use crate::nexthop::NextHopResolver;
@@ -91,6 +92,9 @@ pub(crate) struct ControlPlane<'a> {
     pub(crate) reloader: Reloader,
     /// Cleared while draining; the metrics endpoint's `/ready` reads it.
     pub(crate) accepting: &'a AtomicBool,
+    pub(crate) health: HealthChecker,
+    /// The workers' clock, which the health checks read activity times on.
+    pub(crate) epoch: Instant,
 }
 
 impl ControlPlane<'_> {
@@ -111,8 +115,11 @@ impl ControlPlane<'_> {
             self.operator_requests();
             if asked || last_refresh.elapsed() >= NEXT_HOP_REFRESH {
                 publish(&mut self.resolver, stats.attached, self.updates)?;
+                self.health.publish_sessions();
                 last_refresh = Instant::now();
             }
+            let verdicts = self.health.tick(self.epoch.elapsed().as_millis() as u64);
+            self.push_health(verdicts);
             self.keepalives.tick();
             crate::log_limit::report_suppressed();
             let totals = Totals::collect(stats.counters);
@@ -154,7 +161,14 @@ impl ControlPlane<'_> {
                 keepalives: &mut self.keepalives,
             };
             match self.reloader.reload(parts) {
-                Ok(()) => metrics::reload("applied"),
+                Ok(()) => {
+                    metrics::reload("applied");
+                    if let Err(error) = self.health.follow(self.reloader.routes()) {
+                        tracing::error!(%error, "opening health probe sockets for the reloaded routes failed");
+                    }
+                    let verdicts: Vec<_> = self.health.verdicts().collect();
+                    self.push_health(verdicts);
+                }
                 Err(error) => {
                     tracing::error!(
                         error = &error as &dyn std::error::Error,
@@ -168,6 +182,17 @@ impl ControlPlane<'_> {
         for (flag, accepting) in [(&self.signals.drain, false), (&self.signals.resume, true)] {
             if flag.swap(false, Ordering::Relaxed) {
                 self.set_accepting(accepting);
+            }
+        }
+    }
+
+    /// Tells every worker the health verdicts that changed.
+    fn push_health(&self, verdicts: Vec<(UpstreamId, bool)>) {
+        for (upstream, up) in verdicts {
+            for (worker, sender) in self.updates.iter().enumerate() {
+                if sender.send_timeout(WorkerUpdate::Health(upstream, up), WORKER_WAIT).is_err() {
+                    tracing::error!(worker, upstream = upstream.0, "a worker did not take a health verdict");
+                }
             }
         }
     }

@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod control;
 pub mod handover;
+pub mod health_check;
 pub mod keepalive;
 pub mod log_limit;
 pub mod metrics;

@@ -37,6 +37,9 @@ pub const BUILD_INFO: &str = "oxidize_relay_build_info";
 pub const TUNNEL_PEER_KEEPALIVES: &str = "oxidize_relay_tunnel_peer_keepalives_total";
 pub const TUNNEL_PEER_UP: &str = "oxidize_relay_tunnel_peer_up";
 pub const RELOADS: &str = "oxidize_relay_reloads_total";
+pub const UPSTREAM_UP: &str = "oxidize_relay_upstream_up";
+pub const UPSTREAM_PROBES: &str = "oxidize_relay_upstream_probes_total";
+pub const UPSTREAM_SESSIONS: &str = "oxidize_relay_upstream_sessions";
 pub const DRAINING: &str = "oxidize_relay_draining";
 
 /// Every metric the relay exports (the dashboard test checks its queries against this list).
@@ -60,6 +63,9 @@ pub fn names() -> Vec<&'static str> {
         TUNNEL_PEER_UP,
         RELOADS,
         DRAINING,
+        UPSTREAM_UP,
+        UPSTREAM_PROBES,
+        UPSTREAM_SESSIONS,
     ]);
     names
 }
@@ -77,11 +83,26 @@ pub fn describe() {
     }
     describe_counter!(RELOADS, "Config reloads by outcome: applied, or failed (the old config stays in force)");
     describe_gauge!(DRAINING, "1 while the relay drains: existing sessions are served, no new ones are opened");
+    describe_gauge!(UPSTREAM_UP, "1 while the upstream is healthy (new sessions may go to it), 0 while it is down");
+    describe_counter!(UPSTREAM_PROBES, "Active health probes by outcome: answered or failed");
+    describe_gauge!(UPSTREAM_SESSIONS, "Live sessions relayed to the upstream");
 }
 
 /// Counts a reload by its outcome.
 pub fn reload(outcome: &'static str) {
     counter!(RELOADS, "outcome" => outcome).increment(1);
+}
+
+pub fn upstream_up(upstream: SocketAddr, up: bool) {
+    gauge!(UPSTREAM_UP, "upstream" => upstream.to_string()).set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn upstream_probe(upstream: SocketAddr, outcome: &'static str) {
+    counter!(UPSTREAM_PROBES, "upstream" => upstream.to_string(), "outcome" => outcome).increment(1);
+}
+
+pub fn upstream_sessions(upstream: SocketAddr, sessions: u64) {
+    gauge!(UPSTREAM_SESSIONS, "upstream" => upstream.to_string()).set(sessions as f64);
 }
 
 pub fn draining(draining: bool) {

@@ -63,6 +63,11 @@ impl Reloader {
         Reloader { path, current, routes, listen_fixed: socket_backend }
     }
 
+    /// The route table in force.
+    pub(crate) fn routes(&self) -> &RouteTable {
+        &self.routes
+    }
+
     /// Re-reads the file and applies it; on error nothing changed.
     pub(crate) fn reload(&mut self, parts: Reloadable<'_>) -> Result<(), ReloadError> {
         let path = self.path.as_ref().ok_or(ReloadError::NoFile)?;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use oxidize_relay_core::Relay;
 use oxidize_relay_core::config::{Config, Mode};
 use oxidize_relay_core::directory::NatDirectory;
+use oxidize_relay_core::health::UpstreamActivity;
 use oxidize_relay_core::route::RouteTable;
 
 use crate::backend::socket::worker::SocketSetupError;
@@ -17,6 +18,7 @@ use crate::backend::worker_core::CHANNEL_CAPACITY;
 use crate::backend::{self, AnyWorker, Backend, WorkerShared};
 use crate::control::{self, ControlPlane, OperatorSignals, StatsContext};
 use crate::handover;
+use crate::health_check::HealthChecker;
 use crate::keepalive::Keepalives;
 use crate::metrics;
 use crate::metrics_endpoint::{self, EndpointError};
@@ -82,6 +84,8 @@ pub enum SetupError {
     },
     #[error("opening the tunnel keepalive sockets failed")]
     Keepalive(#[source] std::io::Error),
+    #[error("opening the health probe sockets failed")]
+    Probes(#[source] std::io::Error),
     #[error("dropping capabilities after setup failed")]
     DropCapabilities(#[source] std::io::Error),
     #[error("registering signal handlers failed")]
@@ -132,10 +136,17 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
     let routes = Arc::new(RouteTable::new(&config.routes));
     let (unresolved_tx, unresolved_rx) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
     let directory = Arc::new(NatDirectory::new(config.nat.ports, sys::random_u64().map_err(SetupError::Seed)?));
-    // The workers' clock; handed-over idle times are measured on it.
+    // The workers' clock; handed-over idle times and upstream activity are measured on it.
     let epoch = Instant::now();
-    let shared =
-        WorkerShared { routes: routes.clone(), directory, stop: stop.clone(), unresolved: unresolved_tx, epoch };
+    let activity = Arc::new(UpstreamActivity::default());
+    let shared = WorkerShared {
+        routes: routes.clone(),
+        directory: directory.clone(),
+        activity: activity.clone(),
+        stop: stop.clone(),
+        unresolved: unresolved_tx,
+        epoch,
+    };
     let backend = match mode {
         Mode::Socket => backend::socket::build(&config, &shared)?,
         Mode::AfXdp | Mode::Auto => backend::af_xdp::build(&config, &report, &shared)?,
@@ -201,6 +212,8 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
         keepalives: Keepalives::new(&routes).map_err(SetupError::Keepalive)?,
         reloader: Reloader::new(options.config_file.clone(), config.clone(), routes.clone(), mode == Mode::Socket),
         accepting: &accepting,
+        health: HealthChecker::new(&routes, activity, directory, config.nat.ports).map_err(SetupError::Probes)?,
+        epoch,
     };
     let outcome = control.run();
     // Whatever ended the loop, the workers stop and the stats file stops claiming a running relay.

@@ -8,9 +8,10 @@ use std::collections::HashSet;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::health::HealthPolicy;
 use crate::prefix::parse_prefix;
 use crate::ratelimit::Limit;
-use crate::route::RouteSpec;
+use crate::route::{Probe, RouteSpec};
 use crate::wire::MacAddr;
 
 /// A validated configuration with presets applied.
@@ -283,6 +284,12 @@ struct RawRoute {
     /// Upstreams that keep their sessions but get no new ones.
     #[serde(default)]
     draining_upstreams: Vec<Spanned<SocketAddr>>,
+    /// Passive health: an upstream is down once a client packet to it waited this long
+    /// with no answer from it to anyone; absent or 0: off.
+    unanswered_timeout_secs: Option<u64>,
+    /// A passively downed upstream is tried again after this long.
+    down_retry_secs: Option<Spanned<u64>>,
+    health_check: Option<Spanned<RawHealthCheck>>,
     #[serde(default)]
     allowed_clients: Vec<Spanned<String>>,
     per_source_packets_per_second: Option<u64>,
@@ -294,6 +301,22 @@ struct RawRoute {
     upstream_encap: Option<Spanned<Encap>>,
     upstream_key_file: Option<Spanned<String>>,
 }
+
+/// `[route.health_check]`: an active probe of each upstream.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealthCheck {
+    /// The probe datagram's payload.
+    send: String,
+    /// An answer containing these bytes is a success.
+    expect: String,
+    interval_ms: Option<u64>,
+    timeout_ms: Option<u64>,
+    rise: Option<u32>,
+    fall: Option<u32>,
+}
+
+const DEFAULT_DOWN_RETRY_SECS: u64 = 30;
 
 /// How a hop is wrapped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -594,9 +617,13 @@ impl RawRoute {
             }
             allowed_clients.push(parsed);
         }
+        let (health, probe) =
+            resolve_health(self.unanswered_timeout_secs, self.down_retry_secs, self.health_check, pos)?;
         Ok(RouteSpec {
             listen,
             draining,
+            health,
+            probe,
             upstreams: self.upstreams.into_inner(),
             allowed_clients,
             per_source: Limit {
@@ -619,6 +646,43 @@ impl RawRoute {
             upstream_key: None,
         })
     }
+}
+
+/// A route's health policy and optional probe; defaults: passive off, retry after 30 s,
+/// probe every 2 s with 1 s to answer, up after 2 answers, down after 3 misses.
+fn resolve_health(
+    unanswered_timeout_secs: Option<u64>,
+    down_retry_secs: Option<Spanned<u64>>,
+    check: Option<Spanned<RawHealthCheck>>,
+    pos: &Positions,
+) -> Result<(HealthPolicy, Option<Probe>), ConfigError> {
+    let retry = at_least_one(down_retry_secs, DEFAULT_DOWN_RETRY_SECS, "down_retry_secs", pos)?;
+    let mut policy = HealthPolicy {
+        unanswered_timeout: unanswered_timeout_secs.unwrap_or(0) * 1000,
+        retry_after: retry * 1000,
+        rise: 2,
+        fall: 3,
+    };
+    let Some(check) = check else { return Ok((policy, None)) };
+    let span = check.span();
+    let check = check.into_inner();
+    let interval = check.interval_ms.unwrap_or(2000);
+    let timeout = check.timeout_ms.unwrap_or(1000.min(interval));
+    if interval < 100 || timeout == 0 || timeout > interval {
+        return Err(pos.at(
+            span,
+            format!(
+                "health_check needs interval_ms >= 100 and 0 < timeout_ms <= interval_ms (got {interval} and {timeout})"
+            ),
+        ));
+    }
+    if check.send.is_empty() || check.expect.is_empty() {
+        return Err(pos.at(span, "health_check needs a non-empty `send` and `expect`".into()));
+    }
+    policy.rise = check.rise.unwrap_or(2).max(1);
+    policy.fall = check.fall.unwrap_or(3).max(1);
+    let probe = Probe { send: check.send.into_bytes(), expect: check.expect.into_bytes(), interval, timeout };
+    Ok((policy, Some(probe)))
 }
 
 /// A route's upstreams: present, distinct, not the relay itself, of the listen family, unicast.
@@ -867,6 +931,26 @@ upstreams = ["10.1.0.2:7000"]
         assert!(Config::from_toml(no_interface).expect_err("no interface").message.contains("interface"));
         let only_client = MINIMAL.replace("name = \"veth0\"", "name = \"veth0\"\nrole = \"client\"");
         assert!(Config::from_toml(&only_client).expect_err("one side").message.contains("upstream side"));
+    }
+
+    #[test]
+    fn health_checks_parse_with_defaults_and_bounds() {
+        let route = |extra: &str| MINIMAL.replace("upstreams = [", &format!("{extra}\nupstreams = ["));
+        let plain = Config::from_toml(MINIMAL).expect("minimal");
+        assert_eq!(plain.routes[0].health.unanswered_timeout, 0, "passive check off by default");
+        assert!(plain.routes[0].probe.is_none());
+        let checked = Config::from_toml(&route(
+            "unanswered_timeout_secs = 5\nhealth_check = { send = \"ping\", expect = \"pong\", interval_ms = 500 }",
+        ))
+        .expect("health check");
+        let probe = checked.routes[0].probe.as_ref().expect("probe");
+        assert_eq!((probe.interval, probe.timeout, probe.expect.as_slice()), (500, 500, &b"pong"[..]));
+        assert_eq!((checked.routes[0].health.unanswered_timeout, checked.routes[0].health.fall), (5_000, 3));
+        let error = Config::from_toml(&route("health_check = { send = \"a\", expect = \"b\", interval_ms = 50 }"))
+            .expect_err("too fast");
+        assert_eq!(error.line, Some(7), "{error}");
+        let unknown = Config::from_toml(&route("draining_upstreams = [\"10.9.9.9:1\"]")).expect_err("not listed");
+        assert!(unknown.message.contains("not one of the route's upstreams"), "{unknown}");
     }
 
     #[test]

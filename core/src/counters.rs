@@ -59,6 +59,8 @@ pub struct Counters {
     pub sessions_active: Counter,
     /// Sessions the upstream never answered, evicted to make room for a new flow.
     pub sessions_evicted: Counter,
+    /// Sessions moved from an upstream marked down to a healthy one (same NAT port).
+    pub sessions_moved: Counter,
     /// Replies this worker relayed for a session another worker owns (RSS put them on this queue).
     pub replies_cross_queue: Counter,
     /// Client packets this worker relayed through a session another worker owns.
@@ -168,6 +170,13 @@ pub const SESSIONS_EVICTED: Described = Described {
     kind: Kind::Total,
     read: |c| &c.sessions_evicted,
 };
+pub const SESSIONS_MOVED: Described = Described {
+    key: "sessions_moved",
+    metric: "oxidize_relay_sessions_moved_total",
+    help: "Sessions moved, at their next client packet, from an upstream marked down to a healthy one.",
+    kind: Kind::Total,
+    read: |c| &c.sessions_moved,
+};
 pub const REPLIES_CROSS_QUEUE: Described = Described {
     key: "replies_cross_queue",
     metric: "oxidize_relay_replies_cross_queue_total",
@@ -205,7 +214,7 @@ pub const TUNNEL_KEEPALIVES: Described = Described {
 };
 
 /// Every per-worker scalar counter, in the order the stats file lists them.
-pub const SCALARS: [Described; 13] = [
+pub const SCALARS: [Described; 14] = [
     RX_PACKETS,
     RX_BYTES,
     TX_PACKETS,
@@ -214,6 +223,7 @@ pub const SCALARS: [Described; 13] = [
     SESSIONS_CREATED,
     SESSIONS_EXPIRED,
     SESSIONS_EVICTED,
+    SESSIONS_MOVED,
     REPLIES_CROSS_QUEUE,
     CLIENTS_CROSS_QUEUE,
     WAKEUPS,

@@ -10,6 +10,7 @@ pub mod config;
 pub mod counters;
 pub mod directory;
 pub mod drop_reason;
+pub mod health;
 pub mod oxtunnel;
 pub mod prefix;
 pub mod ratelimit;

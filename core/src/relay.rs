@@ -12,6 +12,7 @@ use crate::admission::Admission;
 use crate::counters::Counters;
 use crate::directory::{Binding, NatDirectory};
 use crate::drop_reason::DropReason;
+use crate::health::UpstreamActivity;
 use crate::oxtunnel::TunnelKey;
 use crate::ratelimit::{Limit, TokenPair};
 use crate::route::{self, RouteTable, UpstreamId};
@@ -158,6 +159,8 @@ pub struct RelaySettings {
     pub max_sessions_per_source: usize,
     /// Slots of the fixed-size per-source rate table.
     pub source_table_entries: usize,
+    /// Every worker's record of when each upstream was sent to and answered (passive health).
+    pub activity: Arc<UpstreamActivity>,
 }
 
 impl RelaySettings {
@@ -181,6 +184,7 @@ impl RelaySettings {
             global_limit: Limit::default(),
             max_sessions_per_source: usize::MAX,
             source_table_entries: 2,
+            activity: Arc::default(),
         }
     }
 }
@@ -193,6 +197,9 @@ pub struct Relay {
     directory: Arc<NatDirectory>,
     admission: Admission,
     next_hops: Vec<Result<NextHop, NoHop>>,
+    /// The control thread's verdicts, by upstream: new sessions go to healthy ones only.
+    healthy: Vec<bool>,
+    activity: Arc<UpstreamActivity>,
     /// Upstreams whose next hop was missing when a packet needed it; the
     /// worker drains this to ask the control thread for resolution.
     unresolved: Vec<bool>,
@@ -232,6 +239,8 @@ impl Relay {
             ),
             directory: settings.directory,
             next_hops: vec![Err(NoHop::NeighborUnresolved); upstreams],
+            healthy: vec![true; upstreams],
+            activity: settings.activity,
             unresolved: vec![false; upstreams],
             routes,
             iface_macs: settings.iface_macs,
@@ -292,11 +301,20 @@ impl Relay {
     pub fn reconfigure(&mut self, routes: Arc<RouteTable>, limits: &ReloadedLimits) {
         let upstreams = routes.upstreams().len();
         self.next_hops.resize(upstreams, Err(NoHop::NeighborUnresolved));
+        self.healthy.resize(upstreams, true);
         self.unresolved.resize(upstreams, false);
         self.tunnels = routes.routes().iter().any(|r| r.listen_key.is_some() || r.upstream_key.is_some());
         self.routes = routes;
         self.verify_checksums = limits.verify_checksums;
         self.admission.set_limits(limits.global_limit, limits.max_sessions_per_source);
+    }
+
+    /// The control thread's verdict on `upstream`: a down one gets no new sessions, and its
+    /// sessions move to a healthy upstream of their route at their next client packet.
+    pub fn set_upstream_health(&mut self, upstream: UpstreamId, up: bool) {
+        if let Some(slot) = self.healthy.get_mut(usize::from(upstream.0)) {
+            *slot = up;
+        }
     }
 
     /// Stops (false) or resumes (true) opening new sessions; existing ones are always served.
@@ -568,6 +586,7 @@ impl Relay {
             return Err(DropReason::RouteWithdrawn);
         }
         self.directory.answered(to.port(), now);
+        self.activity.answered(binding.upstream, now);
         if !self.sessions.owns_port(to.port()) {
             self.counters.replies_cross_queue.add(1);
         }
@@ -613,12 +632,30 @@ impl Relay {
                 Opening::Elsewhere(port, binding) => return Ok(self.relay_for_owner(now, port, &binding)),
             },
         };
+        if upstream.is_some_and(|u| !self.healthy[usize::from(u.0)]) {
+            self.move_off_failed_upstream(now, slot, route_id, flow.client);
+        }
         let session = self.sessions.refresh(slot, now).ok_or(DropReason::NoSession)?;
         self.directory.client_sent(session.nat_port);
+        self.activity.sent(session.upstream, now);
         if !per_session.is_unlimited() && !session.tokens.allow(&per_session, now, datagram.wire_bytes) {
             return Err(DropReason::RateLimitedSession);
         }
         Ok(Upstreamward { upstream: session.upstream, nat_ip: session.nat_ip, nat_port: session.nat_port })
+    }
+
+    /// Re-points this worker's session in `slot` to the healthy upstream its client would be
+    /// given now, on the same NAT port; stays put when none is healthy or reachable.
+    fn move_off_failed_upstream(&mut self, now: Millis, slot: Slot, route: route::RouteId, client: SocketAddr) {
+        let healthy = &self.healthy;
+        let Some(target) = self.routes.choose_upstream(route, client, |id| healthy[usize::from(id.0)]) else { return };
+        if !self.healthy[usize::from(target.0)] {
+            return;
+        }
+        let Ok(hop) = self.resolved_hop(target) else { return };
+        if self.sessions.repoint(slot, target, hop.src_ip, now).is_some() {
+            self.counters.sessions_moved.add(1);
+        }
     }
 
     /// A client packet of a session another worker owns (the NIC's RSS moved the
@@ -627,6 +664,7 @@ impl Relay {
     fn relay_for_owner(&self, now: Millis, port: u16, binding: &Binding) -> Upstreamward {
         self.directory.client_sent(port);
         self.directory.touch(port, now);
+        self.activity.sent(binding.upstream, now);
         self.counters.clients_cross_queue.add(1);
         Upstreamward { upstream: binding.upstream, nat_ip: binding.nat_ip, nat_port: port }
     }
@@ -652,7 +690,11 @@ impl Relay {
         }
         let per_session = route.per_session;
         self.admission.may_open(flow.client.ip())?;
-        let upstream = self.routes.choose_upstream(route_id, flow.client).ok_or(DropReason::NoUpstreamAccepting)?;
+        let healthy = &self.healthy;
+        let upstream = self
+            .routes
+            .choose_upstream(route_id, flow.client, |id| healthy[usize::from(id.0)])
+            .ok_or(DropReason::NoUpstreamAccepting)?;
         // The NAT address must be known before the session exists: it is what the upstream replies to.
         let hop = self.resolved_hop(upstream).map_err(NoHop::drop_reason)?;
         let template = Session {
@@ -907,6 +949,39 @@ mod tests {
         );
         assert_eq!(answer(&mut relay, 5, "10.1.0.2:7000", nat), Verdict::Drop(DropReason::RouteWithdrawn));
         assert_eq!(counters.dropped(DropReason::RouteWithdrawn), 2);
+    }
+
+    #[test]
+    fn sessions_of_a_failed_upstream_move_on_their_next_packet_and_keep_their_nat_port() {
+        let spec = RouteSpec::new(addr("10.0.0.1:5000"), vec![addr("10.1.0.2:7000"), addr("10.1.0.3:7000")]);
+        let (mut relay, counters) = relay_with(spec, "10.1.0.1", |_| {});
+        relay.set_next_hop(UpstreamId(1), relay.next_hops[0]);
+        let upstream_of = |frame: &[u8]| UdpFrame::new_checked(frame).expect("valid").dst();
+        // Find a client the first upstream serves.
+        let from = |host: u8| {
+            udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr(&format!("10.0.0.{host}:4000")), addr("10.0.0.1:5000"), b"x")
+        };
+        let (host, nat) = (2..100)
+            .find_map(|host| {
+                let mut frame = from(host);
+                relay.relay_whole_frame(1, IfaceId(0), &mut frame);
+                (upstream_of(&frame) == addr("10.1.0.2:7000")).then(|| (host, source_of(&frame)))
+            })
+            .expect("rendezvous gives the first upstream some clients");
+        relay.set_upstream_health(UpstreamId(0), false);
+        let mut moved = from(host);
+        assert_eq!(relay.relay_whole_frame(2, IfaceId(0), &mut moved), Verdict::Forward(IfaceId(1)));
+        assert_eq!(upstream_of(&moved), addr("10.1.0.3:7000"), "moved to the healthy upstream");
+        assert_eq!(source_of(&moved), nat, "on the same NAT port");
+        assert_eq!(counters.sessions_moved.get(), 1);
+        assert_eq!(answer(&mut relay, 3, "10.1.0.3:7000", nat), Verdict::Forward(IfaceId(0)), "its answers come back");
+        assert_eq!(answer(&mut relay, 3, "10.1.0.2:7000", nat), Verdict::Drop(DropReason::UnexpectedReplySource));
+        for host in 100..150 {
+            let mut fresh = from(host);
+            relay.relay_whole_frame(4, IfaceId(0), &mut fresh);
+            assert_eq!(upstream_of(&fresh), addr("10.1.0.3:7000"), "new sessions avoid the failed upstream");
+        }
+        assert_eq!(relay.activity.times(UpstreamId(1)), (4, 3), "sends and answers are recorded per upstream");
     }
 
     #[test]

@@ -7,9 +7,11 @@
 use core::net::SocketAddr;
 use std::collections::HashMap;
 
+use crate::health::HealthPolicy;
 use crate::oxtunnel::TunnelKey;
 use crate::prefix::IpNet;
 use crate::ratelimit::Limit;
+use crate::time::Millis;
 
 /// Index of a route in its [`RouteTable`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -29,6 +31,8 @@ pub struct Route {
     pub accepting: Vec<UpstreamId>,
     /// Removed by a reload: its sessions are refused, nothing finds it.
     pub withdrawn: bool,
+    pub health: HealthPolicy,
+    pub probe: Option<Probe>,
     /// Empty means every client is allowed.
     pub allowed_clients: Vec<IpNet>,
     pub per_source: Limit,
@@ -50,6 +54,16 @@ pub struct RouteTable {
     hasher: ahash::RandomState,
 }
 
+/// An active health check: a datagram sent to each upstream of the route every `interval`;
+/// an answer containing `expect` within `timeout` is a success.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub send: Vec<u8>,
+    pub expect: Vec<u8>,
+    pub interval: Millis,
+    pub timeout: Millis,
+}
+
 /// A route as configured: listen address, upstream addresses, allowed client prefixes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouteSpec {
@@ -57,6 +71,8 @@ pub struct RouteSpec {
     pub upstreams: Vec<SocketAddr>,
     /// Upstreams (of `upstreams`) that keep their sessions but get no new ones.
     pub draining: Vec<SocketAddr>,
+    pub health: HealthPolicy,
+    pub probe: Option<Probe>,
     pub allowed_clients: Vec<IpNet>,
     /// Rate each client address may send to this route.
     pub per_source: Limit,
@@ -77,6 +93,8 @@ impl RouteSpec {
             listen,
             upstreams,
             draining: Vec::new(),
+            health: HealthPolicy::default(),
+            probe: None,
             allowed_clients: Vec::new(),
             per_source: Limit::default(),
             per_session: Limit::default(),
@@ -129,6 +147,8 @@ impl RouteTable {
                 upstreams,
                 accepting,
                 withdrawn: false,
+                health: spec.health,
+                probe: spec.probe.clone(),
                 allowed_clients: spec.allowed_clients.clone(),
                 per_source: spec.per_source,
                 per_session: spec.per_session,
@@ -183,13 +203,25 @@ impl RouteTable {
         self.upstreams[usize::from(id.0)]
     }
 
-    /// Rendezvous (highest random weight) choice among the route's accepting
-    /// upstreams for `client`; `None` when every upstream drains. Weights hash the
-    /// upstream's address, so the choice holds whatever order the config lists them in.
+    /// Rendezvous (highest random weight) choice among the route's accepting upstreams
+    /// for `client`, among the `healthy` ones while any is (so when one fails only its
+    /// clients move); `None` when every upstream drains. Weights hash the upstream's
+    /// address, so the choice holds whatever order the config lists them in.
     #[inline]
-    pub fn choose_upstream(&self, route: RouteId, client: SocketAddr) -> Option<UpstreamId> {
+    pub fn choose_upstream(
+        &self,
+        route: RouteId,
+        client: SocketAddr,
+        healthy: impl Fn(UpstreamId) -> bool,
+    ) -> Option<UpstreamId> {
         let weight = |candidate: &&UpstreamId| self.hasher.hash_one((client.ip(), self.upstream(**candidate)));
-        self.route(route).accepting.iter().max_by_key(weight).copied()
+        let accepting = &self.route(route).accepting;
+        accepting
+            .iter()
+            .filter(|&&id| healthy(id))
+            .max_by_key(weight)
+            .or_else(|| accepting.iter().max_by_key(weight))
+            .copied()
     }
 
     /// Live routes (not withdrawn) with their ids.
@@ -260,10 +292,10 @@ mod tests {
         let mut moved = 0;
         for i in 0..3000u32 {
             let client = SocketAddr::new(core::net::Ipv4Addr::from(0x0a00_0000 + i).into(), 4000);
-            let choice = three.choose_upstream(RouteId(0), client).expect("an upstream");
-            assert_eq!(Some(choice), three.choose_upstream(RouteId(0), client), "sticky");
+            let choice = three.choose_upstream(RouteId(0), client, |_| true).expect("an upstream");
+            assert_eq!(Some(choice), three.choose_upstream(RouteId(0), client, |_| true), "sticky");
             per_upstream[usize::from(choice.0)] += 1;
-            let after = four.choose_upstream(RouteId(0), client).expect("an upstream");
+            let after = four.choose_upstream(RouteId(0), client, |_| true).expect("an upstream");
             if after != choice {
                 assert_eq!(after, UpstreamId(3), "a client only ever moves to the new upstream");
                 moved += 1;
@@ -291,14 +323,34 @@ mod tests {
         assert!(!after.serves(RouteId(1), UpstreamId(2)), "the removed route's sessions are withdrawn");
         for i in 0..200u32 {
             let client = SocketAddr::new(core::net::Ipv4Addr::from(0x0a00_0000 + i).into(), 4000);
-            assert_ne!(after.choose_upstream(RouteId(0), client), Some(UpstreamId(0)), "draining gets no new sessions");
-            let old = before.choose_upstream(RouteId(0), client).expect("an upstream");
-            let new = after.choose_upstream(RouteId(0), client).expect("an upstream");
+            assert_ne!(
+                after.choose_upstream(RouteId(0), client, |_| true),
+                Some(UpstreamId(0)),
+                "draining gets no new sessions"
+            );
+            let old = before.choose_upstream(RouteId(0), client, |_| true).expect("an upstream");
+            let new = after.choose_upstream(RouteId(0), client, |_| true).expect("an upstream");
             assert!(old == new || old == UpstreamId(0) || new == UpstreamId(3), "only drained or won clients move");
         }
         let mut all_draining = spec("10.0.0.1:1", &["10.1.0.2:7"]);
         all_draining.draining = vec![addr("10.1.0.2:7")];
-        assert_eq!(RouteTable::new(&[all_draining]).choose_upstream(RouteId(0), addr("10.0.0.9:1")), None);
+        assert_eq!(RouteTable::new(&[all_draining]).choose_upstream(RouteId(0), addr("10.0.0.9:1"), |_| true), None);
+    }
+
+    #[test]
+    fn a_failed_upstream_moves_only_its_own_clients() {
+        let table = RouteTable::new(&[spec("10.0.0.1:1", &["10.1.0.2:7", "10.1.0.3:7", "10.1.0.4:7"])]);
+        for i in 0..1000u32 {
+            let client = SocketAddr::new(core::net::Ipv4Addr::from(0x0a00_0000 + i).into(), 4000);
+            let before = table.choose_upstream(RouteId(0), client, |_| true);
+            let after = table.choose_upstream(RouteId(0), client, |id| id != UpstreamId(1));
+            assert_ne!(after, Some(UpstreamId(1)), "nobody is sent to the failed upstream");
+            if before != Some(UpstreamId(1)) {
+                assert_eq!(before, after, "clients of healthy upstreams stay");
+            }
+        }
+        let client = addr("10.0.0.9:1");
+        assert!(table.choose_upstream(RouteId(0), client, |_| false).is_some(), "all down: still somewhere to try");
     }
 
     #[test]

@@ -234,6 +234,16 @@ impl SessionTable {
         Ok(Slot(slot))
     }
 
+    /// Moves the session in `slot` to another upstream (its own failed), keeping its NAT
+    /// port; the new upstream must answer before it counts as established again.
+    pub fn repoint(&mut self, slot: Slot, upstream: UpstreamId, nat_ip: IpAddr, now: Millis) -> Option<&mut Session> {
+        let session = self.slots.get_mut(usize::from(slot.0))?.as_mut()?;
+        session.upstream = upstream;
+        session.nat_ip = nat_ip;
+        self.directory.publish(session.nat_port, Some(&session.binding()), now);
+        Some(session)
+    }
+
     /// Every live session with whether it is established and when either side last sent.
     pub fn live(&self) -> impl Iterator<Item = (&Session, bool, Millis)> + '_ {
         self.slots.iter().flatten().map(|session| {

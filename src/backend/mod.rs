@@ -15,6 +15,7 @@ use crossbeam_channel::Sender;
 use oxidize_relay_core::config::Config;
 use oxidize_relay_core::counters::Counters;
 use oxidize_relay_core::directory::NatDirectory;
+use oxidize_relay_core::health::UpstreamActivity;
 use oxidize_relay_core::route::{RouteTable, UpstreamId};
 use oxidize_relay_core::session::Timeouts;
 use oxidize_relay_core::{Relay, RelaySettings};
@@ -63,6 +64,8 @@ pub(crate) struct WorkerShared {
     pub(crate) routes: Arc<RouteTable>,
     /// Every worker's NAT sessions, readable by all (replies land on any queue).
     pub(crate) directory: Arc<NatDirectory>,
+    /// When each upstream was last sent to and answered, for the health checks.
+    pub(crate) activity: Arc<UpstreamActivity>,
     pub(crate) stop: Arc<AtomicBool>,
     pub(crate) unresolved: Sender<UpstreamId>,
     pub(crate) epoch: Instant,
@@ -93,6 +96,7 @@ pub(crate) fn worker_core(
         global_limit: config.security.global_limit.per_worker(u64::from(workers)),
         max_sessions_per_source: config.security.max_sessions_per_source,
         source_table_entries: config.security.source_table_entries,
+        activity: shared.activity.clone(),
     };
     let counters = Arc::new(Counters::default());
     let (update_tx, update_rx) = crossbeam_channel::bounded(CHANNEL_CAPACITY);

@@ -29,6 +29,8 @@ pub enum WorkerUpdate {
     Reconfigure(Arc<RouteTable>, ReloadedLimits),
     /// Drain (false: no new sessions) or resume (true).
     AcceptSessions(bool),
+    /// The health checks' verdict on an upstream (true: up).
+    Health(UpstreamId, bool),
 }
 
 /// What every worker has, whichever backend drives it.
@@ -64,6 +66,7 @@ impl WorkerCore {
                 WorkerUpdate::NextHop(upstream, hop) => self.relay.set_next_hop(upstream, hop),
                 WorkerUpdate::Reconfigure(routes, limits) => self.relay.reconfigure(routes, &limits),
                 WorkerUpdate::AcceptSessions(accepting) => self.relay.set_accepting_sessions(accepting),
+                WorkerUpdate::Health(upstream, up) => self.relay.set_upstream_health(upstream, up),
             }
         }
     }
