@@ -104,7 +104,8 @@ impl UpstreamHealth {
         if !self.down {
             match self.unanswered_since {
                 Some(since) if answered >= since => self.unanswered_since = None,
-                None if sent > answered => self.unanswered_since = Some(sent),
+                // Only sends after the last verdict are evidence: older ones were judged already.
+                None if sent > answered.max(self.since) => self.unanswered_since = Some(sent),
                 _ => {}
             }
             let overdue = self.unanswered_since.is_some_and(|since| now >= since + policy.unanswered_timeout);
@@ -152,6 +153,13 @@ mod tests {
         assert!(!health.is_up());
         assert_eq!(health.observe(&PASSIVE, 64_000, 64_000, 5_201), None);
         assert_eq!(health.observe(&PASSIVE, 65_000, 65_000, 64_500), Some(true), "an answer brings it back");
+        let mut retried = UpstreamHealth { down: true, since: 10_000, passive: true, ..UpstreamHealth::default() };
+        assert_eq!(retried.observe(&PASSIVE, 40_000, 9_000, 5_000), Some(true));
+        assert_eq!(
+            retried.observe(&PASSIVE, 43_100, 9_000, 5_000),
+            None,
+            "sends from before it came back are no evidence"
+        );
         assert_eq!(health.observe(&PASSIVE, 65_200, 65_200, 64_500), None, "a fresh wait starts");
         assert_eq!(health.observe(&PASSIVE, 68_300, 68_300, 64_500), Some(false));
         assert_eq!(health.observe(&PASSIVE, 78_300, 68_300, 64_500), Some(true), "retried after retry_after");

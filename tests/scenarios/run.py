@@ -335,6 +335,81 @@ def reload(binary, prefix, backend):
         finish(topo, relay)
 
 
+def wait_metric(relay, name, value, timeout, **labels):
+    """Waits until /metrics shows `name{labels}` == `value`; returns the seconds it took."""
+    start = time.monotonic()
+    while relay.metric(relay.scrape(), name, **labels) != value:
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{name}{labels} did not reach {value} within {timeout} s")
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+@scenario("upstream-health")
+def upstream_health(binary, prefix, backend):
+    """An upstream whose server dies (the kernel answers ICMP port unreachable) is marked down by
+    the active probe, then, with probes off, by the passive check (client traffic left unanswered):
+    new sessions go to the other upstream, the dead one's sessions move there at their next packet
+    on the same NAT port, and the upstream is taken back once it answers again."""
+    with Topology(prefix, arm="two_arm") as topo:
+        first = topo.upstream
+        second = topo.endpoint(topo.upstream_ip, int(first.rsplit(":", 1)[1]) + 1)
+        echoes = {u: topo.spawn_peer("upstream", "echo", "--bind", u) for u in (first, second)}
+        probe = 'health_check = { send = "oxr-probe", expect = "oxr-probe", interval_ms = 300, timeout_ms = 250, rise = 2, fall = 2 }'
+        relay = Relay(topo, binary, upstreams_config(topo, backend, [first, second], extra=probe)).start()
+        stream = topo.spawn_peer("client", "stream", "--to", topo.listen, "--sockets", "64", "--rate", "1000",
+                                 "--duration", "9")
+        time.sleep(1.5)
+        # Rendezvous hashing keeps a client address on one upstream: the stream's is the victim.
+        text = relay.scrape()
+        victim = max((first, second), key=lambda u: relay.metric(text, "oxidize_relay_upstream_sessions", upstream=u))
+        survivor = second if victim == first else first
+        expect(relay.metric(text, "oxidize_relay_upstream_sessions", upstream=victim) == 64,
+               f"the stream's 64 sessions are on {victim}, as /metrics counts per upstream")
+        stop_peer(echoes[victim])
+        took = wait_metric(relay, "oxidize_relay_upstream_up", 0, 5, upstream=victim)
+        expect(took < 3, f"probes marked the dead upstream down {took:.1f} s after its server stopped")
+        newcomers = topo.peer("client", "client", "--to", topo.listen, "--count", "256", "--sockets", "64", "--retries", "0")
+        expect(newcomers["received"] == 256, "new clients are all served by the healthy upstream")
+        report = peer_report(stream)
+        print(f"  stream: {report}")
+        span = report["lost_between_s"]
+        expect(report["corrupt"] == 0 and span and span[1] - 1.5 < 3,
+               f"the dead upstream's clients lost datagrams only until it was marked down ({report['lost']} between {span} s)")
+        text = relay.scrape()
+        moved = relay.metric(text, "oxidize_relay_sessions_moved_total")
+        expect(moved >= 64, f"{moved:.0f} sessions moved to the healthy upstream")
+        expect(relay.metric(text, "oxidize_relay_upstream_sessions", upstream=victim) == 0, "none is left on the dead one")
+        echoes[victim] = topo.spawn_peer("upstream", "echo", "--bind", victim)
+        took = wait_metric(relay, "oxidize_relay_upstream_up", 1, 5, upstream=victim)
+        expect(took < 3, f"probes took it back {took:.1f} s after its server returned")
+        expect(relay.metric(relay.scrape(), "oxidize_relay_upstream_probes_total", upstream=victim, outcome="failed") >= 2,
+               "failed probes are counted per upstream")
+
+        # Passive: no probes; client traffic that the upstream leaves unanswered takes it down.
+        passive = "unanswered_timeout_secs = 2\ndown_retry_secs = 4"
+        relay.reload(upstreams_config(topo, backend, [first, second], extra=passive), "config reloaded")
+        stop_peer(echoes[victim])
+        # A new client address, which rendezvous gives to the victim again now that it is up.
+        stream = topo.spawn_peer("client", "stream", "--to", topo.listen, "--sockets", "64", "--rate", "1000",
+                                 "--duration", "6")
+        took = wait_metric(relay, "oxidize_relay_upstream_up", 0, 6, upstream=victim)
+        expect(took < 4.5, f"the passive check marked it down {took:.1f} s into unanswered traffic (timeout 2 s)")
+        echoes[victim] = topo.spawn_peer("upstream", "echo", "--bind", victim)
+        report = peer_report(stream)
+        print(f"  stream: {report}")
+        span = report["lost_between_s"]
+        expect(span and span[1] < 4.5, f"losses stopped once it was down ({report['lost']} lost between {span} s)")
+        took = wait_metric(relay, "oxidize_relay_upstream_up", 1, 8, upstream=victim)
+        print(f"  retried and up again after {took:.1f} s more")
+        late = topo.peer("client", "client", "--to", topo.listen, "--count", "256", "--sockets", "64")
+        expect(late["received"] == 256, "clients are relayed after the upstream came back")
+        back = stop_peer(echoes[victim])
+        expect(back["received"] > 0, f"the recovered upstream gets sessions again ({back['received']} datagrams)")
+        stop_peer(echoes[survivor])
+        finish(topo, relay)
+
+
 @scenario("drain")
 def drain(binary, prefix, backend):
     """SIGUSR1 drains the relay: /ready answers 503, new clients are refused and counted, live

@@ -259,6 +259,12 @@ impl SocketWorker {
     }
 
     fn session_socket(&mut self, session: &Upstreamward, listener: usize) -> Option<&mut SessionSocket> {
+        // A session moved off a failed upstream keeps its port but needs a socket connected to the new one.
+        if self.sessions.get(&session.nat_port).is_some_and(|s| s.upstream != session.upstream)
+            && let Some(mut moved) = self.sessions.remove(&session.nat_port)
+        {
+            let _ = self.poll.registry().deregister(&mut moved.socket);
+        }
         if !self.sessions.contains_key(&session.nat_port) {
             let local = SocketAddr::new(session.nat_ip, session.nat_port);
             let upstream = self.core.relay.routes().upstream(session.upstream);
