@@ -10,6 +10,7 @@ use toml::Spanned;
 
 use crate::health::HealthPolicy;
 use crate::prefix::parse_prefix;
+use crate::proxy_protocol::ProxyHeader;
 use crate::ratelimit::Limit;
 use crate::route::{Probe, RouteSpec};
 use crate::wire::MacAddr;
@@ -290,6 +291,10 @@ struct RawRoute {
     /// A passively downed upstream is tried again after this long.
     down_retry_secs: Option<Spanned<u64>>,
     health_check: Option<Spanned<RawHealthCheck>>,
+    /// `"v2"`: a PROXY protocol v2 header before the client's datagrams.
+    proxy_protocol: Option<Spanned<String>>,
+    /// `"every"` (default) or `"first"` datagram of a session.
+    proxy_protocol_datagrams: Option<Spanned<String>>,
     #[serde(default)]
     allowed_clients: Vec<Spanned<String>>,
     per_source_packets_per_second: Option<u64>,
@@ -617,6 +622,12 @@ impl RawRoute {
             }
             allowed_clients.push(parsed);
         }
+        let proxy_header = resolve_proxy_header(
+            self.proxy_protocol,
+            self.proxy_protocol_datagrams,
+            self.upstream_encap.as_ref().is_some_and(|e| *e.get_ref() == Encap::Oxtunnel),
+            pos,
+        )?;
         let (health, probe) =
             resolve_health(self.unanswered_timeout_secs, self.down_retry_secs, self.health_check, pos)?;
         Ok(RouteSpec {
@@ -624,6 +635,7 @@ impl RawRoute {
             draining,
             health,
             probe,
+            proxy_header,
             upstreams: self.upstreams.into_inner(),
             allowed_clients,
             per_source: Limit {
@@ -645,6 +657,40 @@ impl RawRoute {
             )?,
             upstream_key: None,
         })
+    }
+}
+
+/// `proxy_protocol` and `proxy_protocol_datagrams` of a route. The header is for the final
+/// upstream, so a route to relays over an OxTunnel hop refuses it (set it on the last relay).
+fn resolve_proxy_header(
+    version: Option<Spanned<String>>,
+    datagrams: Option<Spanned<String>>,
+    tunnelled: bool,
+    pos: &Positions,
+) -> Result<Option<ProxyHeader>, ConfigError> {
+    let Some(version) = version else {
+        return match datagrams {
+            Some(d) => Err(pos.at(d.span(), "proxy_protocol_datagrams needs proxy_protocol = \"v2\"".into())),
+            None => Ok(None),
+        };
+    };
+    if version.get_ref() != "v2" {
+        return Err(pos.at(version.span(), format!("proxy_protocol must be \"v2\", not \"{}\"", version.get_ref())));
+    }
+    if tunnelled {
+        return Err(pos.at(
+            version.span(),
+            "proxy_protocol is for the final upstream: set it on the last relay of the chain, not on an OxTunnel hop"
+                .into(),
+        ));
+    }
+    match datagrams.as_ref().map(|d| d.get_ref().as_str()) {
+        None | Some("every") => Ok(Some(ProxyHeader::EveryDatagram)),
+        Some("first") => Ok(Some(ProxyHeader::FirstDatagram)),
+        Some(other) => Err(pos.at(
+            datagrams.as_ref().map_or(version.span(), Spanned::span),
+            format!("proxy_protocol_datagrams must be \"every\" or \"first\", not \"{other}\""),
+        )),
     }
 }
 
@@ -951,6 +997,19 @@ upstreams = ["10.1.0.2:7000"]
         assert_eq!(error.line, Some(7), "{error}");
         let unknown = Config::from_toml(&route("draining_upstreams = [\"10.9.9.9:1\"]")).expect_err("not listed");
         assert!(unknown.message.contains("not one of the route's upstreams"), "{unknown}");
+    }
+
+    #[test]
+    fn proxy_protocol_is_per_route_and_not_for_tunnel_hops() {
+        let route = |extra: &str| MINIMAL.replace("upstreams = [", &format!("{extra}\nupstreams = ["));
+        let every = Config::from_toml(&route("proxy_protocol = \"v2\"")).expect("v2");
+        assert_eq!(every.routes[0].proxy_header, Some(ProxyHeader::EveryDatagram));
+        let first =
+            Config::from_toml(&route("proxy_protocol = \"v2\"\nproxy_protocol_datagrams = \"first\"")).expect("first");
+        assert_eq!(first.routes[0].proxy_header, Some(ProxyHeader::FirstDatagram));
+        assert!(Config::from_toml(&route("proxy_protocol = \"v1\"")).is_err());
+        let hop = route("proxy_protocol = \"v2\"\nupstream_encap = \"oxtunnel\"\nupstream_key_file = \"/k\"");
+        assert!(Config::from_toml(&hop).expect_err("tunnel").message.contains("last relay"));
     }
 
     #[test]

@@ -78,11 +78,16 @@ pub enum DropReason {
     TxRingFull,
     /// A datagram larger than the relay's receive buffer: dropped whole, never truncated.
     DatagramTooLarge,
+    /// No room in the frame (or receive slot) for the route's PROXY protocol header.
+    ProxyHeaderNoRoom,
+    /// It would leave larger than the egress interface's MTU (a smaller MTU there, or a header
+    /// the relay adds): the sender is told with an ICMP too-big error, rate limited.
+    MtuExceeded,
 }
 
 impl DropReason {
     /// Number of variants, for sizing counter arrays.
-    pub const COUNT: usize = DropReason::DatagramTooLarge as usize + 1;
+    pub const COUNT: usize = DropReason::MtuExceeded as usize + 1;
 
     /// All reasons in discriminant order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
@@ -121,6 +126,8 @@ impl DropReason {
         DropReason::TunnelDecompress,
         DropReason::TxRingFull,
         DropReason::DatagramTooLarge,
+        DropReason::ProxyHeaderNoRoom,
+        DropReason::MtuExceeded,
     ];
 
     /// Stable snake_case name used in logs, JSON stats and metric labels.
@@ -161,6 +168,8 @@ impl DropReason {
             DropReason::TunnelDecompress => "tunnel_decompress",
             DropReason::TxRingFull => "tx_ring_full",
             DropReason::DatagramTooLarge => "datagram_too_large",
+            DropReason::ProxyHeaderNoRoom => "proxy_header_no_room",
+            DropReason::MtuExceeded => "mtu_exceeded",
         }
     }
 }

@@ -13,7 +13,9 @@ use crate::counters::Counters;
 use crate::directory::{Binding, NatDirectory};
 use crate::drop_reason::DropReason;
 use crate::health::UpstreamActivity;
+use crate::icmp;
 use crate::oxtunnel::TunnelKey;
+use crate::proxy_protocol::{self, ProxyHeader};
 use crate::ratelimit::{Limit, TokenPair};
 use crate::route::{self, RouteTable, UpstreamId};
 use crate::seed::Seeds;
@@ -24,6 +26,8 @@ use crate::wire::{Layout, MacAddr, Rewrite, UdpFrame};
 
 /// Admissions remembered between two drains by the worker (more than a burst's worth).
 const ADMITTED_BACKLOG: usize = 1024;
+/// ICMP errors one worker sends at most (as Linux's default `icmp_ratelimit` paces them).
+const ICMP_LIMIT: Limit = Limit { packets_per_second: Some(1000), bytes_per_second: None };
 
 /// One received datagram's facts; its payload is passed beside it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +148,8 @@ pub enum TakeOverRefused {
 pub struct RelaySettings {
     /// MAC address of each of the worker's interfaces, indexed by [`IfaceId`].
     pub iface_macs: Vec<MacAddr>,
+    /// IP MTU of each of the worker's interfaces, indexed by [`IfaceId`].
+    pub iface_mtus: Vec<u16>,
     /// Every worker's sessions, readable by all; this worker publishes its own there.
     pub directory: Arc<NatDirectory>,
     /// This worker's share of the directory's NAT ports, inclusive.
@@ -174,6 +180,7 @@ impl RelaySettings {
         seed: u64,
     ) -> Self {
         RelaySettings {
+            iface_mtus: vec![1500; iface_macs.len()],
             iface_macs,
             directory: Arc::new(NatDirectory::new(nat_ports, seed)),
             nat_ports,
@@ -204,11 +211,16 @@ pub struct Relay {
     /// worker drains this to ask the control thread for resolution.
     unresolved: Vec<bool>,
     iface_macs: Vec<MacAddr>,
+    iface_mtus: Vec<u16>,
+    /// ICMP errors this worker may still send (they answer packets, so a flood must not multiply).
+    icmp_tokens: TokenPair,
     verify_checksums: bool,
     /// Flows admitted since the worker last drained them (it registers them with XDP).
     admitted: Vec<FlowKey>,
     /// Whether any route has a tunnel side (otherwise the tunnel steps are skipped).
     tunnels: bool,
+    /// Whether any route sends PROXY protocol headers (otherwise that step is skipped).
+    proxying: bool,
     tunnel: TunnelSteps,
     /// False while the relay drains: existing sessions are served, no new ones opened.
     accepting_sessions: bool,
@@ -219,6 +231,7 @@ pub struct Relay {
 impl Relay {
     pub fn new(routes: Arc<RouteTable>, settings: RelaySettings, counters: Arc<Counters>) -> Self {
         let tunnels = routes.routes().iter().any(|r| r.listen_key.is_some() || r.upstream_key.is_some());
+        let proxying = routes_proxy(&routes);
         let upstreams = routes.upstreams().len();
         let mut seeds = Seeds::new(settings.seed);
         let session_seeds = Seeds::new(seeds.next_u64());
@@ -244,9 +257,12 @@ impl Relay {
             unresolved: vec![false; upstreams],
             routes,
             iface_macs: settings.iface_macs,
+            iface_mtus: settings.iface_mtus,
+            icmp_tokens: TokenPair::full(&ICMP_LIMIT, 0),
             verify_checksums: settings.verify_checksums,
             admitted: Vec::with_capacity(ADMITTED_BACKLOG),
             tunnels,
+            proxying,
             tunnel: TunnelSteps::default(),
             accepting_sessions: true,
             idle_timeout: settings.timeouts.idle,
@@ -304,6 +320,7 @@ impl Relay {
         self.healthy.resize(upstreams, true);
         self.unresolved.resize(upstreams, false);
         self.tunnels = routes.routes().iter().any(|r| r.listen_key.is_some() || r.upstream_key.is_some());
+        self.proxying = routes_proxy(&routes);
         self.routes = routes;
         self.verify_checksums = limits.verify_checksums;
         self.admission.set_limits(limits.global_limit, limits.max_sessions_per_source);
@@ -498,7 +515,40 @@ impl Relay {
                 (to, ingress)
             }
         };
+        let mtu = self.iface_mtus.get(usize::from(egress.0)).copied().map_or(usize::MAX, usize::from);
+        if layout.headers_len() + new_len > mtu {
+            return self.too_big(
+                now,
+                buffer,
+                layout,
+                &datagram,
+                mtu.saturating_sub(new_len.saturating_sub(payload_len)),
+            );
+        }
         rewrite_headers(buffer, layout, payload_len, new_len, partial, &to, egress)
+    }
+
+    /// A datagram that would leave larger than its egress MTU: counted as `mtu_exceeded`, and the
+    /// frame becomes an ICMP too-big error back to its sender advertising `usable` (the egress MTU
+    /// less what the relay adds), within the worker's ICMP rate.
+    #[cold]
+    fn too_big(
+        &mut self,
+        now: Millis,
+        buffer: &mut [u8],
+        layout: Layout,
+        datagram: &Datagram,
+        usable: usize,
+    ) -> Result<(Verdict, usize), DropReason> {
+        if !self.icmp_tokens.allow(&ICMP_LIMIT, now, 0) {
+            return Err(DropReason::MtuExceeded);
+        }
+        let src_mac = self.iface_macs[usize::from(datagram.ingress.0)];
+        let mtu = u16::try_from(usable).unwrap_or(u16::MAX);
+        let len = icmp::too_big_in_place(buffer, layout, src_mac, datagram.from_mac, datagram.to.ip(), mtu)
+            .ok_or(DropReason::MtuExceeded)?;
+        self.counters.count_drop(DropReason::MtuExceeded);
+        Ok((Verdict::Forward(datagram.ingress), len))
     }
 
     #[inline]
@@ -528,7 +578,8 @@ impl Relay {
         len: usize,
     ) -> Result<(Destination, usize), DropReason> {
         if !self.tunnels {
-            let out = self.client_session(now, datagram, 0)?;
+            let (out, route, opened) = self.client_session(now, datagram, 0)?;
+            let len = self.with_proxy_header(route, opened, datagram, payload, len)?;
             return Ok((Destination::Upstream(out), len));
         }
         let route = self.routes.lookup(datagram.to).ok_or(DropReason::NoRoute)?;
@@ -538,10 +589,35 @@ impl Relay {
             self.counters.tunnel_keepalives.add(1);
             return Ok((Destination::Sender, TunnelSteps::answer_keepalive(key, flow_id, payload)?));
         }
-        let out = self.client_session(now, datagram, opened.flow_id())?;
+        let (out, route, fresh) = self.client_session(now, datagram, opened.flow_id())?;
         let flow_id = u32::from(out.nat_port);
         let new_len = self.tunnel.pass_on(upstream_key.as_ref(), flow_id, opened, payload, len, &self.counters)?;
+        // Config keeps PROXY headers off routes to tunnel hops: this adds to the plain payload.
+        let new_len = self.with_proxy_header(route, fresh, datagram, payload, new_len)?;
         Ok((Destination::Upstream(out), new_len))
+    }
+
+    /// Puts the route's PROXY v2 header before the payload, on every datagram or on the
+    /// session's first (`opened`: this datagram opened it). One flag check for routes without.
+    #[inline]
+    fn with_proxy_header(
+        &self,
+        route: route::RouteId,
+        opened: bool,
+        datagram: &Datagram,
+        payload: &mut [u8],
+        len: usize,
+    ) -> Result<usize, DropReason> {
+        if !self.proxying {
+            return Ok(len);
+        }
+        match self.routes.route(route).proxy_header {
+            Some(ProxyHeader::EveryDatagram) => proxy_protocol::prepend(payload, len, datagram.from, datagram.to),
+            Some(ProxyHeader::FirstDatagram) if opened => {
+                proxy_protocol::prepend(payload, len, datagram.from, datagram.to)
+            }
+            _ => Ok(len),
+        }
     }
 
     /// An upstream's datagram: its session, then open the upstream's tunnel and seal for the client's.
@@ -603,7 +679,13 @@ impl Relay {
     /// then the session (this worker's, another worker's, or opened now), then
     /// per-session. Cheapest refusal first, so a flood costs little.
     #[inline]
-    fn client_session(&mut self, now: Millis, datagram: &Datagram, peer_flow: u32) -> Result<Upstreamward, DropReason> {
+    /// Returns where it goes, its route and whether this datagram opened the session.
+    fn client_session(
+        &mut self,
+        now: Millis,
+        datagram: &Datagram,
+        peer_flow: u32,
+    ) -> Result<(Upstreamward, route::RouteId, bool), DropReason> {
         self.admission.allow_global(now, datagram.wire_bytes)?;
         let flow = FlowKey { client: datagram.from, listen: datagram.to };
         // An established flow knows its route; only a new one needs the route lookup.
@@ -623,13 +705,15 @@ impl Relay {
         let per_session = route.per_session;
         self.admission.allow_source(route_id, &route.per_source, flow.client.ip(), now, datagram.wire_bytes)?;
         if let Some((port, binding)) = elsewhere {
-            return Ok(self.relay_for_owner(now, port, &binding));
+            return Ok((self.relay_for_owner(now, port, &binding), route_id, false));
         }
-        let slot = match existing {
-            Some(slot) => slot,
+        let (slot, opened) = match existing {
+            Some(slot) => (slot, false),
             None => match self.open_session(now, datagram, flow, route_id, peer_flow)? {
-                Opening::Here(slot) => slot,
-                Opening::Elsewhere(port, binding) => return Ok(self.relay_for_owner(now, port, &binding)),
+                Opening::Here(slot) => (slot, true),
+                Opening::Elsewhere(port, binding) => {
+                    return Ok((self.relay_for_owner(now, port, &binding), route_id, false));
+                }
             },
         };
         if upstream.is_some_and(|u| !self.healthy[usize::from(u.0)]) {
@@ -641,7 +725,11 @@ impl Relay {
         if !per_session.is_unlimited() && !session.tokens.allow(&per_session, now, datagram.wire_bytes) {
             return Err(DropReason::RateLimitedSession);
         }
-        Ok(Upstreamward { upstream: session.upstream, nat_ip: session.nat_ip, nat_port: session.nat_port })
+        Ok((
+            Upstreamward { upstream: session.upstream, nat_ip: session.nat_ip, nat_port: session.nat_port },
+            route_id,
+            opened,
+        ))
     }
 
     /// Re-points this worker's session in `slot` to the healthy upstream its client would be
@@ -746,6 +834,10 @@ impl Relay {
         }
         hop
     }
+}
+
+fn routes_proxy(routes: &RouteTable) -> bool {
+    routes.routes().iter().any(|r| r.proxy_header.is_some())
 }
 
 /// Where a new flow's session ended up.
@@ -982,6 +1074,64 @@ mod tests {
             assert_eq!(upstream_of(&fresh), addr("10.1.0.3:7000"), "new sessions avoid the failed upstream");
         }
         assert_eq!(relay.activity.times(UpstreamId(1)), (4, 3), "sends and answers are recorded per upstream");
+    }
+
+    #[test]
+    fn a_proxy_v2_header_is_put_before_the_payload_in_the_frame() {
+        for (mode, headers) in [(ProxyHeader::EveryDatagram, [true, true]), (ProxyHeader::FirstDatagram, [true, false])]
+        {
+            let mut spec = RouteSpec::new(addr("10.0.0.1:5000"), vec![addr("10.1.0.2:7000")]);
+            spec.proxy_header = Some(mode);
+            let (mut relay, counters) = relay_with(spec, "10.1.0.1", |_| {});
+            for header in headers {
+                let request = client_frame(40000);
+                let mut buffer = request.clone();
+                buffer.resize(2048, 0);
+                let (verdict, len) = relay.relay_frame(1, IfaceId(0), &mut buffer, request.len());
+                assert_eq!(verdict, Verdict::Forward(IfaceId(1)));
+                let out = UdpFrame::new_checked(&buffer[..len]).expect("valid");
+                assert!(out.checksums_valid(), "lengths and checksum follow the longer payload");
+                let mut expected = vec![0u8; 64];
+                let header_len =
+                    proxy_protocol::write_header(&mut expected, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"))
+                        .expect("header");
+                expected.truncate(if header { header_len } else { 0 });
+                expected.extend_from_slice(b"x");
+                assert_eq!(out.payload(), &expected[..], "{mode:?}");
+            }
+            let mut full = client_frame(40001);
+            assert_eq!(
+                relay.relay_whole_frame(2, IfaceId(0), &mut full),
+                Verdict::Drop(DropReason::ProxyHeaderNoRoom),
+                "no room after the frame: dropped, never cut"
+            );
+            assert_eq!(counters.dropped(DropReason::ProxyHeaderNoRoom), 1);
+        }
+    }
+
+    #[test]
+    fn a_datagram_too_big_for_the_egress_mtu_becomes_an_icmp_error_to_its_sender() {
+        let mut spec = RouteSpec::new(addr("10.0.0.1:5000"), vec![addr("10.1.0.2:7000")]);
+        spec.proxy_header = Some(ProxyHeader::EveryDatagram);
+        let (mut relay, counters) = relay_with(spec, "10.1.0.1", |settings| settings.iface_mtus = vec![1500, 1400]);
+        let big = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"), &[1; 1380]);
+        let mut buffer = big.clone();
+        buffer.resize(2048, 0);
+        let (verdict, len) = relay.relay_frame(1, IfaceId(0), &mut buffer, big.len());
+        assert_eq!(verdict, Verdict::Forward(IfaceId(0)), "back out of the interface it came in on");
+        assert_eq!(&buffer[0..12], &[CLIENT_MAC, RELAY_CLIENT_SIDE].concat()[..]);
+        assert_eq!(&buffer[34..36], &[3, 4], "ICMP fragmentation needed");
+        assert_eq!(u16::from_be_bytes([buffer[40], buffer[41]]), 1400 - 28, "the egress MTU less the PROXY header");
+        assert_eq!(&buffer[42..len], &big[14..42], "quoting the datagram as the client sent it");
+        assert_eq!(counters.dropped(DropReason::MtuExceeded), 1);
+        let small = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"), &[1; 1300]);
+        let mut buffer = small.clone();
+        buffer.resize(2048, 0);
+        assert_eq!(
+            relay.relay_frame(2, IfaceId(0), &mut buffer, small.len()).0,
+            Verdict::Forward(IfaceId(1)),
+            "what fits is relayed"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use crate::health::HealthPolicy;
 use crate::oxtunnel::TunnelKey;
 use crate::prefix::IpNet;
+use crate::proxy_protocol::ProxyHeader;
 use crate::ratelimit::Limit;
 use crate::time::Millis;
 
@@ -33,6 +34,8 @@ pub struct Route {
     pub withdrawn: bool,
     pub health: HealthPolicy,
     pub probe: Option<Probe>,
+    /// `proxy_protocol = "v2"`: which client datagrams carry the header.
+    pub proxy_header: Option<ProxyHeader>,
     /// Empty means every client is allowed.
     pub allowed_clients: Vec<IpNet>,
     pub per_source: Limit,
@@ -73,6 +76,7 @@ pub struct RouteSpec {
     pub draining: Vec<SocketAddr>,
     pub health: HealthPolicy,
     pub probe: Option<Probe>,
+    pub proxy_header: Option<ProxyHeader>,
     pub allowed_clients: Vec<IpNet>,
     /// Rate each client address may send to this route.
     pub per_source: Limit,
@@ -95,6 +99,7 @@ impl RouteSpec {
             draining: Vec::new(),
             health: HealthPolicy::default(),
             probe: None,
+            proxy_header: None,
             allowed_clients: Vec::new(),
             per_source: Limit::default(),
             per_session: Limit::default(),
@@ -149,6 +154,7 @@ impl RouteTable {
                 withdrawn: false,
                 health: spec.health,
                 probe: spec.probe.clone(),
+                proxy_header: spec.proxy_header,
                 allowed_clients: spec.allowed_clients.clone(),
                 per_source: spec.per_source,
                 per_session: spec.per_session,

@@ -88,6 +88,22 @@ pub struct Layout {
     ipv6: bool,
 }
 
+impl Layout {
+    /// Bytes of the IP and UDP headers.
+    pub fn headers_len(&self) -> usize {
+        self.l4 + field::UDP_HEADER_LEN - self.l3
+    }
+
+    /// Where the IP header starts in the frame.
+    pub fn network_offset(&self) -> usize {
+        self.l3
+    }
+
+    pub fn is_ipv6(&self) -> bool {
+        self.ipv6
+    }
+}
+
 impl<T: AsRef<[u8]>> UdpFrame<T> {
     pub fn layout(&self) -> Layout {
         Layout { l3: self.l3, l4: self.l4, end: self.end, ipv6: self.ipv6 }

@@ -79,11 +79,13 @@ pub(crate) fn worker_core(
     worker: u32,
     workers: u32,
     iface_macs: Vec<[u8; 6]>,
+    iface_mtus: Vec<u16>,
 ) -> Result<(WorkerCore, Sender<WorkerUpdate>), SetupError> {
     let per_worker = config.nat_port_count() / workers as usize;
     let first = config.nat.ports.0 + (worker as usize * per_worker) as u16;
     let settings = RelaySettings {
         iface_macs,
+        iface_mtus,
         directory: shared.directory.clone(),
         nat_ports: (first, first + per_worker as u16 - 1),
         seed: sys::random_u64().map_err(SetupError::Seed)?,

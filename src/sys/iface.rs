@@ -51,6 +51,8 @@ pub struct IfaceInfo {
     /// Number of RX queues the kernel exposes.
     pub rx_queues: u32,
     pub driver: String,
+    /// The IP MTU the kernel reports (`/sys/class/net/IF/mtu`) when the relay starts.
+    pub mtu: u16,
 }
 
 impl IfaceInfo {
@@ -79,7 +81,8 @@ impl IfaceInfo {
             .unwrap_or(1)
             .max(1);
         let driver = ethtool_driver(name).unwrap_or_else(|| "unknown".into());
-        Ok(IfaceInfo { name: name.to_owned(), index, mac, rx_queues, driver })
+        let mtu = fs::read_to_string(format!("{sysfs}/mtu")).ok().and_then(|m| m.trim().parse().ok()).unwrap_or(1500);
+        Ok(IfaceInfo { name: name.to_owned(), index, mac, rx_queues, driver, mtu })
     }
 }
 

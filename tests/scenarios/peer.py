@@ -34,8 +34,37 @@ def payload(seq, size, random=False):
     return (head + body)[:size] if size >= 8 else head[8 - size:]
 
 
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def parse_proxy_v2(data):
+    """A PROXY protocol v2 header as HAProxy's specification (section 2.2) defines it, parsed
+    here independently of the relay: returns ((source, destination), rest) for a PROXY command
+    over UDP, (None, data) when the datagram has no header, and raises on a malformed one."""
+    if not data.startswith(PROXY_V2_SIGNATURE):
+        return None, data
+    if len(data) < 16:
+        raise ValueError("truncated header")
+    version, command = data[12] >> 4, data[12] & 0x0F
+    family, transport = data[13] >> 4, data[13] & 0x0F
+    length = int.from_bytes(data[14:16], "big")
+    if version != 2 or command != 1 or transport != 2 or len(data) < 16 + length:
+        raise ValueError(f"not a v2 PROXY header over DGRAM: {data[12:16].hex()}")
+    block = data[16:16 + length]
+    if family == 1 and length >= 12:
+        source = f"{socket.inet_ntop(socket.AF_INET, block[0:4])}:{int.from_bytes(block[8:10], 'big')}"
+        target = f"{socket.inet_ntop(socket.AF_INET, block[4:8])}:{int.from_bytes(block[10:12], 'big')}"
+    elif family == 2 and length >= 36:
+        source = f"[{socket.inet_ntop(socket.AF_INET6, block[0:16])}]:{int.from_bytes(block[32:34], 'big')}"
+        target = f"[{socket.inet_ntop(socket.AF_INET6, block[16:32])}]:{int.from_bytes(block[34:36], 'big')}"
+    else:
+        raise ValueError(f"address family {family} with {length} address bytes")
+    return (source, target), data[16 + length:]
+
+
 def echo(args):
-    """Echo every datagram back to its sender until SIGTERM; report who it saw."""
+    """Echo every datagram back to its sender until SIGTERM; report who it saw. With
+    --proxy-v2, a PROXY v2 header is parsed, recorded and stripped before the echo."""
     host, port = split(args.bind)
     sock = socket.socket(family_of(host), socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
@@ -43,6 +72,8 @@ def echo(args):
     seen = set()
     count = 0
     sizes = set()
+    headers = malformed = 0
+    proxied = set()
     running = True
 
     def stop(*_):
@@ -57,10 +88,22 @@ def echo(args):
             continue
         data, source = sock.recvfrom(65535)
         count += 1
+        if args.proxy_v2:
+            try:
+                addresses, data = parse_proxy_v2(data)
+            except ValueError:
+                malformed += 1
+                continue
+            if addresses:
+                headers += 1
+                proxied.add(addresses)
         sizes.add(len(data))
         seen.add(f"{source[0]}:{source[1]}")
         sock.sendto(data, source)
-    print(json.dumps({"received": count, "sources": sorted(seen), "sizes": sorted(sizes)}), flush=True)
+    report = {"received": count, "sources": sorted(seen), "sizes": sorted(sizes)}
+    if args.proxy_v2:
+        report.update(headers=headers, malformed=malformed, proxied=sorted(proxied))
+    print(json.dumps(report), flush=True)
 
 
 def client(args):
@@ -68,7 +111,7 @@ def client(args):
     (flows) in turn; check every echo byte for byte, and that it came back to the socket that sent it."""
     host, port = split(args.to)
     family = family_of(host)
-    sizes = SIZES + [MAX_PAYLOAD[family]]
+    sizes = SIZES + [MAX_PAYLOAD[family] - args.headroom]
     socks = []
     for i in range(args.sockets):
         sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -225,6 +268,32 @@ def stream(args):
     }), flush=True)
 
 
+def pmtu(args):
+    """Path MTU discovery as an application does it: a connected socket that forbids local
+    fragmentation sends one datagram of `size` bytes; reports the path MTU the kernel learned
+    from the ICMP error it got back (IP_MTU), and whether a second send is refused (EMSGSIZE)."""
+    host, port = split(args.to)
+    family = family_of(host)
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    level, discover, mtu_option = ((socket.IPPROTO_IP, 10, 14) if family == socket.AF_INET
+                                   else (socket.IPPROTO_IPV6, 23, 24))  # IP(V6)_MTU_DISCOVER, IP(V6)_MTU
+    sock.setsockopt(level, discover, 2)  # IP(V6)_PMTUDISC_DO
+    sock.connect((host, port))
+    sock.settimeout(1.0)
+    echoed = False
+    try:
+        sock.send(b"p" * args.size)
+        echoed = len(sock.recv(65535)) == args.size
+    except OSError:
+        pass
+    refused = False
+    try:
+        sock.send(b"p" * args.size)
+    except OSError as error:
+        refused = error.errno == 90  # EMSGSIZE
+    print(json.dumps({"mtu": sock.getsockopt(level, mtu_option), "emsgsize": refused, "echoed": echoed}), flush=True)
+
+
 def many_clients(args):
     """Open `count` sockets on distinct ports; each sends its own token and must get only its own back."""
     host, port = split(args.to)
@@ -369,17 +438,21 @@ def tcp_client(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("echo"); p.add_argument("--bind", required=True); p.set_defaults(run=echo)
+    p = sub.add_parser("echo"); p.add_argument("--bind", required=True)
+    p.add_argument("--proxy-v2", action="store_true", help="parse and strip PROXY v2 headers"); p.set_defaults(run=echo)
     p = sub.add_parser("client"); p.add_argument("--to", required=True); p.add_argument("--bind")
     p.add_argument("--count", type=int, default=1000); p.add_argument("--size", type=int, default=0)
     p.add_argument("--window", type=int, default=32); p.add_argument("--retry-after", type=float, default=0.5)
     p.add_argument("--retries", type=int, default=3); p.add_argument("--timeout", type=float, default=120)
     p.add_argument("--random", action="store_true", help="incompressible payloads")
     p.add_argument("--sockets", type=int, default=1, help="client sockets (flows), used in turn; --bind gives the first port")
+    p.add_argument("--headroom", type=int, default=0, help="keep the largest datagram this far below the MTU")
     p.set_defaults(run=client)
     p = sub.add_parser("stream"); p.add_argument("--to", required=True); p.add_argument("--sockets", type=int, default=64)
     p.add_argument("--rate", type=float, default=2000); p.add_argument("--duration", type=float, default=5)
     p.add_argument("--size", type=int, default=64); p.set_defaults(run=stream)
+    p = sub.add_parser("pmtu"); p.add_argument("--to", required=True); p.add_argument("--size", type=int, required=True)
+    p.set_defaults(run=pmtu)
     p = sub.add_parser("many-clients"); p.add_argument("--to", required=True)
     p.add_argument("--count", type=int, default=1000); p.add_argument("--rounds", type=int, default=2)
     p.set_defaults(run=many_clients)

@@ -20,7 +20,8 @@ from oxr import NAT_PORTS, Relay, Topology, metric, peer_report, relay_config, s
 SCENARIOS = {}
 # Scenarios that only make sense for one backend.
 AF_XDP_ONLY = {"sigkill-fallback", "flood", "tx-pressure", "unserved-queues", "never-sessions", "stale-neighbour",
-               "interface-deleted", "restart-after-sigkill", "exhaustion", "route-deleted", "under-attack"}
+               "interface-deleted", "restart-after-sigkill", "exhaustion", "route-deleted", "under-attack",
+               "path-mtu"}
 # Client sockets (flows) of the traffic scenarios: enough for RSS to use every queue.
 FLOWS = 64
 
@@ -408,6 +409,73 @@ def upstream_health(binary, prefix, backend):
         expect(back["received"] > 0, f"the recovered upstream gets sessions again ({back['received']} datagrams)")
         stop_peer(echoes[survivor])
         finish(topo, relay)
+
+
+@scenario("proxy-protocol")
+def proxy_protocol(binary, prefix, backend):
+    """The upstream gets a PROXY v2 header (parsed by the test's own reading of the specification)
+    with each client's exact address and port and the address it sent to, IPv4 and IPv6, on every
+    datagram and then on each session's first only; the payload after it is intact both ways."""
+    for ipv6 in (False, True):
+        with Topology(prefix, arm="two_arm", ipv6=ipv6) as topo:
+            family = "IPv6" if ipv6 else "IPv4"
+            echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream, "--proxy-v2")
+            relay = start_relay(topo, binary, backend, extra='proxy_protocol = "v2"\n')
+            # The largest datagrams leave room for the header: the path-mtu scenario covers those that do not fit.
+            headroom = "52" if ipv6 else "28"
+            report = topo.peer("client", "client", "--to", topo.listen, "--count", "2000", "--sockets", "16",
+                               "--headroom", headroom)
+            expect(report["received"] == 2000 and report["corrupt"] == 0,
+                   f"{family}: every payload came back intact after the header ({report['received']})")
+            seen = stop_peer(echo)
+            expect(seen["malformed"] == 0 and seen["headers"] == seen["received"],
+                   f"{family}: every datagram carried a well-formed header ({seen['headers']} of {seen['received']})")
+            clients = {source for source, _ in seen["proxied"]}
+            hosts = {c.rsplit(":", 1)[0].strip("[]") for c in clients}
+            expect(len(clients) == 16 and hosts == {topo.client_ip},
+                   f"{family}: the headers name the 16 clients' own addresses and ports ({sorted(clients)[:2]}...)")
+            expect({target for _, target in seen["proxied"]} == {topo.listen},
+                   f"{family}: and the address they sent to, {topo.listen}")
+            echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream, "--proxy-v2")
+            relay.reload(relay_config(topo, backend, extra='proxy_protocol = "v2"\nproxy_protocol_datagrams = "first"\n'),
+                         "config reloaded")
+            report = topo.peer("client", "client", "--to", topo.listen, "--count", "400", "--sockets", "8",
+                               "--headroom", headroom)
+            expect(report["received"] == 400 and report["corrupt"] == 0, f"{family}, first-datagram mode: payloads intact")
+            seen = stop_peer(echo)
+            expect(seen["headers"] == 8 and seen["malformed"] == 0,
+                   f"{family}, first-datagram mode: one header per new session ({seen['headers']} for 8)")
+            finish(topo, relay)
+
+
+@scenario("path-mtu")
+def path_mtu(binary, prefix, backend):
+    """The upstream side has a smaller MTU (1400): a datagram that fits the client's link but not
+    the relay's egress is answered with ICMP fragmentation needed / packet too big carrying the
+    usable MTU, which the client's kernel learns (IP_MTU, then EMSGSIZE); with a PROXY header the
+    advertised MTU leaves room for it; what fits is relayed. IPv4 and IPv6. (AF_XDP only: on
+    the socket backend the kernel sends, and fragments, the relay's datagrams itself.)"""
+    for ipv6 in (False, True):
+        with Topology(prefix, arm="two_arm", ipv6=ipv6) as topo:
+            family, ip_udp = ("IPv6", 48) if ipv6 else ("IPv4", 28)
+            for role, dev in (("relay", "ru0"), ("upstream", "u0")):
+                topo.ip(role, "link", "set", dev, "mtu", "1400")
+            echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream, "--proxy-v2")
+            relay = start_relay(topo, binary, backend)
+            fits = topo.peer("client", "pmtu", "--to", topo.listen, "--size", str(1400 - ip_udp))
+            expect(fits["echoed"] and fits["mtu"] == 1500, f"{family}: a datagram that fits 1400 is relayed ({fits})")
+            big = topo.peer("client", "pmtu", "--to", topo.listen, "--size", str(1500 - ip_udp))
+            expect(big["mtu"] == 1400 and big["emsgsize"],
+                   f"{family}: a full-size datagram got ICMP too-big: the client learned MTU {big['mtu']}, next send EMSGSIZE")
+            header = 52 if ipv6 else 28
+            relay.reload(relay_config(topo, backend, extra='proxy_protocol = "v2"\n'), "config reloaded")
+            proxied = topo.peer("client", "pmtu", "--to", topo.listen, "--size", str(1400 - ip_udp))
+            expect(proxied["mtu"] == max(1400 - header, 1280 if ipv6 else 68),
+                   f"{family}: with a PROXY header the advertised MTU leaves room for it ({proxied['mtu']})")
+            stats = relay.wait_stats(lambda s: s["drops"]["mtu_exceeded"] >= 2)
+            expect(stats["drops"]["mtu_exceeded"] >= 2, f"{family}: counted as mtu_exceeded ({stats['drops']['mtu_exceeded']})")
+            stop_peer(echo)
+            finish(topo, relay)
 
 
 @scenario("drain")

@@ -31,6 +31,14 @@ pub(crate) fn build(config: &Config, report: &HostReport, shared: &WorkerShared)
     }
 
     let iface_macs: Vec<_> = attached.iter().map(|a| a.info.mac).collect();
+    let iface_mtus: Vec<_> = attached.iter().map(|a| a.info.mtu).collect();
+    for a in &attached {
+        // A frame holds at most this much: larger datagrams are dropped by XDP and counted.
+        let carried = xsk::max_frame_len(config.pool.frame_size).saturating_sub(14);
+        if u32::from(a.info.mtu) > carried {
+            tracing::warn!(interface = %a.info.name, mtu = a.info.mtu, carried, "the interface's MTU is above what an AF_XDP frame holds: larger datagrams are dropped and counted as datagram_too_large (set pool.frame_size = 4096 or lower the MTU)");
+        }
+    }
     let mut backend = Backend::new("af_xdp");
     for queue in 0..queues {
         // Two-arm relays keep client-facing and upstream-facing frames apart; one-arm shares one domain.
@@ -55,7 +63,7 @@ pub(crate) fn build(config: &Config, report: &HostReport, shared: &WorkerShared)
             tracing::info!(interface = %a.info.name, queue, zero_copy = socket.zero_copy, hugepages = pool.hugepages, "AF_XDP socket bound");
             sockets.push(socket);
         }
-        let (core, updates) = worker_core(config, shared, queue, queues, iface_macs.clone())?;
+        let (core, updates) = worker_core(config, shared, queue, queues, iface_macs.clone(), iface_mtus.clone())?;
         backend.add_worker(&core, updates);
         let flow_maps = attached.iter().map(|a| a.program.flow_map()).collect();
         backend.workers.push(AnyWorker::AfXdp(Worker { core, pool, sockets, flow_maps }));

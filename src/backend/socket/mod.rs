@@ -10,7 +10,8 @@ use crate::backend::socket::worker::SocketWorker;
 use crate::run::SetupError;
 use crate::sys::iface::IfaceInfo;
 
-/// Binds the listen sockets (SO_REUSEPORT) of every worker.
+/// Binds the listen sockets (SO_REUSEPORT) of every worker. The kernel sends their datagrams,
+/// so it, not the relay, fragments or applies path MTU discovery to what does not fit.
 pub(crate) fn build(config: &Config, shared: &WorkerShared) -> Result<Backend, SetupError> {
     // As many workers as AF_XDP would run: the configured queues, else the interface's RX queues.
     let workers = config.interfaces[0]
@@ -18,7 +19,7 @@ pub(crate) fn build(config: &Config, shared: &WorkerShared) -> Result<Backend, S
         .unwrap_or_else(|| IfaceInfo::lookup(&config.interfaces[0].name).map_or(1, |info| info.rx_queues.max(1)));
     let mut backend = Backend::new("socket");
     for id in 0..workers {
-        let (core, updates) = worker_core(config, shared, id, workers, vec![[0; 6]])?;
+        let (core, updates) = worker_core(config, shared, id, workers, vec![[0; 6]], vec![u16::MAX])?;
         backend.add_worker(&core, updates);
         backend.workers.push(AnyWorker::Socket(SocketWorker::new(core)?));
     }
