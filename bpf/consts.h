@@ -14,6 +14,8 @@
 #define ETH_P_IPV6 0x86DD
 #define ETH_P_8021Q 0x8100
 #define IPPROTO_UDP_NUM 17
+#define IPPROTO_ICMP_NUM 1
+#define IPPROTO_ICMPV6_NUM 58
 /* IPv6 extension headers walked to find UDP behind them, at most MAX_IPV6_EXTENSIONS deep. */
 #define IPV6_HOP_BY_HOP 0
 #define IPV6_ROUTING 43
@@ -36,5 +38,6 @@ enum xdp_counter {
 	XDP_CNT_DROP_NEW_FLOW_BUDGET, /* a new client flow beyond the new-flow budget (flood shedding) */
 	XDP_CNT_DROP_IPV6_EXTENSION,  /* relay-bound IPv6 with extension headers before UDP */
 	XDP_CNT_DROP_TOO_BIG,         /* relay-bound frame longer than an AF_XDP frame holds */
+	XDP_CNT_REDIRECT_ICMP,        /* an ICMP error about a datagram the relay sent from a NAT port */
 	XDP_CNT_MAX,
 };

@@ -95,6 +95,40 @@ static __always_inline int to_socket(struct xdp_md *ctx, __u32 redirect_counter)
 	return action;
 }
 
+/* An ICMP error quotes the datagram that caused it: IP header, then at least 8 bytes of UDP.
+ * Whether that datagram left from one of the relay's NAT endpoints (its source). */
+static __always_inline int quotes_nat_datagram(struct cursor *c, int ipv6)
+{
+	struct endpoint_key nat = {};
+	if (!ipv6) {
+		struct iphdr *inner = c->pos;
+		if ((void *)(inner + 1) > c->end || inner->ihl != 5 || inner->protocol != IPPROTO_UDP_NUM)
+			return 0;
+		nat.family = ADDR_FAMILY_IPV4;
+		__builtin_memcpy(nat.addr, &inner->saddr, 4);
+		c->pos = inner + 1;
+	} else {
+		struct ipv6hdr *inner = c->pos;
+		if ((void *)(inner + 1) > c->end || inner->nexthdr != IPPROTO_UDP_NUM)
+			return 0;
+		nat.family = ADDR_FAMILY_IPV6;
+		__builtin_memcpy(nat.addr, &inner->saddr, 16);
+		c->pos = inner + 1;
+	}
+	struct udphdr *udp = c->pos;
+	if ((void *)(udp + 1) > c->end)
+		return 0;
+	nat.port = udp->source;
+	return is_nat(&nat);
+}
+
+/* Destination unreachable, time exceeded and (ICMPv6) packet too big: the errors a NAT must
+ * carry back. Any other ICMP stays with the kernel. */
+static __always_inline int is_icmp_error(__u8 type, int ipv6)
+{
+	return ipv6 ? (type == 1 || type == 2 || type == 3) : (type == 3 || type == 11);
+}
+
 SEC("xdp")
 int oxidize_relay(struct xdp_md *ctx)
 {
@@ -112,6 +146,13 @@ int oxidize_relay(struct xdp_md *ctx)
 		struct iphdr *ip = parse_iphdr(&c);
 		if (!ip)
 			return pass(XDP_CNT_PASS_UNPARSED);
+		if (ip->protocol == IPPROTO_ICMP_NUM && ip->ihl == 5 && !(bpf_ntohs(ip->frag_off) & IP_MF_AND_OFFSET)) {
+			__u8 *icmp = c.pos;
+			if ((void *)(icmp + 8) > c.end || !is_icmp_error(icmp[0], 0))
+				return pass(XDP_CNT_PASS_NOT_UDP);
+			c.pos = icmp + 8;
+			return quotes_nat_datagram(&c, 0) ? to_socket(ctx, XDP_CNT_REDIRECT_ICMP) : pass(XDP_CNT_PASS_NOT_UDP);
+		}
 		if (ip->protocol != IPPROTO_UDP_NUM)
 			return pass(XDP_CNT_PASS_NOT_UDP);
 		__u16 frag = bpf_ntohs(ip->frag_off);
@@ -136,6 +177,13 @@ int oxidize_relay(struct xdp_md *ctx)
 		void *transport = skip_ipv6_extensions(&c, &nexthdr, &ipv6_extensions, &fragment);
 		if (!transport)
 			return pass(XDP_CNT_PASS_UNPARSED);
+		if (nexthdr == IPPROTO_ICMPV6_NUM && !ipv6_extensions) {
+			__u8 *icmp = c.pos;
+			if ((void *)(icmp + 8) > c.end || !is_icmp_error(icmp[0], 1))
+				return pass(XDP_CNT_PASS_NOT_UDP);
+			c.pos = icmp + 8;
+			return quotes_nat_datagram(&c, 1) ? to_socket(ctx, XDP_CNT_REDIRECT_ICMP) : pass(XDP_CNT_PASS_NOT_UDP);
+		}
 		if (nexthdr != IPPROTO_UDP_NUM)
 			return pass(XDP_CNT_PASS_NOT_UDP);
 		if (fragment == 2)

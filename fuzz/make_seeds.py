@@ -50,3 +50,32 @@ conversation = b"\0"
 for ingress, name in [(0, "client_v4"), (1, "reply_v4"), (0, "client_v6"), (1, "reply_v6"), (0, "vlan_v4"), (0, "fragment_v4")]:
     conversation += struct.pack("!HBB", len(seeds[name]), 3, ingress) + seeds[name]
 open("corpus/relay_handle/conversation", "wb").write(conversation)
+
+
+def icmp_error(quoted, kind, v6=False):
+    """An ICMP(v6) error of (type, code) from the upstream about the datagram frame `quoted`."""
+    body = bytes(kind) + b"\0\0" + (struct.pack("!I", 1400) if kind[0] in (2, 3) and v6 or kind == (3, 4) else b"\0\0\0\0")
+    body += quoted[14:]
+    if not v6:
+        body = body[:2] + struct.pack("!H", checksum(body)) + body[4:]
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 0, 0, 64, 1, 0,
+                         ipaddress.ip_address("10.1.0.2").packed, ipaddress.ip_address("10.1.0.1").packed)
+        ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
+        return b"\x02\0\0\0\0\x02\x02\0\0\0\0\x01\x08\x00" + ip + body
+    s, d = ipaddress.ip_address("fd01::2").packed, ipaddress.ip_address("fd01::1").packed
+    pseudo = s + d + struct.pack("!I", len(body)) + b"\0\0\0\x3a"
+    body = body[:2] + struct.pack("!H", checksum(pseudo + body)) + body[4:]
+    ip = struct.pack("!IHBB16s16s", 0x60000000, len(body), 58, 64, s, d)
+    return b"\x02\0\0\0\0\x02\x02\0\0\0\0\x01\x86\xdd" + ip + body
+
+
+os.makedirs("corpus/icmp_error", exist_ok=True)
+icmp_seeds = {
+    "port_unreachable_v4": icmp_error(frame("10.1.0.1", 20000, "10.1.0.2", 7000, b"q"), (3, 3)),
+    "fragmentation_needed_v4": icmp_error(frame("10.1.0.1", 20000, "10.1.0.2", 7000, b"q" * 64), (3, 4)),
+    "time_exceeded_v4": icmp_error(frame("10.1.0.1", 20000, "10.1.0.2", 7000, b"q"), (11, 0)),
+    "port_unreachable_v6": icmp_error(frame("fd01::1", 20000, "fd01::2", 7000, b"q"), (1, 4), v6=True),
+    "packet_too_big_v6": icmp_error(frame("fd01::1", 20000, "fd01::2", 7000, b"q" * 64), (2, 0), v6=True),
+}
+for name, data in icmp_seeds.items():
+    open(f"corpus/icmp_error/{name}", "wb").write(data)

@@ -69,7 +69,35 @@ fn fixtures() -> Vec<Fixture> {
     let total = u16::from_be_bytes([ipv4_options[16], ipv4_options[17]]) + 4;
     ipv4_options[16..18].copy_from_slice(&total.to_be_bytes());
 
+    // An ICMPv4 error of (type, code) quoting the datagram `quoted` (a frame), as an upstream's kernel sends it.
+    let icmp_about = |quoted: Vec<u8>, kind: [u8; 2]| {
+        let mut frame = udp("10.1.0.2:1", "10.1.0.1:1", b"")[..34].to_vec();
+        frame[23] = 1;
+        frame.extend_from_slice(&[kind[0], kind[1], 0, 0, 0, 0, 0, 0]);
+        frame.extend_from_slice(&quoted[14..]);
+        let total = (frame.len() - 14) as u16;
+        frame[16..18].copy_from_slice(&total.to_be_bytes());
+        frame
+    };
+    let nat_datagram = || udp("10.1.0.1:20000", "10.1.0.2:7000", b"q");
+
     let table = [
+        (
+            "ICMP port unreachable about a datagram from a NAT endpoint",
+            icmp_about(nat_datagram(), [3, 3]),
+            redirected(XdpCounter::RedirectIcmp),
+        ),
+        (
+            "ICMP time exceeded about a datagram from a NAT endpoint",
+            icmp_about(nat_datagram(), [11, 0]),
+            redirected(XdpCounter::RedirectIcmp),
+        ),
+        (
+            "ICMP error about a datagram from another port",
+            icmp_about(udp("10.1.0.1:53", "10.1.0.2:7000", b"q"), [3, 3]),
+            same(XDP_PASS, XdpCounter::PassNotUdp),
+        ),
+        ("ICMP echo request (ping)", icmp_about(nat_datagram(), [8, 0]), same(XDP_PASS, XdpCounter::PassNotUdp)),
         (
             "client datagram to an IPv4 listen address",
             udp("10.0.0.2:40000", "10.0.0.1:5000", b"hi"),

@@ -59,6 +59,8 @@ pub struct Counters {
     pub sessions_active: Counter,
     /// Sessions the upstream never answered, evicted to make room for a new flow.
     pub sessions_evicted: Counter,
+    /// ICMP errors about relayed datagrams, translated and sent on to the session's client.
+    pub icmp_errors_relayed: Counter,
     /// Sessions moved from an upstream marked down to a healthy one (same NAT port).
     pub sessions_moved: Counter,
     /// Replies this worker relayed for a session another worker owns (RSS put them on this queue).
@@ -170,6 +172,13 @@ pub const SESSIONS_EVICTED: Described = Described {
     kind: Kind::Total,
     read: |c| &c.sessions_evicted,
 };
+pub const ICMP_ERRORS_RELAYED: Described = Described {
+    key: "icmp_errors_relayed",
+    metric: "oxidize_relay_icmp_errors_relayed_total",
+    help: "ICMP errors (unreachable, time exceeded, too big) about relayed datagrams, translated to their client.",
+    kind: Kind::Total,
+    read: |c| &c.icmp_errors_relayed,
+};
 pub const SESSIONS_MOVED: Described = Described {
     key: "sessions_moved",
     metric: "oxidize_relay_sessions_moved_total",
@@ -214,7 +223,7 @@ pub const TUNNEL_KEEPALIVES: Described = Described {
 };
 
 /// Every per-worker scalar counter, in the order the stats file lists them.
-pub const SCALARS: [Described; 14] = [
+pub const SCALARS: [Described; 15] = [
     RX_PACKETS,
     RX_BYTES,
     TX_PACKETS,
@@ -224,6 +233,7 @@ pub const SCALARS: [Described; 14] = [
     SESSIONS_EXPIRED,
     SESSIONS_EVICTED,
     SESSIONS_MOVED,
+    ICMP_ERRORS_RELAYED,
     REPLIES_CROSS_QUEUE,
     CLIENTS_CROSS_QUEUE,
     WAKEUPS,

@@ -83,11 +83,15 @@ pub enum DropReason {
     /// It would leave larger than the egress interface's MTU (a smaller MTU there, or a header
     /// the relay adds): the sender is told with an ICMP too-big error, rate limited.
     MtuExceeded,
+    /// An ICMP error about a datagram no live session sent (or not from that session's upstream path).
+    IcmpNoSession,
+    /// An ICMP error beyond the worker's ICMP rate.
+    IcmpRateLimited,
 }
 
 impl DropReason {
     /// Number of variants, for sizing counter arrays.
-    pub const COUNT: usize = DropReason::MtuExceeded as usize + 1;
+    pub const COUNT: usize = DropReason::IcmpRateLimited as usize + 1;
 
     /// All reasons in discriminant order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
@@ -128,6 +132,8 @@ impl DropReason {
         DropReason::DatagramTooLarge,
         DropReason::ProxyHeaderNoRoom,
         DropReason::MtuExceeded,
+        DropReason::IcmpNoSession,
+        DropReason::IcmpRateLimited,
     ];
 
     /// Stable snake_case name used in logs, JSON stats and metric labels.
@@ -170,6 +176,8 @@ impl DropReason {
             DropReason::DatagramTooLarge => "datagram_too_large",
             DropReason::ProxyHeaderNoRoom => "proxy_header_no_room",
             DropReason::MtuExceeded => "mtu_exceeded",
+            DropReason::IcmpNoSession => "icmp_no_session",
+            DropReason::IcmpRateLimited => "icmp_rate_limited",
         }
     }
 }

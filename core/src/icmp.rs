@@ -4,7 +4,7 @@
 //! UDP headers as they arrived, so the sender's stack matches it to its socket and learns
 //! the path MTU instead of losing datagrams silently.
 
-use core::net::IpAddr;
+use core::net::{IpAddr, SocketAddr};
 
 use crate::checksum;
 use crate::wire::{Layout, MacAddr, field};
@@ -131,5 +131,174 @@ mod tests {
         let sum = checksum::ones_complement_sum(&error[54..], u32::from(checksum::ones_complement_sum(&pseudo, 0)));
         assert_eq!(sum, 0xffff, "ICMPv6 checksum over the pseudo-header");
         assert_eq!(&error[62..], &original[14..62]);
+    }
+}
+
+/// An ICMP error about a UDP datagram, checked once: outer IP (no options or extension
+/// headers), an error type, and the quoted IP and UDP headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IcmpError {
+    ipv6: bool,
+    /// Where the ICMP message starts and ends in the frame.
+    icmp: usize,
+    end: usize,
+    /// The quoted datagram's addresses: it left from `quoted_src` (a NAT endpoint) to `quoted_dst`.
+    pub quoted_src: SocketAddr,
+    pub quoted_dst: SocketAddr,
+    pub dst_mac: MacAddr,
+}
+
+/// Where it goes back: the client as it sent, from the address it sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Translation {
+    pub src_mac: MacAddr,
+    pub dst_mac: MacAddr,
+    pub client: SocketAddr,
+    pub listen: SocketAddr,
+    /// Subtracted from a too-big error's MTU: what the relay adds to the client's datagrams.
+    pub overhead: u16,
+}
+
+impl IcmpError {
+    /// `None` for anything but an untagged frame carrying an ICMP error about UDP.
+    pub fn parse(frame: &[u8]) -> Option<Self> {
+        let l3 = field::ETH_HEADER_LEN;
+        let ethertype = u16::from_be_bytes(frame.get(field::ETH_TYPE)?.try_into().ok()?);
+        let (ipv6, icmp, end) = match ethertype {
+            field::ETHERTYPE_IPV4 => {
+                let ip = frame.get(l3..l3 + 20)?;
+                let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+                if ip[0] != 0x45 || ip[9] != IPPROTO_ICMP || total < 20 {
+                    return None;
+                }
+                (false, l3 + 20, l3 + total)
+            }
+            field::ETHERTYPE_IPV6 => {
+                let ip = frame.get(l3..l3 + 40)?;
+                let payload = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+                if ip[0] >> 4 != 6 || ip[6] != IPPROTO_ICMPV6 {
+                    return None;
+                }
+                (true, l3 + 40, l3 + 40 + payload)
+            }
+            _ => return None,
+        };
+        let message = frame.get(icmp..end)?;
+        let error = if ipv6 { matches!(message.first()?, 1..=3) } else { matches!(message.first()?, 3 | 11) };
+        let quoted = message.get(8..)?;
+        let quotes_udp =
+            if ipv6 { quoted.get(6) == Some(&17) } else { quoted.first() == Some(&0x45) && quoted.get(9) == Some(&17) };
+        if !error || !quotes_udp {
+            return None;
+        }
+        let (quoted_ip, udp) =
+            if ipv6 { (quoted.get(..40)?, quoted.get(40..48)?) } else { (quoted.get(..20)?, quoted.get(20..28)?) };
+        let port = |at: usize| u16::from_be_bytes([udp[at], udp[at + 1]]);
+        let (src, dst) = if ipv6 {
+            let src: [u8; 16] = quoted_ip[8..24].try_into().ok()?;
+            let dst: [u8; 16] = quoted_ip[24..40].try_into().ok()?;
+            (IpAddr::from(src), IpAddr::from(dst))
+        } else {
+            let src: [u8; 4] = quoted_ip[12..16].try_into().ok()?;
+            let dst: [u8; 4] = quoted_ip[16..20].try_into().ok()?;
+            (IpAddr::from(src), IpAddr::from(dst))
+        };
+        Some(IcmpError {
+            ipv6,
+            icmp,
+            end,
+            quoted_src: SocketAddr::new(src, port(0)),
+            quoted_dst: SocketAddr::new(dst, port(2)),
+            dst_mac: frame.get(field::ETH_DST)?.try_into().ok()?,
+        })
+    }
+
+    /// Rewrites the error in place for the client: outer addresses, the quoted datagram's
+    /// addresses and ports (as the client sent it), a too-big MTU less the relay's overhead,
+    /// and every checksum. Returns the frame's length.
+    pub fn translate(&self, frame: &mut [u8], to: &Translation) -> Option<usize> {
+        let l3 = field::ETH_HEADER_LEN;
+        frame.get_mut(..self.end)?;
+        frame[field::ETH_DST].copy_from_slice(&to.dst_mac);
+        frame[field::ETH_SRC].copy_from_slice(&to.src_mac);
+        let (ip, message) = frame[l3..self.end].split_at_mut(self.icmp - l3);
+        let (src_ip, dst_ip) = (to.listen.ip(), to.client.ip());
+        match (src_ip, dst_ip) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) if !self.ipv6 => {
+                ip[8] = 64;
+                ip[12..16].copy_from_slice(&src.octets());
+                ip[16..20].copy_from_slice(&dst.octets());
+                ip[10..12].fill(0);
+                let sum = checksum::checksum(ip);
+                ip[10..12].copy_from_slice(&sum.to_be_bytes());
+            }
+            (IpAddr::V6(src), IpAddr::V6(dst)) if self.ipv6 => {
+                ip[7] = 64;
+                ip[8..24].copy_from_slice(&src.octets());
+                ip[24..40].copy_from_slice(&dst.octets());
+            }
+            _ => return None,
+        }
+        // The quoted datagram becomes the one the client sent: client -> listen address.
+        let (quoted_ip_len, udp_at) = if self.ipv6 { (40, 8 + 40) } else { (20, 8 + 20) };
+        let mut delta = checksum::ChecksumDelta::default();
+        {
+            let quoted = &mut message[8..8 + quoted_ip_len];
+            let (src_range, dst_range) = if self.ipv6 { (8..24, 24..40) } else { (12..16, 16..20) };
+            let (client, listen) = (ip_bytes(to.client.ip()), ip_bytes(to.listen.ip()));
+            let (client, listen) = (&client[..src_range.len()], &listen[..dst_range.len()]);
+            delta.replace(&quoted[src_range.clone()], client);
+            delta.replace(&quoted[dst_range.clone()], listen);
+            quoted[src_range].copy_from_slice(client);
+            quoted[dst_range].copy_from_slice(listen);
+            if !self.ipv6 {
+                quoted[10..12].fill(0);
+                let sum = checksum::checksum(&quoted[..20]);
+                quoted[10..12].copy_from_slice(&sum.to_be_bytes());
+            }
+        }
+        let udp = &mut message[udp_at..udp_at + 8];
+        for (range, port) in [(0..2, to.client.port()), (2..4, to.listen.port())] {
+            delta.replace(&udp[range.clone()], &port.to_be_bytes());
+            udp[range].copy_from_slice(&port.to_be_bytes());
+        }
+        let quoted_sum = u16::from_be_bytes([udp[6], udp[7]]);
+        if quoted_sum != 0 {
+            udp[6..8].copy_from_slice(&delta.apply(quoted_sum).to_be_bytes());
+        }
+        // A too-big error: the client's datagrams carry the relay's overhead on the next hop.
+        if !self.ipv6 && message[0] == ICMPV4_DEST_UNREACHABLE && message[1] == ICMPV4_FRAGMENTATION_NEEDED {
+            let mtu = u16::from_be_bytes([message[6], message[7]]).saturating_sub(to.overhead).max(MIN_MTU_V4);
+            message[6..8].copy_from_slice(&mtu.to_be_bytes());
+        } else if self.ipv6 && message[0] == ICMPV6_PACKET_TOO_BIG {
+            let mtu = u32::from_be_bytes(message[4..8].try_into().ok()?);
+            let mtu = mtu.saturating_sub(u32::from(to.overhead)).max(u32::from(MIN_MTU_V6));
+            message[4..8].copy_from_slice(&mtu.to_be_bytes());
+        }
+        message[2..4].fill(0);
+        let sum = if self.ipv6 {
+            let mut pseudo = [0u8; 40];
+            pseudo[..16].copy_from_slice(&ip_bytes(src_ip));
+            pseudo[16..32].copy_from_slice(&ip_bytes(dst_ip));
+            pseudo[32..36].copy_from_slice(&(message.len() as u32).to_be_bytes());
+            pseudo[39] = IPPROTO_ICMPV6;
+            !checksum::ones_complement_sum(message, u32::from(checksum::ones_complement_sum(&pseudo, 0)))
+        } else {
+            checksum::checksum(message)
+        };
+        message[2..4].copy_from_slice(&sum.to_be_bytes());
+        Some(self.end)
+    }
+}
+
+/// An address's bytes (IPv4 in the first four).
+fn ip_bytes(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut bytes = [0u8; 16];
+            bytes[..4].copy_from_slice(&v4.octets());
+            bytes
+        }
+        IpAddr::V6(v6) => v6.octets(),
     }
 }

@@ -14,7 +14,7 @@ use crate::directory::{Binding, NatDirectory};
 use crate::drop_reason::DropReason;
 use crate::health::UpstreamActivity;
 use crate::icmp;
-use crate::oxtunnel::TunnelKey;
+use crate::oxtunnel::{self, TunnelKey};
 use crate::proxy_protocol::{self, ProxyHeader};
 use crate::ratelimit::{Limit, TokenPair};
 use crate::route::{self, RouteTable, UpstreamId};
@@ -466,7 +466,12 @@ impl Relay {
     ) -> Result<(Verdict, usize), DropReason> {
         // Validate against the received length only: bytes after it are stale.
         let received = len.min(buffer.len());
-        let packet = UdpFrame::new_checked(&mut buffer[..received])?;
+        let packet = match UdpFrame::new_checked(&mut buffer[..received]) {
+            Ok(packet) => packet,
+            // XDP hands over ICMP only when it is an error quoting a datagram from a NAT endpoint.
+            Err(DropReason::NotUdp) => return self.icmp_steps(now, ingress, &mut buffer[..received]),
+            Err(reason) => return Err(reason),
+        };
         // A sender that offloaded its checksum (veth, tap, virtio) leaves only the
         // pseudo-header sum in the field: that cannot be verified, and must be completed on the way out.
         let partial = packet.udp_checksum_partial();
@@ -526,6 +531,38 @@ impl Relay {
             );
         }
         rewrite_headers(buffer, layout, payload_len, new_len, partial, &to, egress)
+    }
+
+    /// An ICMP error an upstream or a router sent about a datagram the relay sent from a NAT
+    /// endpoint: translated back to the session's client (as if about the datagram the client
+    /// sent, from the address it sent to), within the worker's ICMP rate.
+    #[cold]
+    fn icmp_steps(&mut self, now: Millis, ingress: IfaceId, frame: &mut [u8]) -> Result<(Verdict, usize), DropReason> {
+        let error = icmp::IcmpError::parse(frame).ok_or(DropReason::NotUdp)?;
+        if self.iface_macs.get(usize::from(ingress.0)) != Some(&error.dst_mac) {
+            return Err(DropReason::ForeignDestinationMac);
+        }
+        let nat = error.quoted_src;
+        let binding = self.directory.binding(nat.port()).ok_or(DropReason::IcmpNoSession)?;
+        if binding.nat_ip != nat.ip() || self.routes.upstream(binding.upstream) != error.quoted_dst {
+            return Err(DropReason::IcmpNoSession);
+        }
+        if !self.icmp_tokens.allow(&ICMP_LIMIT, now, 0) {
+            return Err(DropReason::IcmpRateLimited);
+        }
+        let route = self.routes.route(binding.route);
+        let proxy = route.proxy_header.map_or(0, |_| proxy_protocol::header_len(binding.flow.client));
+        let tunnel = route.upstream_key.as_ref().map_or(0, |_| oxtunnel::OVERHEAD);
+        let to = icmp::Translation {
+            src_mac: self.iface_macs[usize::from(binding.client_iface.0)],
+            dst_mac: binding.client_mac,
+            client: binding.flow.client,
+            listen: binding.flow.listen,
+            overhead: (proxy + tunnel) as u16,
+        };
+        let len = error.translate(frame, &to).ok_or(DropReason::NotUdp)?;
+        self.counters.icmp_errors_relayed.add(1);
+        Ok((Verdict::Forward(binding.client_iface), len))
     }
 
     /// A datagram that would leave larger than its egress MTU: counted as `mtu_exceeded`, and the
@@ -1132,6 +1169,49 @@ mod tests {
             Verdict::Forward(IfaceId(1)),
             "what fits is relayed"
         );
+    }
+
+    /// An ICMPv4 error of `kind` (type, code) from `from` quoting the IP and UDP headers of `sent`.
+    fn icmp_about(sent: &[u8], from: [u8; 4], kind: [u8; 2]) -> Vec<u8> {
+        let quote = &sent[14..];
+        let mut frame = [RELAY_UPSTREAM_SIDE, UPSTREAM_MAC].concat();
+        frame.extend_from_slice(&[0x08, 0x00]);
+        let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 1, 0, 0];
+        ip[2..4].copy_from_slice(&((20 + 8 + quote.len()) as u16).to_be_bytes());
+        ip.extend_from_slice(&from);
+        ip.extend_from_slice(&sent[26..30]);
+        let sum = crate::checksum::checksum(&ip);
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        let mut message = vec![kind[0], kind[1], 0, 0, 0, 0, 0, 0];
+        message.extend_from_slice(quote);
+        let sum = crate::checksum::checksum(&message);
+        message[2..4].copy_from_slice(&sum.to_be_bytes());
+        [frame, ip, message].concat()
+    }
+
+    #[test]
+    fn an_icmp_error_about_a_relayed_datagram_goes_back_to_its_client_translated() {
+        let (mut relay, counters) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
+        let original = client_frame(40000);
+        let mut sent = original.clone();
+        relay.relay_whole_frame(1, IfaceId(0), &mut sent);
+        let mut error = icmp_about(&sent, [10, 1, 0, 2], [3, 3]);
+        assert_eq!(relay.relay_whole_frame(2, IfaceId(1), &mut error), Verdict::Forward(IfaceId(0)));
+        assert_eq!(&error[0..12], &[CLIENT_MAC, RELAY_CLIENT_SIDE].concat()[..]);
+        assert_eq!((&error[26..30], &error[30..34]), (&[10, 0, 0, 1][..], &[10, 0, 0, 2][..]), "listen -> client");
+        assert_eq!(crate::checksum::checksum(&error[14..34]), 0, "outer IPv4 checksum");
+        assert_eq!(crate::checksum::checksum(&error[34..]), 0, "ICMP checksum");
+        assert_eq!(&error[34..36], &[3, 3], "still port unreachable");
+        assert_eq!(&error[42..70], &original[14..42], "quoting the datagram exactly as the client sent it");
+        assert_eq!(counters.icmp_errors_relayed.get(), 1);
+
+        let mut stranger = icmp_about(&sent, [10, 1, 0, 2], [3, 3]);
+        stranger[14 + 28 + 20] ^= 0x55; // another NAT port
+        let inner_ip = 14 + 28;
+        stranger[inner_ip + 20..inner_ip + 22].copy_from_slice(&29_999u16.to_be_bytes());
+        assert_eq!(relay.relay_whole_frame(3, IfaceId(1), &mut stranger), Verdict::Drop(DropReason::IcmpNoSession));
+        let mut echo_request = icmp_about(&sent, [10, 1, 0, 2], [8, 0]);
+        assert_eq!(relay.relay_whole_frame(3, IfaceId(1), &mut echo_request), Verdict::Drop(DropReason::NotUdp));
     }
 
     #[test]

@@ -111,10 +111,11 @@ pub enum XdpCounter {
     DropNewFlowBudget,
     DropIpv6Extension,
     DropTooBig,
+    RedirectIcmp,
 }
 
 impl XdpCounter {
-    pub const ALL: [XdpCounter; 13] = [
+    pub const ALL: [XdpCounter; 14] = [
         XdpCounter::PassNotIp,
         XdpCounter::PassNotUdp,
         XdpCounter::PassOtherPort,
@@ -128,6 +129,7 @@ impl XdpCounter {
         XdpCounter::DropNewFlowBudget,
         XdpCounter::DropIpv6Extension,
         XdpCounter::DropTooBig,
+        XdpCounter::RedirectIcmp,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -145,6 +147,7 @@ impl XdpCounter {
             XdpCounter::DropNewFlowBudget => "drop_new_flow_budget",
             XdpCounter::DropIpv6Extension => "drop_ipv6_extension",
             XdpCounter::DropTooBig => "drop_too_big",
+            XdpCounter::RedirectIcmp => "redirect_icmp",
         }
     }
 }

@@ -40,7 +40,7 @@
     # Every scenario of tests/scenarios/run.py runs here or in chain.nix (a cargo test checks that).
     both_backends = [
         "ipv4-one-arm", "ipv6-one-arm", "ipv4-two-arm", "ipv6-two-arm", "many-clients", "session-expiry",
-        "tcp-coexistence", "least-privilege", "oversize", "reload", "drain", "upstream-health", "proxy-protocol", "path-mtu", "restart-continuity", "metrics-abuse",
+        "tcp-coexistence", "least-privilege", "oversize", "reload", "drain", "upstream-health", "proxy-protocol", "path-mtu", "icmp-errors", "restart-continuity", "metrics-abuse",
     ]
     af_xdp_only = [
         "four-queues", "tx-pressure", "unserved-queues", "never-sessions", "stale-neighbour", "route-deleted",

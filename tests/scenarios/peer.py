@@ -294,6 +294,25 @@ def pmtu(args):
     print(json.dumps({"mtu": sock.getsockopt(level, mtu_option), "emsgsize": refused, "echoed": echoed}), flush=True)
 
 
+def refused(args):
+    """A connected socket sends one datagram and waits: reports whether the kernel delivered an
+    ICMP port unreachable for it (ECONNREFUSED), as a client of a closed port sees it."""
+    host, port = split(args.to)
+    sock = socket.socket(family_of(host), socket.SOCK_DGRAM)
+    sock.connect((host, port))
+    sock.settimeout(2.0)
+    outcome = "timeout"
+    try:
+        sock.send(b"anyone there?")
+        sock.recv(2048)
+        outcome = "answered"
+    except ConnectionRefusedError:
+        outcome = "refused"
+    except socket.timeout:
+        pass
+    print(json.dumps({"outcome": outcome}), flush=True)
+
+
 def many_clients(args):
     """Open `count` sockets on distinct ports; each sends its own token and must get only its own back."""
     host, port = split(args.to)
@@ -451,6 +470,7 @@ def main():
     p = sub.add_parser("stream"); p.add_argument("--to", required=True); p.add_argument("--sockets", type=int, default=64)
     p.add_argument("--rate", type=float, default=2000); p.add_argument("--duration", type=float, default=5)
     p.add_argument("--size", type=int, default=64); p.set_defaults(run=stream)
+    p = sub.add_parser("refused"); p.add_argument("--to", required=True); p.set_defaults(run=refused)
     p = sub.add_parser("pmtu"); p.add_argument("--to", required=True); p.add_argument("--size", type=int, required=True)
     p.set_defaults(run=pmtu)
     p = sub.add_parser("many-clients"); p.add_argument("--to", required=True)

@@ -21,7 +21,7 @@ SCENARIOS = {}
 # Scenarios that only make sense for one backend.
 AF_XDP_ONLY = {"sigkill-fallback", "flood", "tx-pressure", "unserved-queues", "never-sessions", "stale-neighbour",
                "interface-deleted", "restart-after-sigkill", "exhaustion", "route-deleted", "under-attack",
-               "path-mtu"}
+               "path-mtu", "icmp-errors"}
 # Client sockets (flows) of the traffic scenarios: enough for RSS to use every queue.
 FLOWS = 64
 
@@ -475,6 +475,27 @@ def path_mtu(binary, prefix, backend):
             stats = relay.wait_stats(lambda s: s["drops"]["mtu_exceeded"] >= 2)
             expect(stats["drops"]["mtu_exceeded"] >= 2, f"{family}: counted as mtu_exceeded ({stats['drops']['mtu_exceeded']})")
             stop_peer(echo)
+            finish(topo, relay)
+
+
+@scenario("icmp-errors")
+def icmp_errors(binary, prefix, backend):
+    """The upstream's port is closed: its kernel's ICMP port unreachable about the relayed
+    datagram reaches the client translated (its socket gets ECONNREFUSED, as without a relay),
+    IPv4 and IPv6 (ICMP about ports without a session is dropped as icmp_no_session: unit tests); ping to the relay
+    host stays the kernel's. (AF_XDP only: the socket backend's NAT sockets take the error
+    themselves, and without a raw socket it cannot be sent on.)"""
+    for ipv6 in (False, True):
+        with Topology(prefix, arm="two_arm", ipv6=ipv6) as topo:
+            family = "IPv6" if ipv6 else "IPv4"
+            relay = start_relay(topo, binary, backend)  # nothing listens on the upstream port
+            outcome = topo.peer("client", "refused", "--to", topo.listen)["outcome"]
+            expect(outcome == "refused", f"{family}: the client's socket got ECONNREFUSED through the relay ({outcome})")
+            stats = relay.wait_stats(lambda s: s["icmp_errors_relayed"] >= 1)
+            expect(stats["icmp_errors_relayed"] >= 1 and xdp_counter(stats, "redirect_icmp") >= 1,
+                   f"{family}: XDP handed the error over and the relay translated it ({stats['icmp_errors_relayed']})")
+            ping = topo.exec("client", "ping", "-c", "1", "-W", "2", topo.listen.rsplit(":", 1)[0].strip("[]"), check=False)
+            expect(" 0% packet loss" in ping, f"{family}: ping to the relay host is still the kernel's to answer")
             finish(topo, relay)
 
 
