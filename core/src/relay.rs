@@ -1543,6 +1543,35 @@ mod tests {
     }
 
     #[test]
+    fn a_full_size_datagram_that_an_oxtunnel_header_would_push_past_the_mtu_is_refused_with_icmp() {
+        use crate::oxtunnel::TunnelKey;
+        let spec = RouteSpec {
+            upstream_key: Some(TunnelKey::from_bytes([9; 32])),
+            ..RouteSpec::new(addr("10.0.0.1:5000"), vec![addr("10.1.0.2:6000")])
+        };
+        let (mut edge, counters) = relay_with(spec, "10.1.0.1", |_| {});
+        // Incompressible, 1472 bytes: a full 1500-byte IPv4 packet before the tunnel header.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let payload: Vec<u8> = (0..1472)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 32) as u8
+            })
+            .collect();
+        let request = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"), &payload);
+        let mut buffer = request.clone();
+        buffer.resize(2048, 0);
+        let (verdict, _) = edge.relay_frame(1, IfaceId(0), &mut buffer, request.len());
+        assert_eq!(verdict, Verdict::Forward(IfaceId(0)), "an ICMP error back to the client, not a lost datagram");
+        assert_eq!(&buffer[34..36], &[3, 4]);
+        let mtu = u16::from_be_bytes([buffer[40], buffer[41]]);
+        assert!(mtu < 1500 && mtu >= 1500 - 64, "the MTU less the tunnel's overhead: {mtu}");
+        assert_eq!(counters.dropped(DropReason::MtuExceeded), 1);
+    }
+
+    #[test]
     fn a_chain_of_two_relays_over_an_oxtunnel_hop() {
         use crate::oxtunnel::{self, TunnelKey};
         let key = TunnelKey::from_bytes([9; 32]);

@@ -311,7 +311,9 @@ def reload(binary, prefix, backend):
         limits = "per_source_packets_per_second = 100000\nper_session_packets_per_second = 50000\n"
         relay.reload(upstreams_config(topo, backend, [first, second], extra=limits), "config reloaded")
         expect(reloads(relay, "applied") == 1, "a reload adding an upstream and limits is applied and counted")
-        newcomers = topo.peer("client", "client", "--to", topo.listen, "--count", "256", "--sockets", "64")
+        # Explicit ports: the kernel would hand a later batch the ports of this one, and so its sessions.
+        newcomers = topo.peer("client", "client", "--to", topo.listen, "--count", "256", "--sockets", "64",
+                              "--bind", topo.endpoint(topo.client_ip, 41000))
         expect(newcomers["received"] == 256, "clients arriving after the reload are relayed")
         relay.reload("[[route]\nthis is not toml", "reload failed")
         expect(re.search(r"relay\.toml:1:\d+", relay.log_text()) is not None,
@@ -328,7 +330,8 @@ def reload(binary, prefix, backend):
         before = stop_peer(echoes[first])
         expect(len(before["sources"]) >= 64, f"the first upstream served the stream's sessions ({len(before['sources'])})")
         echoes[first] = topo.spawn_peer("upstream", "echo", "--bind", first)
-        late = topo.peer("client", "client", "--to", topo.listen, "--count", "256", "--sockets", "64")
+        late = topo.peer("client", "client", "--to", topo.listen, "--count", "256", "--sockets", "64",
+                         "--bind", topo.endpoint(topo.client_ip, 42000))
         expect(late["received"] == 256, "clients arriving while the first upstream drains are relayed")
         drained = stop_peer(echoes[first])
         expect(drained["received"] == 0, "the draining upstream got no new session")
@@ -370,7 +373,8 @@ def upstream_health(binary, prefix, backend):
         stop_peer(echoes[victim])
         took = wait_metric(relay, "oxidize_relay_upstream_up", 0, 5, upstream=victim)
         expect(took < 3, f"probes marked the dead upstream down {took:.1f} s after its server stopped")
-        newcomers = topo.peer("client", "client", "--to", topo.listen, "--count", "256", "--sockets", "64", "--retries", "0")
+        newcomers = topo.peer("client", "client", "--to", topo.listen, "--count", "256", "--sockets", "64", "--retries", "0",
+                              "--bind", topo.endpoint(topo.client_ip, 41000))
         expect(newcomers["received"] == 256, "new clients are all served by the healthy upstream")
         report = peer_report(stream)
         print(f"  stream: {report}")
@@ -403,7 +407,9 @@ def upstream_health(binary, prefix, backend):
         expect(span and span[1] < 4.5, f"losses stopped once it was down ({report['lost']} lost between {span} s)")
         took = wait_metric(relay, "oxidize_relay_upstream_up", 1, 8, upstream=victim)
         print(f"  retried and up again after {took:.1f} s more")
-        late = topo.peer("client", "client", "--to", topo.listen, "--count", "256", "--sockets", "64")
+        # New ports: the kernel would otherwise hand back the stream's, whose sessions moved away.
+        late = topo.peer("client", "client", "--to", topo.listen, "--count", "256", "--sockets", "64",
+                         "--bind", topo.endpoint(topo.client_ip, 42000))
         expect(late["received"] == 256, "clients are relayed after the upstream came back")
         back = stop_peer(echoes[victim])
         expect(back["received"] > 0, f"the recovered upstream gets sessions again ({back['received']} datagrams)")
@@ -439,8 +445,9 @@ def proxy_protocol(binary, prefix, backend):
             echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream, "--proxy-v2")
             relay.reload(relay_config(topo, backend, extra='proxy_protocol = "v2"\nproxy_protocol_datagrams = "first"\n'),
                          "config reloaded")
+            # New ports, so each of the 8 opens a session (the kernel would reuse the first batch's).
             report = topo.peer("client", "client", "--to", topo.listen, "--count", "400", "--sockets", "8",
-                               "--headroom", headroom)
+                               "--headroom", headroom, "--bind", topo.endpoint(topo.client_ip, 44000))
             expect(report["received"] == 400 and report["corrupt"] == 0, f"{family}, first-datagram mode: payloads intact")
             seen = stop_peer(echo)
             expect(seen["headers"] == 8 and seen["malformed"] == 0,
@@ -557,7 +564,9 @@ def restart_continuity(binary, prefix, backend):
         report = peer_report(stream)
         print(f"  stream: {report}")
         expect(report["corrupt"] == 0, "no echo went to the wrong client or came back altered")
-        tail = topo.peer("client", "client", "--to", topo.listen, "--count", "100", "--sockets", "4")
+        # New ports: the kernel would otherwise hand back the stream's (and find their sessions).
+        tail = topo.peer("client", "client", "--to", topo.listen, "--count", "100", "--sockets", "4",
+                         "--bind", topo.endpoint(topo.client_ip, 43000))
         expect(tail["received"] == 100, "the restarted relay relays")
         seen = stop_peer(echo)
         expect(len(seen["sources"]) == 64 + 4,
