@@ -1567,7 +1567,7 @@ mod tests {
         assert_eq!(verdict, Verdict::Forward(IfaceId(0)), "an ICMP error back to the client, not a lost datagram");
         assert_eq!(&buffer[34..36], &[3, 4]);
         let mtu = u16::from_be_bytes([buffer[40], buffer[41]]);
-        assert!(mtu < 1500 && mtu >= 1500 - 64, "the MTU less the tunnel's overhead: {mtu}");
+        assert!((1500 - 64..1500).contains(&mtu), "the MTU less the tunnel's overhead: {mtu}");
         assert_eq!(counters.dropped(DropReason::MtuExceeded), 1);
     }
 
