@@ -61,6 +61,8 @@ pub struct Counters {
     pub sessions_evicted: Counter,
     /// ICMP errors about relayed datagrams, translated and sent on to the session's client.
     pub icmp_errors_relayed: Counter,
+    /// ICMP too-big errors the relay sent for datagrams past their egress MTU (each also a drop).
+    pub icmp_too_big_sent: Counter,
     /// Sessions moved from an upstream marked down to a healthy one (same NAT port).
     pub sessions_moved: Counter,
     /// Replies this worker relayed for a session another worker owns (RSS put them on this queue).
@@ -179,6 +181,13 @@ pub const ICMP_ERRORS_RELAYED: Described = Described {
     kind: Kind::Total,
     read: |c| &c.icmp_errors_relayed,
 };
+pub const ICMP_TOO_BIG_SENT: Described = Described {
+    key: "icmp_too_big_sent",
+    metric: "oxidize_relay_icmp_too_big_sent_total",
+    help: "ICMP fragmentation-needed / packet-too-big errors sent for datagrams past their egress MTU (each also counted as an mtu_exceeded drop).",
+    kind: Kind::Total,
+    read: |c| &c.icmp_too_big_sent,
+};
 pub const SESSIONS_MOVED: Described = Described {
     key: "sessions_moved",
     metric: "oxidize_relay_sessions_moved_total",
@@ -223,7 +232,7 @@ pub const TUNNEL_KEEPALIVES: Described = Described {
 };
 
 /// Every per-worker scalar counter, in the order the stats file lists them.
-pub const SCALARS: [Described; 15] = [
+pub const SCALARS: [Described; 16] = [
     RX_PACKETS,
     RX_BYTES,
     TX_PACKETS,
@@ -234,6 +243,7 @@ pub const SCALARS: [Described; 15] = [
     SESSIONS_EVICTED,
     SESSIONS_MOVED,
     ICMP_ERRORS_RELAYED,
+    ICMP_TOO_BIG_SENT,
     REPLIES_CROSS_QUEUE,
     CLIENTS_CROSS_QUEUE,
     WAKEUPS,

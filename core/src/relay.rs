@@ -585,6 +585,7 @@ impl Relay {
         let len = icmp::too_big_in_place(buffer, layout, src_mac, datagram.from_mac, datagram.to.ip(), mtu)
             .ok_or(DropReason::MtuExceeded)?;
         self.counters.count_drop(DropReason::MtuExceeded);
+        self.counters.icmp_too_big_sent.add(1);
         Ok((Verdict::Forward(datagram.ingress), len))
     }
 
@@ -1160,7 +1161,7 @@ mod tests {
         assert_eq!(&buffer[34..36], &[3, 4], "ICMP fragmentation needed");
         assert_eq!(u16::from_be_bytes([buffer[40], buffer[41]]), 1400 - 28, "the egress MTU less the PROXY header");
         assert_eq!(&buffer[42..len], &big[14..42], "quoting the datagram as the client sent it");
-        assert_eq!(counters.dropped(DropReason::MtuExceeded), 1);
+        assert_eq!((counters.dropped(DropReason::MtuExceeded), counters.icmp_too_big_sent.get()), (1, 1));
         let small = udp_frame(CLIENT_MAC, RELAY_CLIENT_SIDE, addr("10.0.0.2:40000"), addr("10.0.0.1:5000"), &[1; 1300]);
         let mut buffer = small.clone();
         buffer.resize(2048, 0);
