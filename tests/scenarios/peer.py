@@ -282,13 +282,14 @@ def pmtu(args):
     sock.settimeout(1.0)
     echoed = False
     try:
-        sock.send(b"p" * args.size)
+        # Incompressible, so a tunnel hop cannot shrink it back under the MTU.
+        sock.send(os.urandom(args.size))
         echoed = len(sock.recv(65535)) == args.size
     except OSError:
         pass
     refused = False
     try:
-        sock.send(b"p" * args.size)
+        sock.send(os.urandom(args.size))
     except OSError as error:
         refused = error.errno == 90  # EMSGSIZE
     print(json.dumps({"mtu": sock.getsockopt(level, mtu_option), "emsgsize": refused, "echoed": echoed}), flush=True)

@@ -1094,6 +1094,14 @@ def chain(binary, prefix, backend):
         expect(relay_a.metric(text_a, "oxidize_relay_tunnel_peer_keepalives_total", direction="answered") > 0,
                "A's keepalives are answered by B")
         expect(relay_b.stats()["tunnel_keepalives"] > 0, "B counts the keepalives it answered")
+        full = topo.peer("client", "pmtu", "--to", topo.listen, "--size", "1472")
+        if backend == "af_xdp":
+            expect(full["mtu"] < 1500 and full["emsgsize"],
+                   f"a full-size incompressible datagram the tunnel header would push past the hop's MTU is refused "
+                   f"with ICMP, not lost: the client learned MTU {full['mtu']}")
+            topo.exec("client", "ip", "route", "flush", "cache")  # forget it: later steps send full-size datagrams
+        else:
+            expect(full["echoed"], "socket backend: the kernel fragments the sealed full-size datagram on the hop; it comes back")
 
         finish(topo, relay_b, ("bc0", "bu0"))
         relay_b = Relay(topo, binary, config_b(key_wrong).replace("{mode}", backend), role="relay2").start()
