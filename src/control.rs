@@ -189,20 +189,25 @@ impl ControlPlane<'_> {
     /// Tells every worker the health verdicts that changed.
     fn push_health(&self, verdicts: Vec<(UpstreamId, bool)>) {
         for (upstream, up) in verdicts {
-            for (worker, sender) in self.updates.iter().enumerate() {
-                if sender.send_timeout(WorkerUpdate::Health(upstream, up), WORKER_WAIT).is_err() {
-                    tracing::error!(worker, upstream = upstream.0, "a worker did not take a health verdict");
-                }
+            self.broadcast(
+                WorkerUpdate::Health(upstream, up),
+                &format!("the health verdict on upstream {}", upstream.0),
+            );
+        }
+    }
+
+    /// Sends `update` to every worker, waiting a little for each; a worker that does not take
+    /// it is stuck (the watchdog sees it) and is logged.
+    fn broadcast(&self, update: WorkerUpdate, what: &str) {
+        for (worker, sender) in self.updates.iter().enumerate() {
+            if sender.send_timeout(update.clone(), WORKER_WAIT).is_err() {
+                tracing::error!(worker, "a worker did not take {what}");
             }
         }
     }
 
     fn set_accepting(&self, accepting: bool) {
-        for (worker, sender) in self.updates.iter().enumerate() {
-            if sender.send_timeout(WorkerUpdate::AcceptSessions(accepting), WORKER_WAIT).is_err() {
-                tracing::error!(worker, "a worker did not take the drain/resume request");
-            }
-        }
+        self.broadcast(WorkerUpdate::AcceptSessions(accepting), "the drain/resume request");
         self.accepting.store(accepting, Ordering::Relaxed);
         metrics::draining(!accepting);
         if accepting {

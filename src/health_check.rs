@@ -10,6 +10,7 @@ use oxidize_relay_core::health::{HealthPolicy, UpstreamActivity, UpstreamHealth}
 use oxidize_relay_core::route::{Probe, RouteTable, UpstreamId};
 use oxidize_relay_core::time::Millis;
 
+use crate::keepalive::connected_socket;
 use crate::metrics;
 
 /// One upstream as the checker follows it.
@@ -130,11 +131,7 @@ impl HealthChecker {
 
 impl Prober {
     fn new(upstream: SocketAddr, probe: Probe) -> std::io::Result<Self> {
-        let bind: SocketAddr = if upstream.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
-        let socket = UdpSocket::bind(bind)?;
-        socket.connect(upstream)?;
-        socket.set_nonblocking(true)?;
-        Ok(Prober { probe, socket, sent_at: None, next_at: 0 })
+        Ok(Prober { probe, socket: connected_socket(upstream)?, sent_at: None, next_at: 0 })
     }
 
     /// Reads answers, times out the probe in flight, sends the next one when due; returns

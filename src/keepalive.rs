@@ -23,6 +23,16 @@ struct Peer {
     up: bool,
 }
 
+/// A non-blocking UDP socket of the kernel's, connected to `upstream`: how the control thread
+/// talks to upstreams (keepalives, health probes) whichever backend relays.
+pub(crate) fn connected_socket(upstream: SocketAddr) -> std::io::Result<UdpSocket> {
+    let any: SocketAddr = if upstream.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+    let socket = UdpSocket::bind(any)?;
+    socket.connect(upstream)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
 /// Keepalive state of every tunnel upstream.
 #[derive(Debug)]
 pub struct Keepalives {
@@ -39,11 +49,7 @@ impl Keepalives {
             let Some(key) = &route.upstream_key else { continue };
             for &id in &route.upstreams {
                 let upstream = routes.upstream(id);
-                let bind: SocketAddr =
-                    if upstream.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
-                let socket = UdpSocket::bind(bind)?;
-                socket.connect(upstream)?;
-                socket.set_nonblocking(true)?;
+                let socket = connected_socket(upstream)?;
                 peers.push(Peer { upstream, key: key.clone(), socket, last_sent: None, last_answer: now, up: true });
             }
         }

@@ -140,9 +140,7 @@ impl SocketWorker {
             let mut expired = Vec::new();
             self.core.relay.expire(now, EXPIRY_BUDGET, |s: &Session| expired.push(s.nat_port));
             for port in expired {
-                if let Some(mut session) = self.sessions.remove(&port) {
-                    let _ = self.poll.registry().deregister(&mut session.socket);
-                }
+                self.close_session_socket(port);
             }
             if now >= foreign_sweep_at {
                 self.close_foreign_sockets();
@@ -243,9 +241,14 @@ impl SocketWorker {
             .map(|(port, _)| *port)
             .collect();
         for port in ended {
-            if let Some(mut session) = self.sessions.remove(&port) {
-                let _ = self.poll.registry().deregister(&mut session.socket);
-            }
+            self.close_session_socket(port);
+        }
+    }
+
+    /// Closes this worker's socket on `port`, if it has one.
+    fn close_session_socket(&mut self, port: u16) {
+        if let Some(mut session) = self.sessions.remove(&port) {
+            let _ = self.poll.registry().deregister(&mut session.socket);
         }
     }
 
@@ -260,10 +263,8 @@ impl SocketWorker {
 
     fn session_socket(&mut self, session: &Upstreamward, listener: usize) -> Option<&mut SessionSocket> {
         // A session moved off a failed upstream keeps its port but needs a socket connected to the new one.
-        if self.sessions.get(&session.nat_port).is_some_and(|s| s.upstream != session.upstream)
-            && let Some(mut moved) = self.sessions.remove(&session.nat_port)
-        {
-            let _ = self.poll.registry().deregister(&mut moved.socket);
+        if self.sessions.get(&session.nat_port).is_some_and(|s| s.upstream != session.upstream) {
+            self.close_session_socket(session.nat_port);
         }
         if !self.sessions.contains_key(&session.nat_port) {
             let local = SocketAddr::new(session.nat_ip, session.nat_port);
