@@ -70,13 +70,7 @@ pub fn too_big_in_place(
             ip[24..40].copy_from_slice(&sender);
             icmp[..8].copy_from_slice(&[ICMPV6_PACKET_TOO_BIG, 0, 0, 0, 0, 0, 0, 0]);
             icmp[4..8].copy_from_slice(&u32::from(mtu.max(MIN_MTU_V6)).to_be_bytes());
-            // ICMPv6 covers a pseudo-header: source, destination, length, next header.
-            let mut pseudo = [0u8; 40];
-            pseudo[..16].copy_from_slice(&from.octets());
-            pseudo[16..32].copy_from_slice(&sender);
-            pseudo[32..36].copy_from_slice(&(icmp_len as u32).to_be_bytes());
-            pseudo[39] = IPPROTO_ICMPV6;
-            let sum = !checksum::ones_complement_sum(icmp, u32::from(checksum::ones_complement_sum(&pseudo, 0)));
+            let sum = icmpv6_checksum(from.octets(), sender, icmp);
             icmp[2..4].copy_from_slice(&sum.to_be_bytes());
         }
         _ => return None,
@@ -277,18 +271,24 @@ impl IcmpError {
         }
         message[2..4].fill(0);
         let sum = if self.ipv6 {
-            let mut pseudo = [0u8; 40];
-            pseudo[..16].copy_from_slice(&ip_bytes(src_ip));
-            pseudo[16..32].copy_from_slice(&ip_bytes(dst_ip));
-            pseudo[32..36].copy_from_slice(&(message.len() as u32).to_be_bytes());
-            pseudo[39] = IPPROTO_ICMPV6;
-            !checksum::ones_complement_sum(message, u32::from(checksum::ones_complement_sum(&pseudo, 0)))
+            icmpv6_checksum(ip_bytes(src_ip), ip_bytes(dst_ip), message)
         } else {
             checksum::checksum(message)
         };
         message[2..4].copy_from_slice(&sum.to_be_bytes());
         Some(self.end)
     }
+}
+
+/// The ICMPv6 checksum of `message` (its checksum field zero): it covers a pseudo-header of
+/// source, destination, length and next header (RFC 8200 8.1).
+fn icmpv6_checksum(source: [u8; 16], destination: [u8; 16], message: &[u8]) -> u16 {
+    let mut pseudo = [0u8; 40];
+    pseudo[..16].copy_from_slice(&source);
+    pseudo[16..32].copy_from_slice(&destination);
+    pseudo[32..36].copy_from_slice(&(message.len() as u32).to_be_bytes());
+    pseudo[39] = IPPROTO_ICMPV6;
+    !checksum::ones_complement_sum(message, u32::from(checksum::ones_complement_sum(&pseudo, 0)))
 }
 
 /// An address's bytes (IPv4 in the first four).

@@ -230,8 +230,7 @@ pub struct Relay {
 
 impl Relay {
     pub fn new(routes: Arc<RouteTable>, settings: RelaySettings, counters: Arc<Counters>) -> Self {
-        let tunnels = routes.routes().iter().any(|r| r.listen_key.is_some() || r.upstream_key.is_some());
-        let proxying = routes_proxy(&routes);
+        let (tunnels, proxying) = route_features(&routes);
         let upstreams = routes.upstreams().len();
         let mut seeds = Seeds::new(settings.seed);
         let session_seeds = Seeds::new(seeds.next_u64());
@@ -319,8 +318,7 @@ impl Relay {
         self.next_hops.resize(upstreams, Err(NoHop::NeighborUnresolved));
         self.healthy.resize(upstreams, true);
         self.unresolved.resize(upstreams, false);
-        self.tunnels = routes.routes().iter().any(|r| r.listen_key.is_some() || r.upstream_key.is_some());
-        self.proxying = routes_proxy(&routes);
+        (self.tunnels, self.proxying) = route_features(&routes);
         self.routes = routes;
         self.verify_checksums = limits.verify_checksums;
         self.admission.set_limits(limits.global_limit, limits.max_sessions_per_source);
@@ -773,8 +771,7 @@ impl Relay {
     /// Re-points this worker's session in `slot` to the healthy upstream its client would be
     /// given now, on the same NAT port; stays put when none is healthy or reachable.
     fn move_off_failed_upstream(&mut self, now: Millis, slot: Slot, route: route::RouteId, client: SocketAddr) {
-        let healthy = &self.healthy;
-        let Some(target) = self.routes.choose_upstream(route, client, |id| healthy[usize::from(id.0)]) else { return };
+        let Some(target) = self.choose_upstream(route, client) else { return };
         if !self.healthy[usize::from(target.0)] {
             return;
         }
@@ -816,11 +813,7 @@ impl Relay {
         }
         let per_session = route.per_session;
         self.admission.may_open(flow.client.ip())?;
-        let healthy = &self.healthy;
-        let upstream = self
-            .routes
-            .choose_upstream(route_id, flow.client, |id| healthy[usize::from(id.0)])
-            .ok_or(DropReason::NoUpstreamAccepting)?;
+        let upstream = self.choose_upstream(route_id, flow.client).ok_or(DropReason::NoUpstreamAccepting)?;
         // The NAT address must be known before the session exists: it is what the upstream replies to.
         let hop = self.resolved_hop(upstream).map_err(NoHop::drop_reason)?;
         let template = Session {
@@ -858,6 +851,11 @@ impl Relay {
         Ok(Opening::Here(slot))
     }
 
+    /// The upstream `client` gets on `route` now: among the healthy accepting ones while any is.
+    fn choose_upstream(&self, route: route::RouteId, client: SocketAddr) -> Option<UpstreamId> {
+        self.routes.choose_upstream(route, client, |id| self.healthy[usize::from(id.0)])
+    }
+
     /// Whether `ip` is one of the relay's own: a listen address or a NAT source address.
     fn is_own_address(&self, ip: IpAddr) -> bool {
         self.routes.routes().iter().any(|r| r.listen.ip() == ip)
@@ -874,8 +872,14 @@ impl Relay {
     }
 }
 
-fn routes_proxy(routes: &RouteTable) -> bool {
-    routes.routes().iter().any(|r| r.proxy_header.is_some())
+/// Whether any route has a tunnel side, and whether any sends PROXY headers: the steps the
+/// hot path skips with one flag check when no route uses them.
+fn route_features(routes: &RouteTable) -> (bool, bool) {
+    let all = routes.routes();
+    (
+        all.iter().any(|r| r.listen_key.is_some() || r.upstream_key.is_some()),
+        all.iter().any(|r| r.proxy_header.is_some()),
+    )
 }
 
 /// Where a new flow's session ended up.
