@@ -135,13 +135,17 @@ def client(args):
     given_up = set()
     late = 0  # hashes of payloads already matched: a late original after a retransmit is a duplicate
     attempts = {}
-    deadline = time.monotonic() + args.timeout
+    first_sent = {}  # seq -> when it was first sent: the slowest delivery shows a stall, not just a loss
+    slowest = (0.0, None)
+    start = time.monotonic()
+    deadline = start + args.timeout
     while (next_seq < expected_total or pending) and time.monotonic() < deadline:
         while next_seq < expected_total and len(pending) < args.window:
             data = payload(next_seq, sizes[next_seq % len(sizes)] if args.size == 0 else args.size, args.random)
             index = next_seq % len(socks)
             pending[next_seq] = (data, time.monotonic(), index)
             attempts[next_seq] = 1
+            first_sent[next_seq] = pending[next_seq][1]
             socks[index].send(data)
             next_seq += 1
         for fd, _ in poller.poll(50):
@@ -171,6 +175,9 @@ def client(args):
                 if pending[match][2] != index:
                     wrong_socket += 1
                 del pending[match]
+                waited = time.monotonic() - first_sent[match]
+                if waited > slowest[0]:
+                    slowest = (waited, match)
                 delivered.add(hash(data))
                 received += 1
         now = time.monotonic()
@@ -178,7 +185,7 @@ def client(args):
             if now - sent > args.retry_after:
                 if attempts[seq] == 1:
                     first_try_lost += 1
-                    lost_examples.append(seq)
+                    lost_examples.append((seq, round(sent - start, 2)))
                 if attempts[seq] > args.retries:
                     del pending[seq]  # given up on: frees the window; a late answer counts as late, not corrupt
                     given_up.add(hash(data))
@@ -192,6 +199,7 @@ def client(args):
         "corrupt": corrupt + wrong_socket, "wrong_socket": wrong_socket, "duplicates": duplicates,
         "first_try_lost": first_try_lost, "retransmits": retransmits, "sockets": len(socks),
         "local": "%s:%d" % socks[0].getsockname()[:2], "lost_examples": lost_examples[:8],
+        "slowest_delivery": {"seconds": round(slowest[0], 3), "seq": slowest[1]},
     }), flush=True)
 
 

@@ -923,6 +923,11 @@ def under_attack(binary, prefix, backend):
         stats = relay.wait_stats(lambda s: True)
         named = {k: stats["drops"][k] for k in ("foreign_destination_mac", "own_source_address")}
         print(f"  forged frames dropped: {named}; sessions evicted {stats['sessions_evicted']}")
+        # Where first tries went, should the client ever miss one: the relay's rings or the upstream's socket.
+        upstream_udp = topo.exec("upstream", "cat", "/proc/net/snmp").splitlines()
+        header, values = [line.split()[1:] for line in upstream_udp if line.startswith("Udp:")][:2]
+        ring_drops = stats.get("af_xdp_kernel", {}).get("rx_dropped", "n/a")
+        print(f"  lost where: AF_XDP fill ring empty {ring_drops}, upstream receive buffer full {dict(zip(header, values))['RcvbufErrors']}")
         expect(legit["received"] == 2000 and legit["corrupt"] == 0, "the settled client got every reply, intact")
         expect(legit["first_try_lost"] <= 100, f"at most 5% needed a second try ({legit['first_try_lost']})")
         expect(sum(named.values()) == forged, f"all {forged} forged frames were dropped under their names")
