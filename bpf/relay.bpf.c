@@ -225,8 +225,10 @@ int oxidize_relay(struct xdp_md *ctx)
 	if (config && config->max_frame_len && c.end - (void *)(long)ctx->data > config->max_frame_len)
 		return drop(XDP_CNT_DROP_TOO_BIG);
 	__u16 udp_len = bpf_ntohs(udp->len);
-	if (udp_len < sizeof(*udp) || udp_len > ip_payload_len ||
-	    (void *)udp + udp_len > c.end)
+	/* Compared as lengths, not as `udp + udp_len > end`: older verifiers know nothing of a
+	 * byte-swapped value's range and refuse pointer arithmetic with it (Debian 12's 6.1 does,
+	 * so the relay did not start there; the guest rig in tests/vm boots that kernel). */
+	if (udp_len < sizeof(*udp) || udp_len > ip_payload_len || udp_len > c.end - (void *)udp)
 		return drop(XDP_CNT_DROP_BAD_UDP_LENGTH);
 	if (redirect_counter == XDP_CNT_REDIRECT_LISTEN && !established_or_within_budget(&dst, src_addr, udp->source))
 		return drop(XDP_CNT_DROP_NEW_FLOW_BUDGET);
