@@ -155,8 +155,22 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
 
     // Everything privileged is done: programs attached, sockets bound, map fds open.
     // Drop every capability before any other thread exists (capabilities are per thread).
-    sys::caps::drop_all().map_err(SetupError::DropCapabilities)?;
-    tracing::info!("setup done; all capabilities dropped");
+    let keep_bpf = match backend.attached.first() {
+        Some(attached) => {
+            let flows = attached.program.flow_map();
+            sys::caps::maps_need_cap_bpf(|| flows.accessible()).map_err(SetupError::DropCapabilities)?
+        }
+        None => false,
+    };
+    sys::caps::drop_all(keep_bpf).map_err(SetupError::DropCapabilities)?;
+    if keep_bpf {
+        tracing::info!(
+            kernel = %report.kernel,
+            "setup done; every capability dropped but CAP_BPF: this kernel refuses the relay's BPF map updates without it while kernel.unprivileged_bpf_disabled is set (Linux 6.1 and later do not)"
+        );
+    } else {
+        tracing::info!("setup done; all capabilities dropped");
+    }
     let accepting = Arc::new(AtomicBool::new(true));
     if let Some(listen) = config.metrics_listen {
         metrics_endpoint::start(listen, accepting.clone())?;

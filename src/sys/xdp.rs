@@ -347,6 +347,22 @@ impl FlowMap {
     pub fn remove(&self, client: SocketAddr, listen_port: u16) {
         delete(self.fd, &FlowKey::new(client, listen_port));
     }
+
+    /// Whether this thread may use the map: a lookup of a flow that is not there answers
+    /// "no such entry" when it may, and EPERM when the kernel wants a capability for it.
+    pub fn accessible(&self) -> io::Result<()> {
+        let key = FlowKey::new(SocketAddr::from(([0, 0, 0, 0], 0)), 0);
+        let mut value = 0u8;
+        // SAFETY: key and value are #[repr(C)] values whose sizes match the map's key and value sizes (asserted in bpf_abi).
+        let err = unsafe {
+            bpf::bpf_map_lookup_elem(self.fd, (&key as *const FlowKey).cast(), (&mut value as *mut u8).cast())
+        };
+        match err {
+            0 => Ok(()),
+            err if -err == libc::ENOENT => Ok(()),
+            err => Err(io::Error::from_raw_os_error(-err)),
+        }
+    }
 }
 
 /// Deletes `key` from a map; a missing key is fine.
