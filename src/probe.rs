@@ -42,6 +42,17 @@ pub struct HostReport {
     pub interfaces: Vec<InterfaceReport>,
 }
 
+/// The oldest kernel the AF_XDP backend runs on: it attaches XDP through a BPF link (Linux 5.9)
+/// and shares one UMEM between the queues of several interfaces (5.10). The guest rig
+/// (tests/vm) runs every scenario on Debian 11's 5.10, 12's 6.1 and 13's 6.12.
+pub const MIN_AF_XDP_KERNEL: (u32, u32) = (5, 10);
+
+/// Major and minor of a kernel release string such as `6.1.0-50-amd64`.
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
 /// The backend `auto` chose, with the reasons behind it.
 #[derive(Debug, Clone)]
 pub struct Choice {
@@ -75,6 +86,13 @@ impl HostReport {
     /// and every interface allow it, otherwise the socket backend.
     pub fn choose(&self) -> Choice {
         let mut blockers = Vec::new();
+        if !self.kernel_supported() {
+            let (major, minor) = MIN_AF_XDP_KERNEL;
+            blockers.push(format!(
+                "Linux {} is older than {major}.{minor}, the oldest the AF_XDP backend runs on (XDP through a BPF link, one UMEM shared across interfaces)",
+                self.kernel
+            ));
+        }
         if !self.xdp_programs {
             blockers.push(if self.cap_bpf {
                 "the kernel does not load XDP programs".to_owned()
@@ -114,6 +132,11 @@ impl HostReport {
         Choice { mode: Mode::AfXdp, reasons }
     }
 
+    /// Whether the kernel is one the AF_XDP backend supports (an unreadable release is given the benefit of the doubt).
+    pub fn kernel_supported(&self) -> bool {
+        kernel_version(&self.kernel).is_none_or(|version| version >= MIN_AF_XDP_KERNEL)
+    }
+
     /// The XDP mode to use on `name` when the config says `auto`.
     pub fn xdp_mode_for(&self, name: &str, configured: XdpMode) -> XdpMode {
         match (configured, self.interfaces.iter().find(|i| i.name == name).and_then(|i| i.native_xdp)) {
@@ -126,6 +149,7 @@ impl HostReport {
         let choice = self.choose();
         json!({
             "kernel": self.kernel,
+            "kernel_supported_by_af_xdp": self.kernel_supported(),
             "btf": self.btf,
             "xdp_programs": self.xdp_programs,
             "af_xdp_sockets": self.af_xdp_sockets.is_ok(),
@@ -149,7 +173,9 @@ impl HostReport {
         let maybe = |b: Option<bool>| b.map_or("unknown", yes);
         let mut out = String::new();
         let mut row = |key: &str, value: String| out.push_str(&format!("{key:<22} {value}\n"));
-        row("kernel", self.kernel.clone());
+        let (major, minor) = MIN_AF_XDP_KERNEL;
+        let supported = if self.kernel_supported() { "" } else { ": too old for AF_XDP" };
+        row("kernel", format!("{} (AF_XDP needs {major}.{minor} or later{supported})", self.kernel));
         row("BTF", yes(self.btf).into());
         row("XDP programs", yes(self.xdp_programs).into());
         row("AF_XDP sockets", self.af_xdp_sockets.as_ref().map_or_else(|e| format!("no ({e})"), |()| "yes".into()));
@@ -268,4 +294,46 @@ fn meminfo_value(meminfo: &str, key: &str) -> u64 {
         .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(kernel: &str) -> HostReport {
+        HostReport {
+            kernel: kernel.to_owned(),
+            btf: true,
+            xdp_programs: true,
+            af_xdp_sockets: Ok(()),
+            cap_net_admin: true,
+            cap_net_raw: true,
+            cap_bpf: true,
+            cap_ipc_lock: true,
+            memlock_limit: None,
+            hugepages_free: 0,
+            hugepage_kib: 2048,
+            interfaces: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn kernel_versions_are_read_from_distribution_release_strings() {
+        assert_eq!(kernel_version("6.1.0-50-amd64"), Some((6, 1)));
+        assert_eq!(kernel_version("6.12.117+deb13-amd64"), Some((6, 12)));
+        assert_eq!(kernel_version("5.10.0-32-amd64"), Some((5, 10)));
+        assert_eq!(kernel_version("4.19.0-27-amd64"), Some((4, 19)));
+        assert_eq!(kernel_version(""), None);
+    }
+
+    #[test]
+    fn a_kernel_below_the_minimum_makes_auto_use_sockets_and_says_why() {
+        for supported in ["5.10.0-32-amd64", "6.1.0-50-amd64", "6.12.117+deb13-amd64", "6.18.0"] {
+            assert_eq!(report(supported).choose().mode, Mode::AfXdp, "{supported}");
+        }
+        let old = report("5.4.0-216-generic").choose();
+        assert_eq!(old.mode, Mode::Socket);
+        assert!(old.reasons[0].contains("Linux 5.4.0-216-generic is older than 5.10"), "{:?}", old.reasons);
+        assert!(report("4.19.0-27-amd64").to_table().contains("too old for AF_XDP"));
+    }
 }
