@@ -55,6 +55,16 @@ pub struct NextHopResolver {
     statics: Vec<StaticNeighbor>,
     upstreams: Vec<SocketAddr>,
     current: Vec<Result<NextHop, Unreachable>>,
+    /// Each upstream's neighbour as the kernel last confirmed it, kept while the kernel re-resolves it.
+    last_confirmed: Vec<Option<Confirmed>>,
+}
+
+/// A neighbour the kernel once resolved, and whether it has stopped answering since.
+#[derive(Debug, Clone, Copy)]
+struct Confirmed {
+    neighbor: IpAddr,
+    hop: NextHop,
+    unanswered: bool,
 }
 
 impl NextHopResolver {
@@ -67,13 +77,23 @@ impl NextHopResolver {
         upstreams: Vec<SocketAddr>,
     ) -> Self {
         let current = upstreams.iter().map(|u| Err(Unreachable::NeighborPending(u.ip()))).collect();
-        NextHopResolver { socket, link_layer: !interfaces.is_empty(), interfaces, statics, upstreams, current }
+        let last_confirmed = vec![None; upstreams.len()];
+        NextHopResolver {
+            socket,
+            link_layer: !interfaces.is_empty(),
+            interfaces,
+            statics,
+            upstreams,
+            current,
+            last_confirmed,
+        }
     }
 
     /// A reload's upstream list: the old ones keep their ids (and state), new ones start unresolved.
     pub fn set_upstreams(&mut self, upstreams: &[SocketAddr]) {
         for &upstream in &upstreams[self.upstreams.len().min(upstreams.len())..] {
             self.current.push(Err(Unreachable::NeighborPending(upstream.ip())));
+            self.last_confirmed.push(None);
         }
         self.upstreams = upstreams.to_vec();
     }
@@ -83,7 +103,7 @@ impl NextHopResolver {
         let mut changes = Vec::new();
         for index in 0..self.upstreams.len() {
             let upstream = self.upstreams[index];
-            let resolved = self.resolve(upstream.ip());
+            let resolved = self.resolve(index, upstream.ip());
             if resolved == self.current[index] {
                 continue;
             }
@@ -120,7 +140,7 @@ impl NextHopResolver {
         self.current.iter().all(Result::is_ok)
     }
 
-    fn resolve(&mut self, upstream: IpAddr) -> Result<NextHop, Unreachable> {
+    fn resolve(&mut self, index: usize, upstream: IpAddr) -> Result<NextHop, Unreachable> {
         let route = self.socket.route_to(upstream).map_err(|e| Unreachable::NoRoute(Arc::new(e)))?;
         if !self.link_layer {
             let src_ip = route.preferred_source.ok_or(Unreachable::NoSourceAddress)?;
@@ -143,15 +163,44 @@ impl NextHopResolver {
                     if neighbor.stale {
                         nudge(route.next_hop);
                     }
-                    neighbor.mac
+                    let hop = NextHop { iface: IfaceId(iface as u8), src_ip, dst_mac: neighbor.mac };
+                    if self.last_confirmed[index].is_some_and(|c| c.unanswered) {
+                        tracing::info!(neighbor = %route.next_hop, mac = %format_mac(&neighbor.mac), "neighbour confirmed again");
+                    }
+                    self.last_confirmed[index] = Some(Confirmed { neighbor: route.next_hop, hop, unanswered: false });
+                    return Ok(hop);
                 }
                 Ok(None) | Err(_) => {
                     nudge(route.next_hop);
-                    return Err(Unreachable::NeighborPending(route.next_hop));
+                    return self.last_known(index, route.next_hop, iface, src_ip);
                 }
             },
         };
         Ok(NextHop { iface: IfaceId(iface as u8), src_ip, dst_mac: mac })
+    }
+
+    /// The kernel has no usable entry for `neighbor`. A neighbour that stops answering ARP/ND is far
+    /// more often still there than gone (a flood on the link can starve the probes for seconds): keep
+    /// sending to the MAC it last had, on the same route, while the kernel re-resolves it; a new MAC
+    /// replaces it as soon as the kernel learns one. A neighbour never resolved stays pending.
+    fn last_known(
+        &mut self,
+        index: usize,
+        neighbor: IpAddr,
+        iface: usize,
+        src_ip: IpAddr,
+    ) -> Result<NextHop, Unreachable> {
+        let Some(known) = self.last_confirmed[index]
+            .as_mut()
+            .filter(|c| c.neighbor == neighbor && usize::from(c.hop.iface.0) == iface && c.hop.src_ip == src_ip)
+        else {
+            return Err(Unreachable::NeighborPending(neighbor));
+        };
+        if !known.unanswered {
+            known.unanswered = true;
+            tracing::warn!(%neighbor, mac = %format_mac(&known.hop.dst_mac), "neighbour no longer confirmed by the kernel; still sending to its last MAC while it re-resolves");
+        }
+        Ok(known.hop)
     }
 }
 
