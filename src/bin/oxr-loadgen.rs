@@ -69,6 +69,9 @@ enum Command {
         /// Distinct spoofed source addresses (taken from 10.128.0.0/9).
         #[arg(long, default_value_t = 200_000)]
         sources: u32,
+        /// Frames per second (0 = as fast as possible).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
     },
     /// Echo every datagram to `listen` back to its sender until SIGTERM.
     Reflect {
@@ -140,8 +143,8 @@ fn main() -> anyhow::Result<()> {
             generate(&interface, src, dst, &dst_mac, count, size, rate)
         }
         Command::Reflect { interface, listen } => reflect(&interface, listen),
-        Command::Flood { interface, dst, dst_mac, seconds, sources } => {
-            flood(&interface, dst, &dst_mac, seconds, sources)
+        Command::Flood { interface, dst, dst_mac, seconds, sources, rate } => {
+            flood(&interface, dst, &dst_mac, seconds, sources, rate)
         }
     }
 }
@@ -172,15 +175,11 @@ fn generate(
     let mut batch = Vec::with_capacity(BATCH);
     let start = Instant::now();
     let mut last_receive = start;
-    let interval = (rate > 0).then(|| Duration::from_secs_f64(1.0 / rate as f64));
     let mut turn = 0usize;
     loop {
         // Sending: as many as the pacing allows, in bursts, each burst from the next queue
         // with a source port of its own so the relay's RSS spreads them too.
-        let due = match interval {
-            Some(interval) => ((start.elapsed().as_nanos() / interval.as_nanos()) as u64 + 1).min(count),
-            None => count,
-        };
+        let due = due(start, rate, count);
         let queue_count = port.queues.len();
         turn = (turn + 1) % queue_count;
         let queue = &mut port.queues[turn];
@@ -314,7 +313,15 @@ const FLOOD_MIX: [FloodKind; 10] = [
     FloodKind::IpOptions,
 ];
 
-fn flood(interface: &str, dst: SocketAddr, dst_mac: &str, seconds: u64, sources: u32) -> anyhow::Result<()> {
+/// How many frames of at most `limit` are due `start.elapsed()` into a run paced at `rate` per second (0: unpaced).
+fn due(start: Instant, rate: u64, limit: u64) -> u64 {
+    if rate == 0 {
+        return limit;
+    }
+    ((start.elapsed().as_secs_f64() * rate as f64) as u64 + 1).min(limit)
+}
+
+fn flood(interface: &str, dst: SocketAddr, dst_mac: &str, seconds: u64, sources: u32, rate: u64) -> anyhow::Result<()> {
     let dst_mac = parse_mac(dst_mac).context("--dst-mac is not a MAC address")?;
     // Listen on an address nobody answers: the flooder only sends.
     let (mut port, info) = Port::open(interface, "10.255.255.254:9".parse()?, 1)?;
@@ -327,14 +334,19 @@ fn flood(interface: &str, dst: SocketAddr, dst_mac: &str, seconds: u64, sources:
     let total = u16::from_be_bytes([with_options[16], with_options[17]]) + 4;
     with_options[16..18].copy_from_slice(&total.to_be_bytes());
     let mut sent = [0u64; 5];
-    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(seconds);
     let mut counter = 0u64;
     let mut turn = 0usize;
     while Instant::now() < deadline {
         turn = (turn + 1) % port.queues.len();
         let queue = &mut port.queues[turn];
         queue.socket.reclaim(&mut queue.pool);
-        while queue.outgoing.len() < BATCH {
+        let due = due(start, rate, u64::MAX);
+        if counter >= due {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        while queue.outgoing.len() < BATCH && counter < due {
             let Some(mut desc) = queue.pool.take(0) else { break };
             let kind = FLOOD_MIX[(counter % FLOOD_MIX.len() as u64) as usize];
             let source = 0x0a80_0000 + (counter as u32 % sources.max(1));
