@@ -4,7 +4,8 @@
 set -euo pipefail
 
 packages=(clang llvm libelf-dev zlib1g-dev libpcap-dev m4 pkg-config make gcc curl ca-certificates
-          iproute2 ethtool iputils-ping python3 libcap2-bin procps nix-bin)
+          iproute2 ethtool iputils-ping python3 libcap2-bin procps nix-bin
+          qemu-system-x86 busybox-static)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -32,8 +32,39 @@ impl Drop for NamespaceGuard {
 }
 
 fn scenario(name: &str, backend: &str) {
-    let test = format!("{name} ({backend})");
-    if !common::privileged(&test) {
+    run_scenario(name, backend, None);
+}
+
+/// Whether the QEMU guest rig can run here (tests/vm): QEMU, busybox and /dev/net/tun.
+///
+/// Outside CI a missing piece prints a loud SKIPPED line; in CI it panics, because there the
+/// guest tests must really run (`scripts/deps.sh` installs what they need).
+fn guest_rig(test: &str) -> bool {
+    let missing: Vec<&str> =
+        [("qemu-system-x86_64", "/usr/bin/qemu-system-x86_64"), ("busybox", "/bin/busybox"), ("tun", "/dev/net/tun")]
+            .into_iter()
+            .filter(|(_, path)| std::fs::metadata(path).is_err())
+            .map(|(name, _)| name)
+            .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: the guest rig needs {missing:?} and CI must run it; run scripts/deps.sh");
+    }
+    eprintln!(
+        "\n!!! SKIPPED {test}: the guest rig needs {missing:?} (apt install qemu-system-x86 busybox-static) !!!\n"
+    );
+    false
+}
+
+/// A scenario with the relay in a QEMU guest on a Debian suite's kernel (tests/vm), or in a namespace.
+fn run_scenario(name: &str, backend: &str, guest: Option<&str>) {
+    let test = match guest {
+        Some(suite) => format!("{name} ({backend}, Debian {suite} guest)"),
+        None => format!("{name} ({backend})"),
+    };
+    if !common::privileged(&test) || (guest.is_some() && !guest_rig(&test)) {
         return;
     }
     let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -43,6 +74,7 @@ fn scenario(name: &str, backend: &str) {
     let output = Command::new("python3")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scenarios/run.py"))
         .args(["--relay", env!("CARGO_BIN_EXE_oxidize-relay"), "--prefix", &guard.prefix, "--backend", backend, name])
+        .args(guest.map(|suite| ["--guest", suite]).into_iter().flatten())
         .output()
         .expect("python3 runs the scenario");
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -129,3 +161,36 @@ mod detection {
         super::scenario("l3-interface-fallback", "af_xdp");
     }
 }
+
+/// The relay in QEMU guests on the kernels operators run (Debian 12, 13 and 11), on two-queue
+/// virtio-net NICs, in `auto` mode: the same scenario script, driven from the host.
+macro_rules! guest_scenarios {
+    ($($suite:ident),*: $tests:tt) => {
+        $( guest_suite!($suite $tests); )*
+    };
+}
+
+macro_rules! guest_suite {
+    ($suite:ident { $($test:ident => $name:literal),* $(,)? }) => {
+        mod $suite {
+            $(
+                #[test]
+                fn $test() {
+                    super::run_scenario($name, "af_xdp", Some(stringify!($suite)));
+                }
+            )*
+        }
+    };
+}
+
+guest_scenarios! { bookworm, trixie, bullseye: {
+    ipv4_one_arm => "ipv4-one-arm",
+    ipv6_one_arm => "ipv6-one-arm",
+    ipv4_two_arm => "ipv4-two-arm",
+    ipv6_two_arm => "ipv6-two-arm",
+    thousand_clients_get_only_their_own_replies => "many-clients",
+    idle_sessions_expire => "session-expiry",
+    tcp_to_the_relay_host_works_while_attached => "tcp-coexistence",
+    sigkill_leaves_traffic_to_the_kernel => "sigkill-fallback",
+    spoofed_and_malformed_flood_spares_the_legitimate_client => "flood",
+}}

@@ -8,6 +8,7 @@ import atexit
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,8 @@ UPSTREAM_PORT = 7000
 NAT_PORTS = (20000, 29999)
 # Operators' NICs have several queues and RSS spreads flows over them: so do the test links.
 DEFAULT_QUEUES = 2
+# Set by `run.py --guest SUITE`: the relay's host is then a QEMU guest on that Debian kernel (tests/vm).
+GUEST = None
 
 
 def sh(*cmd, check=True, capture=True):
@@ -40,6 +43,10 @@ class Topology:
     Every veth has `queues` RX and TX queues: a packet's RX queue is the sender's
     flow-hashed TX queue, as RSS spreads flows on a NIC. Offloads stay at their
     defaults (veth offloads checksums: frames arrive with partial checksums).
+
+    With GUEST set, the relay's host is a QEMU guest instead of the relay namespace: each of
+    its interfaces is a multi-queue virtio-net NIC whose host tap takes the peer's place (and
+    name) in the peer's namespace, and commands for the relay role run in the guest.
     """
 
     def __init__(self, prefix, arm="two_arm", ipv6=False, attacker=False, queues=DEFAULT_QUEUES):
@@ -49,6 +56,8 @@ class Topology:
         self.processes = []
         self.workdir = tempfile.mkdtemp(prefix=f"{prefix}-")
         self._up = False
+        self.guest = None
+        self._taps = {}  # guest interface -> host tap, until the tap takes its peer's place
 
     # Addresses -----------------------------------------------------------------
     def _addr(self, net, host):
@@ -110,17 +119,37 @@ class Topology:
         return False
 
     def _veth(self, role, dev, peer, peer_role):
-        """A veth pair with `self.queues` queues each way: `dev` in `role`, `peer` in `peer_role`."""
+        """A veth pair with `self.queues` queues each way: `dev` in `role`, `peer` in `peer_role`.
+        In a guest the relay's side is a virtio-net NIC: its tap becomes `peer` in `peer_role`."""
+        if self.guest and "relay" in (role, peer_role):
+            (dev, peer, peer_role) = (dev, peer, peer_role) if role == "relay" else (peer, dev, role)
+            tap = self._taps.pop(dev)
+            sh("ip", "link", "set", tap, "netns", self.ns[peer_role])
+            self.ip(peer_role, "link", "set", tap, "name", peer)
+            return
         q = [f"numrxqueues", str(self.queues), "numtxqueues", str(self.queues)]
         self.ip(role, "link", "add", dev, *q, "type", "veth", "peer", "name", peer, *q, "netns", self.ns[peer_role])
 
+    def _boot_guest(self):
+        """Boots the relay's host: one multi-queue virtio-net NIC per relay interface, each on a host tap."""
+        sys.path.insert(0, os.path.join(HERE, "..", "vm"))
+        from guest import Guest
+        for index, dev in enumerate(self.relay_interfaces):
+            self._taps[dev] = f"{self.prefix[:10]}-t{index}"
+            sh("ip", "tuntap", "add", self._taps[dev], "mode", "tap", "multi_queue")
+        self.guest = Guest(GUEST["suite"], GUEST["binaries"], self.workdir, self._taps, queues=self.queues)
+        print(f"  guest: Debian {GUEST['suite']} kernel {self.guest.release} booted in {self.guest.boot_seconds:.0f}s "
+              f"(TCG), {self.queues} queue pairs per virtio-net NIC", flush=True)
+
     def _create(self):
-        roles = ["client", "relay", "upstream"] + (["sw"] if self.arm == "one_arm" else []) + (["attacker"] if self.attacker else [])
-        roles += ["relay2"] if self.arm == "chain" else []
+        roles = ["client", "upstream"] + ([] if GUEST else ["relay"]) + (["sw"] if self.arm == "one_arm" else [])
+        roles += (["attacker"] if self.attacker else []) + (["relay2"] if self.arm == "chain" else [])
         for role in roles:
             sh("ip", "netns", "add", self.ns[role])
             self.ip(role, "link", "set", "lo", "up")
         self._up = True
+        if GUEST:
+            self._boot_guest()
         plen = self._plen()
         if self.arm == "one_arm":
             self.ip("sw", "link", "add", "br0", "type", "bridge")
@@ -188,6 +217,12 @@ class Topology:
                 proc.kill()
                 proc.wait()
         self.processes.clear()
+        if self.guest:
+            self.guest.shutdown()
+            self.guest = None
+        for tap in self._taps.values():
+            sh("ip", "link", "del", tap, check=False)
+        self._taps.clear()
         if self._up:
             existing = sh("ip", "netns", "list", check=False)
             for name in self.ns.values():
@@ -197,16 +232,54 @@ class Topology:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     # Commands in namespaces ----------------------------------------------------
+    def in_guest(self, role):
+        return self.guest is not None and role == "relay"
+
     def ip(self, role, *args):
-        return sh("ip", "-n", self.ns[role], *args)
+        return self.exec(role, "ip", *args) if self.in_guest(role) else sh("ip", "-n", self.ns[role], *args)
 
     def exec(self, role, *cmd, check=True):
+        if self.in_guest(role):
+            status, out = self.guest.run(self.guest.command(cmd))
+            if check and status != 0:
+                raise RuntimeError(f"{shlex.join(cmd)} failed in the guest ({status}): {out.strip()}")
+            return out
         return sh("ip", "netns", "exec", self.ns[role], *cmd, check=check)
 
     def spawn(self, role, *cmd, stdout=subprocess.PIPE, stderr=None):
+        if self.in_guest(role):
+            raise RuntimeError(f"{cmd[0]} runs on the host, not in the guest: the scenario needs a namespace relay")
         proc = subprocess.Popen(["ip", "netns", "exec", self.ns[role], *cmd], stdout=stdout, stderr=stderr, text=True)
         self.processes.append(proc)
         return proc
+
+    # Files and processes on the relay's host ------------------------------------
+    def path(self, role, name):
+        """Where a file of the relay's host lives: the work directory, or /run in the guest."""
+        return f"/run/{name}" if self.in_guest(role) else os.path.join(self.workdir, name)
+
+    def write_file(self, role, path, text):
+        if self.in_guest(role):
+            self.guest.write(path, text)
+        else:
+            with open(path, "w") as f:
+                f.write(text)
+
+    def read_file(self, role, path):
+        if self.in_guest(role):
+            return self.guest.read(path)
+        with open(path) as f:
+            return f.read()
+
+    def start_logged(self, role, cmd, log):
+        """Starts `cmd` with stderr to the file `log` (a path on the relay's host) and stdout kept for the caller."""
+        if self.in_guest(role):
+            return self.guest.start(cmd, log)
+        return self.spawn(role, *cmd, stderr=open(log, "w"))
+
+    def binary(self, role, path):
+        """The path of a host binary on the relay's host (the guest carries its own copy in /bin)."""
+        return f"/bin/{os.path.basename(path)}" if self.in_guest(role) else path
 
     def peer(self, role, *args):
         """Runs a peer.py command to completion and returns its JSON report."""
@@ -227,15 +300,20 @@ class Topology:
         """Pings `ip` from `role` until it answers (at most 5 s)."""
         flag = "-6" if ":" in ip else "-4"
         for _ in range(5):
-            if subprocess.run(["ip", "netns", "exec", self.ns[role], "ping", flag, "-c", "1", "-W", "1", ip],
-                              capture_output=True).returncode == 0:
+            try:
+                self.exec(role, "ping", flag, "-c", "1", "-W", "1", ip)
                 return
+            except RuntimeError:
+                pass
         raise RuntimeError(f"{ip} does not answer pings from {role}")
 
 
 def scrape(topo, port=9184, role="relay"):
-    """The relay's /metrics text, fetched from inside its namespace."""
-    code = f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics', timeout=5).read().decode())"
+    """The relay's /metrics text, fetched from inside its namespace (or guest)."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    if topo.in_guest(role):
+        return topo.exec(role, "wget", "-q", "-O", "-", url)
+    code = f"import urllib.request; print(urllib.request.urlopen('{url}', timeout=5).read().decode())"
     return topo.exec(role, sys.executable, "-c", code)
 
 
@@ -272,22 +350,21 @@ class Relay:
     def __init__(self, topo, binary, config_text, wrapper=(), role="relay", name=None, state_dir=None):
         """`role` is the namespace it runs in; `name` (default: the role) names its files;
         `state_dir` is where a clean stop leaves its sessions for the next start."""
-        self.topo, self.binary, self.wrapper, self.role = topo, binary, list(wrapper), role
+        self.topo, self.binary, self.wrapper, self.role = topo, topo.binary(role, binary), list(wrapper), role
         self.state_dir = state_dir
         name = name or role
-        self.config = os.path.join(topo.workdir, f"{name}.toml")
-        self.stats_file = os.path.join(topo.workdir, f"{name}-stats.json")
-        self.log = os.path.join(topo.workdir, f"{name}.log")
-        with open(self.config, "w") as f:
-            f.write(config_text)
+        self.config = topo.path(role, f"{name}.toml")
+        self.stats_file = topo.path(role, f"{name}-stats.json")
+        self.log = topo.path(role, f"{name}.log")
+        topo.write_file(role, self.config, config_text)
         self.proc = None
 
     def start(self, timeout=15):
-        log = open(self.log, "w")
         state = ["--state-dir", self.state_dir] if self.state_dir else []
-        self.proc = self.topo.spawn(self.role, *self.wrapper, self.binary, "run", "--config", self.config,
-                                    "--stats-file", self.stats_file, *state, stderr=log)
-        deadline = time.monotonic() + timeout
+        cmd = [*self.wrapper, self.binary, "run", "--config", self.config, "--stats-file", self.stats_file, *state]
+        self.proc = self.topo.start_logged(self.role, cmd, self.log)
+        # Under emulation the BPF verifier and the first packets take many times longer.
+        deadline = time.monotonic() + timeout * (8 if self.topo.in_guest(self.role) else 1)
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"relay exited with {self.proc.returncode}:\n{self.log_text()}")
@@ -298,12 +375,10 @@ class Relay:
 
     def log_text(self):
         """The relay's log without terminal colours."""
-        with open(self.log) as f:
-            return re.sub(r"\x1b\[[0-9;]*m", "", f.read())
+        return re.sub(r"\x1b\[[0-9;]*m", "", self.topo.read_file(self.role, self.log))
 
     def stats(self):
-        with open(self.stats_file) as f:
-            return json.load(f)
+        return json.loads(self.topo.read_file(self.role, self.stats_file))
 
     def scrape(self, port=9184):
         return scrape(self.topo, port, self.role)
@@ -327,8 +402,7 @@ class Relay:
 
     def rewrite_config(self, config_text):
         """Replaces the config file (the relay reads it again on SIGHUP)."""
-        with open(self.config, "w") as f:
-            f.write(config_text)
+        self.topo.write_file(self.role, self.config, config_text)
 
     def reload(self, config_text, expect_log, timeout=5):
         """Writes `config_text`, sends SIGHUP and waits until the log shows `expect_log` once more than before."""
@@ -347,6 +421,9 @@ class Relay:
 
 
 def relay_config(topo, mode, idle_timeout_secs=120, interfaces=None, extra=""):
+    """A relay config for `topo`; in a guest the relay picks its backend as operators run it
+    (`auto`), and the scenario's backend is what it must pick."""
+    mode = "auto" if topo.in_guest("relay") else mode
     if interfaces is None and topo.arm == "one_arm":
         interfaces = '[[interface]]\nname = "rc0"\nrole = "both"\n'
     elif interfaces is None:

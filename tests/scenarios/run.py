@@ -15,6 +15,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import oxr  # noqa: E402
 from oxr import NAT_PORTS, Relay, Topology, metric, peer_report, relay_config, scrape, stop_peer  # noqa: E402
 
 SCENARIOS = {}
@@ -24,6 +25,14 @@ AF_XDP_ONLY = {"sigkill-fallback", "flood", "tx-pressure", "unserved-queues", "n
                "path-mtu", "icmp-errors"}
 # Client sockets (flows) of the traffic scenarios: enough for RSS to use every queue.
 FLOWS = 64
+# What runs with the relay in a QEMU guest (--guest): the scenarios that need no process of their own
+# on the relay's host. Emulation is slow: their traffic is a tenth of the native count.
+GUEST_SCENARIOS = {"ipv4-one-arm", "ipv6-one-arm", "ipv4-two-arm", "ipv6-two-arm", "many-clients", "session-expiry",
+                   "sigkill-fallback", "flood", "tcp-coexistence"}
+
+
+def scaled(count):
+    return count // 10 if oxr.GUEST else count
 
 
 def scenario(name):
@@ -44,9 +53,10 @@ def xdp_counter(stats, name):
 
 
 def expect_default_offloads(topo):
-    """The peers keep veth's default checksum offload: the relay gets partial checksums, as on tap and virtio."""
+    """Before the relay starts, the client's link offloads checksums as it does by default (veth, or a
+    virtio-net guest's tap): the relay gets partial checksums, as on tap and virtio."""
     features = topo.exec("client", "ethtool", "-k", "c0")
-    expect("tx-checksumming: on" in features, "the client's veth offloads checksums (the default)")
+    expect("tx-checksumming: on" in features, f"the client's {'tap' if topo.guest else 'veth'} offloads checksums (the default)")
 
 
 def expect_queues_shared(relay, topo, count):
@@ -55,7 +65,12 @@ def expect_queues_shared(relay, topo, count):
     per_worker = [relay.metric(text, "oxidize_relay_rx_packets_total", worker=str(w)) for w in range(topo.queues)]
     expect(all(rx > 0 for rx in per_worker), f"all {topo.queues} workers received traffic: rx {per_worker}")
     crossed = relay.metric(text, "oxidize_relay_replies_cross_queue_total")
-    expect(crossed > 0, f"{crossed:.0f} replies landed on a queue whose worker does not own their session, and went back")
+    if topo.guest:
+        # A tap steers a flow's replies to the queue the flow left on (tun's automatic queue steering, with
+        # the symmetric flow hash): on virtio-net replies reach their session's own worker.
+        print(f"  replies that crossed queues: {crossed:.0f} (the tap steers replies to their flow's queue)")
+    else:
+        expect(crossed > 0, f"{crossed:.0f} replies landed on a queue whose worker does not own their session, and went back")
     expect(relay.metric(text, "oxidize_relay_drops_total", reason="no_route") == 0, "no packet was dropped for want of a route")
 
 
@@ -117,10 +132,23 @@ def finish(topo, relay, interfaces=None):
 def relay_traffic(topo, binary, backend, count):
     """`count` datagrams of mixed sizes through the relay, every payload checked."""
     echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream)
-    # AF_XDP: a kernel socket on the listen port would answer if the relay's traffic reached the kernel.
-    decoy = topo.spawn_peer("relay", "echo", "--bind", topo.listen) if backend == "af_xdp" else None
-    relay = start_relay(topo, binary, backend)
+    # AF_XDP: a kernel socket on the listen port would answer if the relay's traffic reached the kernel
+    # (the guest has no Python: there its kernel's UDP counters tell the same).
+    decoy = topo.spawn_peer("relay", "echo", "--bind", topo.listen) if backend == "af_xdp" and not topo.guest else None
+    kernel_udp_before = guest_udp(topo)
     expect_default_offloads(topo)
+    relay = start_relay(topo, binary, backend)
+    if topo.guest:
+        for line in relay.log_text().splitlines():
+            if any(what in line for what in ("XDP program attached", "AF_XDP socket bound", "setup done")):
+                print(f"  guest relay: {line.split('INFO ')[-1].strip()}")
+        interfaces = [arg for dev in topo.relay_interfaces for arg in ("--interface", dev)]
+        for line in topo.exec("relay", relay.binary, "probe", *interfaces).splitlines():
+            if line.startswith(("kernel", "interface", "auto would choose")):
+                print(f"  guest probe: {' '.join(line.split())}")
+        # virtio-net gives up its receive offloads for XDP, and QEMU tells the host's tap so.
+        tx_csum = next(l for l in topo.exec("client", "ethtool", "-k", "c0").splitlines() if l.startswith("tx-checksumming"))
+        print(f"  with XDP attached in the guest, the client's tap: {tx_csum}")
     report = topo.peer("client", "client", "--to", topo.listen, "--count", str(count), "--sockets", str(FLOWS))
     print(f"  client: {report}")
     # The stats file is rewritten every 200 ms: wait until it covers the whole exchange.
@@ -134,6 +162,10 @@ def relay_traffic(topo, binary, backend, count):
     if decoy:
         decoy_report = stop_peer(decoy)
         expect(decoy_report["received"] == 0, "the kernel socket on the listen port saw nothing: AF_XDP took the traffic")
+    if kernel_udp_before and backend == "af_xdp":
+        after = guest_udp(topo)
+        received = sum(after[k] - kernel_udp_before[k] for k in ("InDatagrams", "NoPorts"))
+        expect(received == 0, f"the guest kernel's UDP stack saw none of it ({received}): AF_XDP took the traffic")
     strangers = [source for source in echo_report["sources"]
                  if source.rsplit(":", 1)[0] != topo.relay_upstream_ip
                  or not NAT_PORTS[0] <= int(source.rsplit(":", 1)[1]) <= NAT_PORTS[1]]
@@ -147,10 +179,22 @@ def relay_traffic(topo, binary, backend, count):
     return report, final
 
 
+def guest_udp(topo):
+    """The guest kernel's UDP counters (/proc/net/snmp, or snmp6 for IPv6), or None without a guest."""
+    if not topo.guest:
+        return None
+    prefix = "Udp6" if topo.ipv6 else "Udp:"
+    text = topo.exec("relay", "cat", "/proc/net/snmp6" if topo.ipv6 else "/proc/net/snmp")
+    if topo.ipv6:
+        return {k[len("Udp6"):]: int(v) for k, v in (line.split() for line in text.splitlines() if line.startswith(prefix))}
+    header, values = [line.split()[1:] for line in text.splitlines() if line.startswith(prefix)][:2]
+    return dict(zip(header, map(int, values)))
+
+
 def traffic_scenario(arm, ipv6, count, queues=2):
     def run(binary, prefix, backend):
         with Topology(prefix, arm=arm, ipv6=ipv6, queues=queues) as topo:
-            relay_traffic(topo, binary, backend, count)
+            relay_traffic(topo, binary, backend, scaled(count))
     return run
 
 
@@ -266,7 +310,12 @@ def tcp_coexistence(binary, prefix, backend):
     with Topology(prefix, arm="one_arm") as topo:
         echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream)
         relay = start_relay(topo, binary, backend)
-        tcp = topo.spawn_peer("relay", "tcp-echo", "--bind", topo.endpoint(topo.listen_ip, 8022))
+        if topo.guest:
+            # The guest has no Python: busybox's nc serves one connection and echoes it through cat.
+            tcp = topo.guest.start(["nc", "-l", "-p", "8022", "-e", "cat"], "/run/tcp-echo.log")
+            time.sleep(1)
+        else:
+            tcp = topo.spawn_peer("relay", "tcp-echo", "--bind", topo.endpoint(topo.listen_ip, 8022))
         report = topo.peer("client", "tcp-client", "--to", topo.endpoint(topo.listen_ip, 8022))
         expect(report["echoed_intact"], "1 MiB over TCP to the relay host came back intact")
         tcp.wait(timeout=5)
@@ -744,12 +793,22 @@ def sigkill_fallback(binary, prefix, backend):
     """After SIGKILL nothing is left attached, and relay-port traffic reaches the kernel instead of vanishing."""
     with Topology(prefix, arm="one_arm") as topo:
         echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream)
-        kernel = topo.spawn_peer("relay", "echo", "--bind", topo.listen)
+        kernel = topo.spawn_peer("relay", "echo", "--bind", topo.listen) if not topo.guest else None
         relay = start_relay(topo, binary, backend)
         before = topo.peer("client", "client", "--to", topo.listen, "--count", "100")
         expect(before["received"] == 100, "relayed while running")
         relay.kill()
         expect(not topo.xdp_attached("relay", "rc0"), "SIGKILL left no XDP program (the BPF link died with the process)")
+        if topo.guest:
+            # No socket listens on the relay port in the guest: the kernel answers with port unreachable.
+            kernel_before = guest_udp(topo)
+            topo.peer("client", "send", "--to", topo.listen, "--count", "100")
+            time.sleep(1)
+            refused = guest_udp(topo)["NoPorts"] - kernel_before["NoPorts"]
+            expect(refused == 100,
+                   f"after SIGKILL the guest kernel got the client's datagrams ({refused} to no socket): traffic reached the kernel")
+            expect(stop_peer(echo)["received"] == 100, "and the upstream saw only the relayed traffic from before")
+            return
         after = topo.peer("client", "client", "--to", topo.listen, "--count", "100")
         kernel_report = stop_peer(kernel)
         upstream_report = stop_peer(echo)
@@ -860,7 +919,7 @@ def metrics_abuse(binary, prefix, backend):
     with Topology(prefix, arm="two_arm") as topo:
         echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream)
         relay = start_relay(topo, binary, backend)
-        rss_before = rss_kib(relay.proc.pid)
+        rss_before = rss_kib(relay)
         hold = topo.spawn("relay", sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer.py"),
                           "tcp-hold", "--to", "127.0.0.1:9184", "--count", "19000", "--seconds", "8")
         time.sleep(3)
@@ -879,7 +938,7 @@ def metrics_abuse(binary, prefix, backend):
         expect(relay.wait_stats(lambda s: True)["drops"]["nat_ports_exhausted"] == 0, "no session was refused for want of descriptors")
         log_size = os.path.getsize(relay.log)
         expect(log_size < 64 * 1024, f"the relay's log stayed small ({log_size} bytes)")
-        growth = rss_kib(relay.proc.pid) - rss_before
+        growth = rss_kib(relay) - rss_before
         expect(growth < 16 * 1024, f"memory stayed flat ({growth:+} KiB)")
         stop_peer(echo)
         finish(topo, relay)
@@ -943,21 +1002,25 @@ def flood(binary, prefix, backend):
     malformed frames, fragments and oversize datagrams at full speed; memory and the session table stay bounded."""
     max_sessions = 2000
     with Topology(prefix, arm="one_arm", attacker=True) as topo:
+        # An emulated guest takes in some 10K frames a second: a faster flood would only overflow its tap's
+        # queue on the host, in front of the relay. There the flood is paced to what the guest receives,
+        # with the new-flow budget scaled down with it, and fewer distinct sources fit in its 8 s.
+        pace, budget, sources = (["--rate", "8000"], 1000, 30_000) if topo.guest else ([], 5000, 100_000)
         echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream)
         config = relay_config(topo, backend).replace("[runtime]", f"""[security]
 max_sessions_per_source = 16
-new_flows_per_second = 5000
+new_flows_per_second = {budget}
 
 [runtime]""").replace(f"idle_timeout_secs = 120", f"idle_timeout_secs = 120\nmax_sessions = {max_sessions}")
         relay = Relay(topo, binary, config).start()
         legit = topo.endpoint(topo.client_ip, 11000)
         warm = topo.peer("client", "client", "--to", topo.listen, "--bind", legit, "--count", "100")
         expect(warm["received"] == 100, "the legitimate client's session is up before the flood")
-        rss_before = rss_kib(relay.proc.pid)
+        rss_before = rss_kib(relay)
         relay_mac = topo.exec("relay", "cat", "/sys/class/net/rc0/address").strip()
         loadgen = os.path.join(os.path.dirname(binary), "oxr-loadgen")
         attacker = topo.spawn("attacker", loadgen, "flood", "--interface", "a0", "--dst", topo.listen,
-                              "--dst-mac", relay_mac, "--seconds", "8", "--sources", "200000")
+                              "--dst-mac", relay_mac, "--seconds", "8", "--sources", "200000", *pace)
         time.sleep(1)
         steady = topo.spawn("client", sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer.py"),
                             "client", "--to", topo.listen, "--bind", legit, "--count", "3000", "--window", "4")
@@ -970,12 +1033,12 @@ new_flows_per_second = 5000
         print(f"  flood: {flood_report}")
         print(f"  legitimate client: {legit_report}")
         stats = relay.wait_stats(lambda s: True)
-        rss_after = rss_kib(relay.proc.pid)
+        rss_after = rss_kib(relay)
         drops = {k: v for k, v in stats["drops"].items() if v}
         xdp = {n: c for i in stats["interfaces"].values() for n, c in i["xdp_counters"].items() if c}
         print(f"  relay drops: {drops}\n  xdp: {xdp}\n  RSS {rss_before} KiB -> {rss_after} KiB, peak sessions {peak_sessions}")
         expect(relay.proc.poll() is None, "the relay stayed up")
-        expect(flood_report["distinct_sources"] >= 100_000, f"{flood_report['distinct_sources']} distinct spoofed sources")
+        expect(flood_report["distinct_sources"] >= sources, f"{flood_report['distinct_sources']} distinct spoofed sources")
         lost = legit_report["first_try_lost"] / max(1, legit_report["sent"])
         expect(legit_report["received"] == legit_report["sent"] and legit_report["corrupt"] == 0, "every legitimate datagram arrived")
         expect(lost <= 0.01, f"the legitimate client lost {100 * lost:.2f}% on first try (at most 1%)")
@@ -1002,9 +1065,10 @@ new_flows_per_second = 5000
         finish(topo, relay)
 
 
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+def rss_kib(relay):
+    """The relay process's resident memory, read on its host."""
+    status = relay.topo.read_file(relay.role, f"/proc/{relay.proc.pid}/status")
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
 
 
 def capabilities(pid):
@@ -1189,13 +1253,20 @@ def main():
     parser.add_argument("--prefix", default=f"oxr{os.getpid() % 100000}", help="namespace name prefix")
     parser.add_argument("--backend", choices=["af_xdp", "socket"], default="af_xdp")
     parser.add_argument("--stats-file", help="running-relay: the running relay's stats file")
+    parser.add_argument("--guest", metavar="SUITE", help="run the relay in a QEMU guest on this Debian suite's kernel "
+                        "(tests/vm/guest.py): bookworm, trixie or bullseye")
     parser.add_argument("scenario", choices=sorted(SCENARIOS))
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("scenarios create network namespaces and attach XDP: run as root")
     if args.scenario in AF_XDP_ONLY and args.backend != "af_xdp":
         sys.exit(f"scenario {args.scenario} is specific to the af_xdp backend")
-    print(f"scenario {args.scenario}, backend {args.backend} (namespaces {args.prefix}-*)")
+    if args.guest:
+        if args.scenario not in GUEST_SCENARIOS:
+            sys.exit(f"scenario {args.scenario} does not run in a guest (it needs a process on the relay's host)")
+        oxr.GUEST = {"suite": args.guest, "binaries": [os.path.abspath(args.relay)]}
+    where = f", relay in a Debian {args.guest} guest" if args.guest else ""
+    print(f"scenario {args.scenario}, backend {args.backend}{where} (namespaces {args.prefix}-*)")
     started = time.monotonic()
     try:
         extra = {"stats_file": args.stats_file} if args.scenario == "running-relay" else {}
