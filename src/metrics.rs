@@ -8,6 +8,7 @@ use metrics::{counter, describe_counter, describe_gauge, gauge};
 use oxidize_relay_core::DropReason;
 use oxidize_relay_core::counters::{self, Counters, KernelSocketStat, Kind, SCALARS, pool_name};
 
+use crate::backend::Attached;
 use crate::sys::bpf_abi::XdpCounter;
 
 /// The worker counters' metric names, from their one description in the core.
@@ -33,6 +34,7 @@ pub const NEIGHBOR_RESOLUTIONS: &str = "oxidize_relay_neighbor_resolutions_total
 pub const XDP_PACKETS: &str = "oxidize_relay_xdp_packets_total";
 pub const INFO: &str = "oxidize_relay_info";
 pub const XDP_MODE_INFO: &str = "oxidize_relay_xdp_mode_info";
+pub const AF_XDP_BIND_INFO: &str = "oxidize_relay_af_xdp_bind_info";
 pub const BUILD_INFO: &str = "oxidize_relay_build_info";
 pub const TUNNEL_PEER_KEEPALIVES: &str = "oxidize_relay_tunnel_peer_keepalives_total";
 pub const TUNNEL_PEER_UP: &str = "oxidize_relay_tunnel_peer_up";
@@ -58,6 +60,7 @@ pub fn names() -> Vec<&'static str> {
         XDP_PACKETS,
         INFO,
         XDP_MODE_INFO,
+        AF_XDP_BIND_INFO,
         BUILD_INFO,
         TUNNEL_PEER_KEEPALIVES,
         TUNNEL_PEER_UP,
@@ -109,12 +112,18 @@ pub fn draining(draining: bool) {
     gauge!(DRAINING).set(if draining { 1.0 } else { 0.0 });
 }
 
-/// Publishes what never changes after start-up.
-pub fn publish_static(backend: &'static str, xdp_modes: &[(String, &'static str)]) {
+/// Publishes what never changes after start-up: the backend, and per interface its XDP mode
+/// and each queue's AF_XDP bind mode.
+pub(crate) fn publish_static(backend: &'static str, attached: &[Attached]) {
     gauge!(INFO, "backend" => backend).set(1.0);
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-    for (interface, mode) in xdp_modes {
-        gauge!(XDP_MODE_INFO, "interface" => interface.clone(), "mode" => *mode).set(1.0);
+    for a in attached {
+        gauge!(XDP_MODE_INFO, "interface" => a.info.name.clone(), "mode" => a.mode.name()).set(1.0);
+        for (queue, &zero_copy) in a.zero_copy.iter().enumerate() {
+            let bind = if zero_copy { "zero_copy" } else { "copy" };
+            gauge!(AF_XDP_BIND_INFO, "interface" => a.info.name.clone(), "queue" => queue.to_string(), "bind" => bind)
+                .set(1.0);
+        }
     }
 }
 

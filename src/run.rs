@@ -201,7 +201,7 @@ pub fn run(config: Config, options: RunOptions) -> Result<(), SetupError> {
     if let Some(path) = &handover_file {
         inherit_sessions(path, &mut workers, &interfaces, epoch);
     }
-    metrics::publish_static(name, &attached.iter().map(|a| (a.info.name.clone(), a.mode.name())).collect::<Vec<_>>());
+    metrics::publish_static(name, &attached);
     let handles = spawn_workers(workers, &config.runtime.cores)?;
     let context = StatsContext {
         backend: name,

@@ -33,6 +33,8 @@ pub(crate) struct Attached {
     pub(crate) info: IfaceInfo,
     pub(crate) program: XdpProgram,
     pub(crate) mode: AttachedMode,
+    /// Whether the kernel bound each queue's AF_XDP socket in zero-copy mode (else copy), by queue.
+    pub(crate) zero_copy: Vec<bool>,
 }
 
 /// A worker of either backend, ready to move onto its thread.

@@ -112,6 +112,11 @@ def check_metrics(topo, relay, backend, count):
     expect(int(total.split()[1]) >= 2 * count, f"`oxidize-relay stats` renders the endpoint: {total.split()[:4]}")
     if backend == "af_xdp":
         expect(relay.metric(text, "oxidize_relay_xdp_packets_total", verdict="redirect_nat") >= count, "XDP verdicts are exported")
+        modes = sorted({line.split("{")[1].split("}")[0] for line in text.splitlines()
+                        if line.startswith(("oxidize_relay_xdp_mode_info{", "oxidize_relay_af_xdp_bind_info{"))})
+        sockets = relay.metric(text, "oxidize_relay_af_xdp_bind_info")
+        expect(sockets == len(topo.relay_interfaces) * topo.queues,
+               f"/metrics shows the XDP mode of each interface and the bind mode of each of its {sockets:.0f} sockets: {modes}")
         with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../dashboards/oxidize-relay.json")) as f:
             dashboard = f.read()
         used = set(re.findall(r"oxidize_relay_[a-z_]+", dashboard))

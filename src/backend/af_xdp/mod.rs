@@ -27,7 +27,7 @@ pub(crate) fn build(config: &Config, report: &HostReport, shared: &WorkerShared)
         }
         let mode = program.attach(info.index, report.xdp_mode_for(&info.name, interface.xdp_mode))?;
         tracing::info!(interface = %info.name, driver = %info.driver, mode = mode.name(), "XDP program attached");
-        attached.push(Attached { info, program, mode });
+        attached.push(Attached { info, program, mode, zero_copy: Vec::new() });
     }
 
     let iface_macs: Vec<_> = attached.iter().map(|a| a.info.mac).collect();
@@ -57,8 +57,9 @@ pub(crate) fn build(config: &Config, report: &HostReport, shared: &WorkerShared)
             );
         }
         let mut sockets = Vec::new();
-        for (a, interface) in attached.iter().zip(&config.interfaces) {
+        for (a, interface) in attached.iter_mut().zip(&config.interfaces) {
             let socket = QueueSocket::bind(&pool, &a.info.name, queue, domain_of(interface.role))?;
+            a.zero_copy.push(socket.zero_copy);
             a.program.register_socket(queue, socket.fd())?;
             tracing::info!(interface = %a.info.name, queue, zero_copy = socket.zero_copy, hugepages = pool.hugepages, "AF_XDP socket bound");
             sockets.push(socket);
