@@ -193,4 +193,5 @@ guest_scenarios! { bookworm, trixie, bullseye: {
     tcp_to_the_relay_host_works_while_attached => "tcp-coexistence",
     sigkill_leaves_traffic_to_the_kernel => "sigkill-fallback",
     spoofed_and_malformed_flood_spares_the_legitimate_client => "flood",
+    relay_chain_over_an_oxtunnel_hop => "chain",
 }}

@@ -28,7 +28,7 @@ FLOWS = 64
 # What runs with the relay in a QEMU guest (--guest): the scenarios that need no process of their own
 # on the relay's host. Emulation is slow: their traffic is a tenth of the native count.
 GUEST_SCENARIOS = {"ipv4-one-arm", "ipv6-one-arm", "ipv4-two-arm", "ipv6-two-arm", "many-clients", "session-expiry",
-                   "sigkill-fallback", "flood", "tcp-coexistence"}
+                   "sigkill-fallback", "flood", "tcp-coexistence", "chain"}
 
 
 def scaled(count):
@@ -1143,7 +1143,12 @@ def chain(binary, prefix, backend):
         for path in (key_a, key_wrong):
             with open(path, "w") as f:
                 f.write(os.urandom(32).hex() + "\n")
-        config_a = chain_config(("rc0", "ru0"), topo.listen, hop, f'upstream_encap = "oxtunnel"\nupstream_key_file = "{key_a}"')
+        # Relay A's copy of the hop key, on A's host (the guest, where there is one).
+        key_at_a = topo.path("relay", "hop.key")
+        if key_at_a != key_a:
+            with open(key_a) as f:
+                topo.write_file("relay", key_at_a, f.read())
+        config_a = chain_config(("rc0", "ru0"), topo.listen, hop, f'upstream_encap = "oxtunnel"\nupstream_key_file = "{key_at_a}"')
         config_b = lambda key: chain_config(("bc0", "bu0"), hop, topo.upstream, f'encap = "oxtunnel"\nkey_file = "{key}"')
         echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream)
         relay_b = Relay(topo, binary, config_b(key_a).replace("{mode}", backend), role="relay2").start()

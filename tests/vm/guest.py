@@ -222,7 +222,7 @@ class Guest:
         while time.monotonic() < deadline:
             if self.qemu.poll() is not None:
                 with open(self.qemu_log, errors="replace") as log:
-                    raise RuntimeError(f"qemu exited ({self.qemu.returncode}): {log.read()}\n{self.console_text()[-3000:]}")
+                    raise RuntimeError(f"qemu exited ({self.qemu.returncode}): {log.read()}\n{self.crash_report()}")
             if "oxr-guest ready" in self.console_text():
                 try:
                     if self.run("echo up", timeout=10)[1].strip() == "up":
@@ -230,7 +230,13 @@ class Guest:
                 except OSError:
                     pass
             time.sleep(0.5)
-        raise RuntimeError(f"the {self.suite} guest did not come up in {timeout}s:\n{self.console_text()[-3000:]}")
+        raise RuntimeError(f"the {self.suite} guest did not come up in {timeout}s:\n{self.crash_report()}")
+
+    def crash_report(self):
+        """The console from the kernel's first oops, warning or panic on (or its end if there is none)."""
+        text = self.console_text()
+        found = re.search(r"^.*(BUG:|Oops|general protection|WARNING:|Kernel panic).*$", text, re.M)
+        return text[found.start():found.start() + 8000] if found else text[-3000:]
 
     def console_text(self):
         try:
@@ -241,6 +247,8 @@ class Guest:
 
     def run(self, script, timeout=60):
         """Runs `script` in the guest's shell; returns (exit status, stdout and stderr)."""
+        if self.qemu.poll() is not None:
+            raise RuntimeError(f"the {self.suite} guest is gone (qemu exited {self.qemu.returncode}):\n{self.crash_report()}")
         with socket.create_connection(("127.0.0.1", self.agent_port), timeout=timeout) as conn:
             conn.sendall(f"exec 2>&1\n{script}\necho \"__oxr_rc=$?\"\nexit\n".encode())
             conn.shutdown(socket.SHUT_WR)
