@@ -194,4 +194,6 @@ guest_scenarios! { bookworm, trixie, bullseye: {
     sigkill_leaves_traffic_to_the_kernel => "sigkill-fallback",
     spoofed_and_malformed_flood_spares_the_legitimate_client => "flood",
     relay_chain_over_an_oxtunnel_hop => "chain",
+    reloads_lose_nothing_and_bad_ones_are_refused => "reload",
+    a_draining_relay_serves_sessions_and_opens_none => "drain",
 }}

@@ -317,6 +317,18 @@ def scrape(topo, port=9184, role="relay"):
     return topo.exec(role, sys.executable, "-c", code)
 
 
+def ready_status(topo, port=9184, role="relay"):
+    """The HTTP status of the relay's /ready (200 while it takes new sessions, 503 while draining)."""
+    url = f"http://127.0.0.1:{port}/ready"
+    if topo.in_guest(role):
+        answer = topo.exec(role, "wget", "-S", "-q", "-O", "/dev/null", url, check=False)
+        return re.findall(r"HTTP/1\.\d (\d{3})", answer)[-1]
+    code = ("import urllib.request, urllib.error\n"
+            f"try: print(urllib.request.urlopen('{url}').status)\n"
+            "except urllib.error.HTTPError as e: print(e.code)")
+    return topo.exec(role, sys.executable, "-c", code).strip()
+
+
 def metric(text, name, **labels):
     """Sum of the samples of `name` whose labels include `labels`."""
     total = 0.0

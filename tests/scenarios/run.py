@@ -16,7 +16,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import oxr  # noqa: E402
-from oxr import NAT_PORTS, Relay, Topology, metric, peer_report, relay_config, scrape, stop_peer  # noqa: E402
+from oxr import NAT_PORTS, Relay, Topology, metric, peer_report, ready_status, relay_config, scrape, stop_peer  # noqa: E402
 
 SCENARIOS = {}
 # Scenarios that only make sense for one backend.
@@ -28,7 +28,7 @@ FLOWS = 64
 # What runs with the relay in a QEMU guest (--guest): the scenarios that need no process of their own
 # on the relay's host. Emulation is slow: their traffic is a tenth of the native count.
 GUEST_SCENARIOS = {"ipv4-one-arm", "ipv6-one-arm", "ipv4-two-arm", "ipv6-two-arm", "many-clients", "session-expiry",
-                   "sigkill-fallback", "flood", "tcp-coexistence", "chain"}
+                   "sigkill-fallback", "flood", "tcp-coexistence", "chain", "reload", "drain"}
 
 
 def scaled(count):
@@ -574,9 +574,7 @@ def drain(binary, prefix, backend):
     with Topology(prefix, arm="two_arm") as topo:
         echo = topo.spawn_peer("upstream", "echo", "--bind", topo.upstream)
         relay = start_relay(topo, binary, backend)
-        ready = lambda: topo.exec("relay", sys.executable, "-c", "import urllib.request, urllib.error\n"
-                                  "try: print(urllib.request.urlopen('http://127.0.0.1:9184/ready').status)\n"
-                                  "except urllib.error.HTTPError as e: print(e.code)").strip()
+        ready = lambda: ready_status(topo)
         expect(ready() == "200", "/ready answers 200 while the relay takes new sessions")
         stream = topo.spawn_peer("client", "stream", "--to", topo.listen, "--sockets", "32", "--rate", "1000",
                                  "--duration", "5")
