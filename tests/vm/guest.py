@@ -6,7 +6,7 @@ and every command meant for the relay's host runs in the guest through a small s
 on a management NIC. Kernels are cached under /var/cache/oxidize-relay-vm/<suite>.
 
     guest.py kernel SUITE     download and unpack SUITE's stock kernel (bookworm, trixie, bullseye)
-    guest.py boot SUITE       boot a guest with the relay and print what its kernel offers
+    guest.py boot SUITE RELAY boot a guest with the relay binary RELAY and print what its kernel offers
 """
 import lzma
 import os
@@ -37,6 +37,8 @@ def _packages(suite):
 def kernel(suite):
     """SUITE's stock kernel (the package `linux-image-amd64` points at), unpacked once into the cache.
     Returns (kernel image, modules directory, kernel release)."""
+    if suite not in SUITES:
+        raise ValueError(f"no guest kernel for {suite!r}: the rig boots {', '.join(SUITES)}")
     root = os.path.join(CACHE, suite, "root")
     if not os.path.isdir(os.path.join(root, "lib", "modules")) and not os.path.isdir(os.path.join(root, "usr", "lib", "modules")):
         packages = _packages(suite)
@@ -179,6 +181,10 @@ def _die_with_parent():
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+class BootCrash(RuntimeError):
+    """The guest's kernel died before its init was up."""
+
+
 class Guest:
     """A booted guest: the relay's host. `nics` maps guest interface names to host tap devices
     (multi-queue, `queues` pairs each); `run` executes a shell script in the guest."""
@@ -204,25 +210,39 @@ class Guest:
                      "-device", f"virtio-net-pci,netdev={name},mac={mac},mq=on,vectors={2 * queues + 2}"]
         nic_map = ",".join(f"{mac}={name}" for name, mac in macs.items())
         args += ["-append", f"console=ttyS0 panic=-1 quiet oxr_nics={nic_map}"]
-        self.started = time.monotonic()
         self.qemu_log = os.path.join(workdir, "qemu.log")
+        try:
+            self._boot(args, boot_timeout)
+        except BootCrash as crash:
+            # Multi-threaded TCG now and then breaks the kernel's own code patching while it boots
+            # (seen on 6.12: "Oops: int3" in sched_init_debug, about 1 boot in 40), before anything
+            # of the relay runs: said loudly, and booted once more.
+            first_line = str(crash).strip().splitlines()[1] if "\n" in str(crash).strip() else str(crash)
+            print(f"  guest: the {suite} kernel crashed while booting, before the relay ran ({first_line.strip()}); booting again",
+                  flush=True)
+            os.replace(self.console, self.console + ".crashed")
+            self._boot(args, boot_timeout)
+        self.boot_seconds = time.monotonic() - self.started
+
+    def _boot(self, args, timeout):
+        self.started = time.monotonic()
         with open(self.qemu_log, "w") as log:
             # QEMU dies with whoever started it, even if that is killed outright.
             self.qemu = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          preexec_fn=_die_with_parent)
         try:
-            self._wait_ready(boot_timeout)
+            self._wait_ready(timeout)
         except BaseException:
             self.shutdown()
             raise
-        self.boot_seconds = time.monotonic() - self.started
 
     def _wait_ready(self, timeout):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.qemu.poll() is not None:
                 with open(self.qemu_log, errors="replace") as log:
-                    raise RuntimeError(f"qemu exited ({self.qemu.returncode}): {log.read()}\n{self.crash_report()}")
+                    failure = f"qemu exited ({self.qemu.returncode}): {log.read()}\n{self.crash_report()}"
+                raise (BootCrash if "oxr-guest ready" not in self.console_text() else RuntimeError)(failure)
             if "oxr-guest ready" in self.console_text():
                 try:
                     if self.run("echo up", timeout=10)[1].strip() == "up":
