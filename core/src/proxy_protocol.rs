@@ -35,30 +35,29 @@ pub fn write_header(out: &mut [u8], client: SocketAddr, destination: SocketAddr)
     let out = out.get_mut(..len)?;
     out[..12].copy_from_slice(&SIGNATURE);
     out[12] = VERSION_COMMAND;
-    let (family, addresses) = out[13..].split_at_mut(3);
+    let ports = [client.port(), destination.port()];
     match (client.ip(), destination.ip()) {
         (IpAddr::V4(source), IpAddr::V4(target)) => {
-            out_family(family, UDP_OVER_IPV4, 12);
-            addresses[..4].copy_from_slice(&source.octets());
-            addresses[4..8].copy_from_slice(&target.octets());
-            addresses[8..10].copy_from_slice(&client.port().to_be_bytes());
-            addresses[10..12].copy_from_slice(&destination.port().to_be_bytes());
+            put_addresses(&mut out[13..], UDP_OVER_IPV4, &source.octets(), &target.octets(), ports);
         }
         (IpAddr::V6(source), IpAddr::V6(target)) => {
-            out_family(family, UDP_OVER_IPV6, 36);
-            addresses[..16].copy_from_slice(&source.octets());
-            addresses[16..32].copy_from_slice(&target.octets());
-            addresses[32..34].copy_from_slice(&client.port().to_be_bytes());
-            addresses[34..36].copy_from_slice(&destination.port().to_be_bytes());
+            put_addresses(&mut out[13..], UDP_OVER_IPV6, &source.octets(), &target.octets(), ports);
         }
         _ => return None,
     }
     Some(len)
 }
 
-fn out_family(out: &mut [u8], family: u8, address_len: u16) {
+/// The family byte, the address block's length, then source and destination addresses and ports.
+fn put_addresses(out: &mut [u8], family: u8, source: &[u8], target: &[u8], ports: [u16; 2]) {
+    let n = source.len();
     out[0] = family;
-    out[1..3].copy_from_slice(&address_len.to_be_bytes());
+    out[1..3].copy_from_slice(&((2 * n + 4) as u16).to_be_bytes());
+    let addresses = &mut out[3..];
+    addresses[..n].copy_from_slice(source);
+    addresses[n..2 * n].copy_from_slice(target);
+    addresses[2 * n..2 * n + 2].copy_from_slice(&ports[0].to_be_bytes());
+    addresses[2 * n + 2..2 * n + 4].copy_from_slice(&ports[1].to_be_bytes());
 }
 
 /// Moves the `len` bytes of `payload` up and writes the header before them; returns the new
