@@ -152,31 +152,31 @@ impl NextHopResolver {
             .position(|i| i.index == route.ifindex)
             .ok_or(Unreachable::ForeignInterface(route.ifindex))?;
         let src_ip = route.preferred_source.ok_or(Unreachable::NoSourceAddress)?;
-        let mac = match self.statics.iter().find(|s| s.ip == route.next_hop) {
-            Some(pinned) => pinned.mac,
-            None => match self.socket.neighbor(route.ifindex, route.next_hop) {
-                Ok(Some(neighbor)) => {
-                    // The relay's traffic bypasses the kernel, which therefore never re-probes a STALE
-                    // entry: a host that came back with a new MAC would be black-holed for good. Kernel
-                    // traffic toward it starts the kernel's confirmation (DELAY, PROBE); a MAC that no
-                    // longer answers fails and is then resolved afresh.
-                    if neighbor.stale {
-                        nudge(route.next_hop);
-                    }
-                    let hop = NextHop { iface: IfaceId(iface as u8), src_ip, dst_mac: neighbor.mac };
-                    if self.last_confirmed[index].is_some_and(|c| c.unanswered) {
-                        tracing::info!(neighbor = %route.next_hop, mac = %format_mac(&neighbor.mac), "neighbour confirmed again");
-                    }
-                    self.last_confirmed[index] = Some(Confirmed { neighbor: route.next_hop, hop, unanswered: false });
-                    return Ok(hop);
-                }
-                Ok(None) | Err(_) => {
+        let hop = |dst_mac| NextHop { iface: IfaceId(iface as u8), src_ip, dst_mac };
+        if let Some(pinned) = self.statics.iter().find(|s| s.ip == route.next_hop) {
+            return Ok(hop(pinned.mac));
+        }
+        match self.socket.neighbor(route.ifindex, route.next_hop) {
+            Ok(Some(neighbor)) => {
+                // The relay's traffic bypasses the kernel, which therefore never re-probes a STALE
+                // entry: a host that came back with a new MAC would be black-holed for good. Kernel
+                // traffic toward it starts the kernel's confirmation (DELAY, PROBE); a MAC that no
+                // longer answers fails and is then resolved afresh.
+                if neighbor.stale {
                     nudge(route.next_hop);
-                    return self.last_known(index, route.next_hop, iface, src_ip);
                 }
-            },
-        };
-        Ok(NextHop { iface: IfaceId(iface as u8), src_ip, dst_mac: mac })
+                if self.last_confirmed[index].is_some_and(|c| c.unanswered) {
+                    tracing::info!(neighbor = %route.next_hop, mac = %format_mac(&neighbor.mac), "neighbour confirmed again");
+                }
+                let hop = hop(neighbor.mac);
+                self.last_confirmed[index] = Some(Confirmed { neighbor: route.next_hop, hop, unanswered: false });
+                Ok(hop)
+            }
+            Ok(None) | Err(_) => {
+                nudge(route.next_hop);
+                self.last_known(index, route.next_hop, iface, src_ip)
+            }
+        }
     }
 
     /// The kernel has no usable entry for `neighbor`. A neighbour that stops answering ARP/ND is far

@@ -44,7 +44,7 @@ pub struct HostReport {
 
 /// The oldest kernel the AF_XDP backend runs on: it attaches XDP through a BPF link (Linux 5.9)
 /// and shares one UMEM between the queues of several interfaces (5.10). The guest rig
-/// (tests/vm) runs every scenario on Debian 11's 5.10, 12's 6.1 and 13's 6.12.
+/// (tests/vm) runs the scenarios that fit a guest on Debian 11's 5.10, 12's 6.1 and 13's 6.12.
 pub const MIN_AF_XDP_KERNEL: (u32, u32) = (5, 10);
 
 /// Major and minor of a kernel release string such as `6.1.0-50-amd64`.
