@@ -184,16 +184,19 @@ def relay_traffic(topo, binary, backend, count):
     return report, final
 
 
-def guest_udp(topo):
-    """The guest kernel's UDP counters (/proc/net/snmp, or snmp6 for IPv6), or None without a guest."""
-    if not topo.guest:
-        return None
-    prefix = "Udp6" if topo.ipv6 else "Udp:"
-    text = topo.exec("relay", "cat", "/proc/net/snmp6" if topo.ipv6 else "/proc/net/snmp")
-    if topo.ipv6:
-        return {k[len("Udp6"):]: int(v) for k, v in (line.split() for line in text.splitlines() if line.startswith(prefix))}
-    header, values = [line.split()[1:] for line in text.splitlines() if line.startswith(prefix)][:2]
+def udp_counters(topo, role, ipv6=False):
+    """A host's kernel UDP counters by name (/proc/net/snmp, or snmp6 for IPv6)."""
+    if ipv6:
+        text = topo.exec(role, "cat", "/proc/net/snmp6")
+        return {k[len("Udp6"):]: int(v) for k, v in (line.split() for line in text.splitlines() if line.startswith("Udp6"))}
+    text = topo.exec(role, "cat", "/proc/net/snmp")
+    header, values = [line.split()[1:] for line in text.splitlines() if line.startswith("Udp:")][:2]
     return dict(zip(header, map(int, values)))
+
+
+def guest_udp(topo):
+    """The guest kernel's UDP counters for the topology's family, or None without a guest."""
+    return udp_counters(topo, "relay", topo.ipv6) if topo.guest else None
 
 
 def traffic_scenario(arm, ipv6, count, queues=2):
@@ -986,10 +989,8 @@ def under_attack(binary, prefix, backend):
         named = {k: stats["drops"][k] for k in ("foreign_destination_mac", "own_source_address")}
         print(f"  forged frames dropped: {named}; sessions evicted {stats['sessions_evicted']}")
         # Where first tries went, should the client ever miss one: the relay's rings or the upstream's socket.
-        upstream_udp = topo.exec("upstream", "cat", "/proc/net/snmp").splitlines()
-        header, values = [line.split()[1:] for line in upstream_udp if line.startswith("Udp:")][:2]
         ring_drops = stats.get("af_xdp_kernel", {}).get("rx_dropped", "n/a")
-        print(f"  lost where: AF_XDP fill ring empty {ring_drops}, upstream receive buffer full {dict(zip(header, values))['RcvbufErrors']}")
+        print(f"  lost where: AF_XDP fill ring empty {ring_drops}, upstream receive buffer full {udp_counters(topo, 'upstream')['RcvbufErrors']}")
         expect(legit["received"] == 2000 and legit["corrupt"] == 0, "the settled client got every reply, intact")
         expect(legit["first_try_lost"] <= 100, f"at most 5% needed a second try ({legit['first_try_lost']})")
         expect(sum(named.values()) == forged, f"all {forged} forged frames were dropped under their names")
