@@ -10,6 +10,7 @@ pub mod config;
 pub mod counters;
 pub mod directory;
 pub mod drop_reason;
+pub mod flow_index;
 pub mod health;
 pub mod icmp;
 pub mod oxtunnel;

@@ -7,10 +7,11 @@
 //! capacity: a flood of new clients can fill the table, never grow it.
 
 use core::net::{IpAddr, SocketAddr};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use crate::directory::{Binding, IndexError, NatDirectory};
+use crate::flow_index::FlowIndex;
 use crate::ratelimit::TokenPair;
 use crate::route::{RouteId, UpstreamId};
 use crate::seed::Seeds;
@@ -115,7 +116,7 @@ pub enum AdmitError {
 pub struct SessionTable {
     first_port: u16,
     slots: Vec<Option<Session>>,
-    by_flow: HashMap<FlowKey, u16, ahash::RandomState>,
+    by_flow: FlowIndex,
     /// Free slot indexes, drawn at random (RFC 6056), so the next port cannot be guessed.
     free: Vec<u16>,
     /// Freed slots with the time they were freed, oldest first: reused only after [`QUARANTINE`],
@@ -158,7 +159,7 @@ impl SessionTable {
         SessionTable {
             first_port: first,
             slots: vec![None; slot_count],
-            by_flow: HashMap::with_capacity_and_hasher(capacity.min(slot_count), seeds.hasher()),
+            by_flow: FlowIndex::new(capacity.min(slot_count), seeds.hasher()),
             free: (0..slot_count as u32).map(|s| s as u16).collect(),
             quarantine: VecDeque::with_capacity(slot_count),
             capacity,
@@ -217,15 +218,21 @@ impl SessionTable {
     /// Puts `session` in `slot` and publishes it; on failure the slot is free again.
     fn install(&mut self, slot: u16, session: Session) -> Result<Slot, AdmitError> {
         self.directory.publish(session.nat_port, Some(&session.binding()), session.last_seen);
-        if let Err(error) = self.directory.insert(&session.flow, session.nat_port) {
+        let indexed = match self.directory.insert(&session.flow, session.nat_port) {
+            Err(IndexError::Taken(port)) => Err(AdmitError::Contended(port)),
+            Err(IndexError::Full) => Err(AdmitError::TableFull),
+            // Sized for the capacity, so this does not happen; withdrawn all the same if it does.
+            Ok(()) if !self.by_flow.insert(&session.flow, slot) => {
+                self.directory.remove(&session.flow, session.nat_port);
+                Err(AdmitError::TableFull)
+            }
+            Ok(()) => Ok(()),
+        };
+        if let Err(error) = indexed {
             self.directory.publish(session.nat_port, None, session.last_seen);
             self.free.push(slot);
-            return Err(match error {
-                IndexError::Taken(port) => AdmitError::Contended(port),
-                IndexError::Full => AdmitError::TableFull,
-            });
+            return Err(error);
         }
-        self.by_flow.insert(session.flow, slot);
         if self.by_age.len() == self.by_age.capacity() {
             self.by_age.pop_front();
         }
@@ -260,7 +267,8 @@ impl SessionTable {
     /// Where the session of `flow` lives, if this worker has it (one hash lookup).
     #[inline]
     pub fn find(&self, flow: &FlowKey) -> Option<Slot> {
-        self.by_flow.get(flow).copied().map(Slot)
+        let holds = |slot: u16| self.slots[usize::from(slot)].as_ref().is_some_and(|s| s.flow == *flow);
+        self.by_flow.find(flow, holds).map(Slot)
     }
 
     /// The session in `slot`.
@@ -329,7 +337,7 @@ impl SessionTable {
         let Some(session) = self.slots[usize::from(slot)].take() else { return };
         self.directory.remove(&session.flow, session.nat_port);
         self.directory.publish(session.nat_port, None, now);
-        self.by_flow.remove(&session.flow);
+        self.by_flow.remove(&session.flow, slot);
         self.quarantine.push_back((slot, now));
     }
 
