@@ -4,9 +4,10 @@
     sudo python3 benches/e2e/run.py [--quick] [--release-dir target/release]
 
 Contenders, one after another: oxidize-relay (AF_XDP), oxidize-relay (socket
-backend), nginx stream UDP proxy, socat, the kernel's nftables DNAT/SNAT with
-conntrack, and the direct routed path with no relay (the rig's ceiling). Each
-gets one worker/process. Writes benches/results/e2e-<date>.json and a PNG chart.
+backend), a bare AF_XDP forwarder (the relay's sockets and rings, MAC rewrite
+only: the ceiling of AF_XDP on this rig), nginx stream UDP proxy, socat, the
+kernel's nftables DNAT/SNAT with conntrack, and the direct routed path with no
+relay (the kernel's ceiling). Each gets one worker/process. Writes benches/results/e2e-<date>.json and a PNG chart.
 """
 import argparse
 import datetime
@@ -33,6 +34,31 @@ def busy_ticks():
     with open("/proc/stat") as f:
         fields = [int(v) for v in f.readline().split()[1:]]
     return sum(fields) - fields[3] - fields[4]
+
+
+def cpu_ticks():
+    """Per CPU: (user+nice, system, softirq) clock ticks, from /proc/stat."""
+    ticks = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *values = line.split()
+            if name.startswith("cpu") and name != "cpu":
+                v = [int(x) for x in values]
+                ticks[name] = (v[0] + v[1], v[2], v[6])
+    return ticks
+
+
+def process_ticks(pids):
+    """Summed (user, system) clock ticks of `pids` (every thread), from /proc/PID/stat."""
+    user = system = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        user, system = user + int(fields[11]), system + int(fields[12])
+    return user, system
 
 
 class Contender:
@@ -120,6 +146,20 @@ upstreams = ["{UPSTREAM}"]
             return json.load(f)
 
 
+class BareForwarder(Process):
+    """The rig's AF_XDP ceiling: the relay's sockets, rings, UMEM and batch size with a MAC rewrite
+    only (no parse, session, NAT or checksum). The client addresses the upstream, as for Direct."""
+    name, slug = "bare AF_XDP forwarder (MAC rewrite only)", "forwarder"
+    target = UPSTREAM
+
+    def command(self, topo, args):
+        client_mac = topo.exec("client", "cat", "/sys/class/net/c0/address").strip()
+        upstream_mac = topo.exec("upstream", "cat", "/sys/class/net/u0/address").strip()
+        return [os.path.join(args.release_dir, "oxr-loadgen"), "forward", "--client-interface", "rc0",
+                "--upstream-interface", "ru0", "--upstream", UPSTREAM, "--upstream-mac", upstream_mac,
+                "--client", CLIENT, "--client-mac", client_mac]
+
+
 class Nginx(Process):
     name, slug = "nginx stream", "nginx"
 
@@ -201,9 +241,17 @@ def measure(topo, args, contender, size, count, rate):
         perf = subprocess.Popen(["perf", "stat", "-x", ",", "-e", "task-clock,raw_syscalls:sys_enter",
                                  "-p", ",".join(map(str, pids)), "-o", perf_out])
         time.sleep(0.3)
-    busy_before = busy_ticks()
+    busy_before, cpus_before, process_before = busy_ticks(), cpu_ticks(), process_ticks(pids)
     result = generate(topo, args, contender, size, count, rate)
-    busy = (busy_ticks() - busy_before) / os.sysconf("SC_CLK_TCK")
+    hz = os.sysconf("SC_CLK_TCK")
+    busy = (busy_ticks() - busy_before) / hz
+    process_after, cpus_after = process_ticks(pids), cpu_ticks()
+    # Where the time went: the relay's own user-mode work against the kernel's share (its
+    # syscalls, which in copy mode include the copy and the veth peer's receive path, and softirqs).
+    result["relay_user_seconds"] = (process_after[0] - process_before[0]) / hz
+    result["relay_system_seconds"] = (process_after[1] - process_before[1]) / hz
+    result["cpus"] = {cpu: dict(zip(("user", "system", "softirq"), ((a - b) / hz for a, b in zip(cpus_after[cpu], cpus_before[cpu]))))
+                      for cpu in cpus_after}
     result["relay_process_cpu_seconds"] = None
     result["syscalls"] = 0
     if perf:
@@ -225,6 +273,9 @@ def measure(topo, args, contender, size, count, rate):
         process = result["relay_process_cpu_seconds"]
         result["relay_ns_per_forward"] = (process * 1e9 / forwarded) if process is not None else None
         result["syscalls_per_forward"] = (result["syscalls"] / forwarded) if result["syscalls"] is not None else None
+        if pids:
+            result["relay_user_ns_per_forward"] = result["relay_user_seconds"] * 1e9 / forwarded
+            result["relay_system_ns_per_forward"] = result["relay_system_seconds"] * 1e9 / forwarded
     return result
 
 
@@ -288,12 +339,13 @@ def main():
     parser.add_argument("--release-dir", default=os.path.join(ROOT, "target", "release"))
     parser.add_argument("--quick", action="store_true", help="fewer packets per run")
     parser.add_argument("--only", help="comma-separated contender slugs")
+    parser.add_argument("--tag", help="suffix of the results file name (e2e-DATE-TAG.json)")
     args = parser.parse_args()
     args.count_small = 100_000 if args.quick else 1_000_000
     args.count_large = 50_000 if args.quick else 300_000
     args.latency_count, args.latency_rate = (5_000, 5_000) if args.quick else (20_000, 10_000)
     contenders = [Oxidize("af_xdp"), Oxidize("af_xdp", queues=2), Oxidize("af_xdp", "busy_poll"), Oxidize("socket"),
-                  Nginx(), Socat(), Nftables(), Direct()]
+                  BareForwarder(), Nginx(), Socat(), Nftables(), Direct()]
     if args.only:
         contenders = [c for c in contenders if c.slug in args.only.split(",")]
     date = datetime.date.today().isoformat()
@@ -305,9 +357,13 @@ def main():
             r = result[run]
             print(f"   {run:<11} {r['forwarded_pps'] / 1e3:9.1f} Kpps forwarded, loss {100 * r['loss_ratio']:.2f}%, "
                   f"p50 {r['rtt_p50_us']:.0f} us, p99 {r['rtt_p99_us']:.0f} us, "
-                  f"cpu/fwd {r.get('relay_ns_per_forward') or 0:.0f} ns, syscalls/fwd {r.get('syscalls_per_forward') or 0:.3f}", flush=True)
+                  f"cpu/fwd {r.get('relay_ns_per_forward') or 0:.0f} ns "
+                  f"(user {r.get('relay_user_ns_per_forward') or 0:.0f}, kernel {r.get('relay_system_ns_per_forward') or 0:.0f}), "
+                  f"syscalls/fwd {r.get('syscalls_per_forward') or 0:.3f}", flush=True)
+            cpus = ", ".join(f"{cpu} usr {t['user']:.2f} sys {t['system']:.2f} si {t['softirq']:.2f} s" for cpu, t in r["cpus"].items())
+            print(f"   {'':<11} machine: {cpus}", flush=True)
     os.makedirs(os.path.join(ROOT, "benches", "results"), exist_ok=True)
-    path = os.path.join(ROOT, "benches", "results", f"e2e-{date}.json")
+    path = os.path.join(ROOT, "benches", "results", f"e2e-{date}" + (f"-{args.tag}" if args.tag else "") + ".json")
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
     print(f"results: {path}")

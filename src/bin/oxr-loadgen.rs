@@ -2,7 +2,9 @@
 //!
 //! `gen` sends IPv4/UDP frames (sequence number and send time in the payload)
 //! from one interface toward a relay and receives what comes back; `reflect`
-//! swaps addresses and returns every datagram to its sender. Both steer their
+//! swaps addresses and returns every datagram to its sender; `forward` is the
+//! rig's AF_XDP ceiling: the relay's sockets, rings, UMEM and batch size with
+//! nothing but a MAC rewrite between receive and transmit. All steer their
 //! traffic with the relay's own XDP program and use copy or zero-copy AF_XDP
 //! as the driver allows, so they cost far less per packet than the relays they measure.
 
@@ -18,7 +20,7 @@ use oxidize_relay::sys::iface::IfaceInfo;
 use oxidize_relay::sys::xdp::XdpProgram;
 use oxidize_relay::sys::xsk::{self, Frame, FramePool, QueueSocket};
 use oxidize_relay_core::config::{XdpMode, parse_mac};
-use oxidize_relay_core::wire::{UdpFrame, build::udp_frame};
+use oxidize_relay_core::wire::{MacAddr, UdpFrame, build::udp_frame};
 use serde_json::json;
 
 const BATCH: usize = 64;
@@ -79,6 +81,25 @@ enum Command {
         interface: String,
         #[arg(long)]
         listen: SocketAddr,
+    },
+    /// Until SIGTERM, move datagrams to `upstream` from the client interface to the upstream
+    /// interface and datagrams to the generator's flows from `client` back, rewriting MACs only.
+    Forward {
+        #[arg(long)]
+        client_interface: String,
+        #[arg(long)]
+        upstream_interface: String,
+        #[arg(long)]
+        upstream: SocketAddr,
+        /// MAC of the upstream's interface.
+        #[arg(long)]
+        upstream_mac: String,
+        /// The generator's source address: its flows' ports start here.
+        #[arg(long)]
+        client: SocketAddr,
+        /// MAC of the client's interface.
+        #[arg(long)]
+        client_mac: String,
     },
 }
 
@@ -143,6 +164,13 @@ fn main() -> anyhow::Result<()> {
             generate(&interface, src, dst, &dst_mac, count, size, rate)
         }
         Command::Reflect { interface, listen } => reflect(&interface, listen),
+        Command::Forward { client_interface, upstream_interface, upstream, upstream_mac, client, client_mac } => {
+            let upstream_mac = parse_mac(&upstream_mac).context("--upstream-mac is not a MAC address")?;
+            let client_mac = parse_mac(&client_mac).context("--client-mac is not a MAC address")?;
+            let flows: Vec<SocketAddr> =
+                (0..FLOWS).map(|i| SocketAddr::new(client.ip(), client.port().wrapping_add(i as u16))).collect();
+            forward([(&client_interface, &[upstream][..], client_mac), (&upstream_interface, &flows, upstream_mac)])
+        }
         Command::Flood { interface, dst, dst_mac, seconds, sources, rate } => {
             flood(&interface, dst, &dst_mac, seconds, sources, rate)
         }
@@ -288,6 +316,123 @@ fn reflect(interface: &str, listen: SocketAddr) -> anyhow::Result<()> {
     }
     println!("{}", json!({ "reflected": reflected, "wakeups": wakeups, "cpu_seconds": cpu_seconds() }));
     Ok(())
+}
+
+/// The relay's defaults (`[pool]`, `[runtime] batch_size`), so the ceiling uses what the relay uses.
+const RELAY_FRAMES: u32 = 4096;
+const RELAY_FRAME_SIZE: u32 = 2048;
+
+/// One side of the forwarder: an interface, the endpoints its XDP program takes, and the MAC
+/// of the host behind it (the destination of frames the forwarder sends out of it).
+type Side<'a> = (&'a String, &'a [SocketAddr], MacAddr);
+
+/// The bare forwarder: per queue, one thread with one UMEM shared by a socket on each side
+/// (two frame domains, as a two-arm relay has), run like the relay's worker without the relay.
+fn forward(sides: [Side; 2]) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    let mut programs = Vec::new();
+    let mut infos = Vec::new();
+    for (interface, endpoints, _) in &sides {
+        let info = IfaceInfo::lookup(interface)?;
+        let mut program = XdpProgram::load(1)?;
+        for endpoint in *endpoints {
+            program.add_listen(*endpoint)?;
+        }
+        program.configure(&RelayConfig { nat_port_first: 1, nat_port_last: 0, ..RelayConfig::default() })?;
+        program.attach(info.index, XdpMode::Auto)?;
+        programs.push(program);
+        infos.push(info);
+    }
+    if infos[0].rx_queues != infos[1].rx_queues {
+        bail!("the two interfaces have different queue counts");
+    }
+    // What goes out of side `i` is addressed to the host behind it, from side `i`'s own MAC.
+    let mut headers = [[0u8; 12]; 2];
+    for (header, ((_, _, peer), info)) in headers.iter_mut().zip(sides.iter().zip(&infos)) {
+        header[..6].copy_from_slice(peer);
+        header[6..].copy_from_slice(&info.mac);
+    }
+    let mut workers = Vec::new();
+    for queue in 0..infos[0].rx_queues.max(1) {
+        let pool = FramePool::new(RELAY_FRAMES, RELAY_FRAME_SIZE, true, 2)?;
+        let mut sockets = Vec::new();
+        for (domain, (info, program)) in infos.iter().zip(&programs).enumerate() {
+            let socket = QueueSocket::bind(&pool, &info.name, queue, domain)?;
+            program.register_socket(queue, socket.fd())?;
+            sockets.push(socket);
+        }
+        let stop = stop.clone();
+        workers.push(std::thread::spawn(move || forward_queue(pool, sockets, headers, &stop)));
+    }
+    eprintln!("ready");
+    let (mut forwarded, mut wakeups) = (0u64, 0u64);
+    for worker in workers {
+        let (f, w) = worker.join().map_err(|_| anyhow::anyhow!("a forwarding thread panicked"))?;
+        forwarded += f;
+        wakeups += w;
+    }
+    println!("{}", json!({ "forwarded": forwarded, "wakeups": wakeups, "cpu_seconds": cpu_seconds() }));
+    Ok(())
+}
+
+/// One queue's loop, shaped as the relay worker's: reclaim and refill, receive what the egress
+/// backlog has room for, rewrite, transmit, and sleep in poll() only when nothing moved.
+fn forward_queue(
+    mut pool: FramePool,
+    mut sockets: Vec<QueueSocket>,
+    headers: [[u8; 12]; 2],
+    stop: &AtomicBool,
+) -> (u64, u64) {
+    let backlog = 2 * BATCH;
+    let mut outgoing: [Vec<Frame>; 2] = [Vec::with_capacity(backlog), Vec::with_capacity(backlog)];
+    let mut received = Vec::with_capacity(BATCH);
+    let fds: Vec<_> = sockets.iter().map(QueueSocket::fd).collect();
+    let share = pool.capacity(0) / 2;
+    for socket in &mut sockets {
+        socket.refill(&mut pool, share);
+    }
+    let (mut forwarded, mut wakeups) = (0u64, 0u64);
+    while !stop.load(Ordering::Relaxed) {
+        for socket in &mut sockets {
+            socket.reclaim(&mut pool);
+            socket.refill(&mut pool, BATCH);
+        }
+        let mut got = 0;
+        for (ingress, socket) in sockets.iter_mut().enumerate() {
+            let egress = 1 - ingress;
+            let room = BATCH.min(backlog - outgoing[egress].len());
+            got += socket.receive(room, &mut received);
+            for mut frame in received.drain(..) {
+                let mut data = pool.packet_mut(&mut frame);
+                if let Some(header) = data.contents_mut().get_mut(..12) {
+                    header.copy_from_slice(&headers[egress]);
+                }
+                outgoing[egress].push(frame);
+            }
+        }
+        for (socket, queue) in sockets.iter_mut().zip(outgoing.iter_mut()) {
+            if queue.is_empty() {
+                continue;
+            }
+            forwarded += socket.transmit(queue).0 as u64;
+            wakeups += u64::from(socket.wake_tx_if_needed());
+        }
+        if got == 0 && outgoing.iter().all(Vec::is_empty) {
+            let mut kicked = false;
+            for socket in &mut sockets {
+                if socket.tx_unsent() {
+                    wakeups += u64::from(socket.wake_tx_if_needed());
+                    kicked = true;
+                }
+            }
+            if !kicked {
+                wakeups += 1;
+                let _ = xsk::wait_readable(&fds, 100);
+            }
+        }
+    }
+    (forwarded, wakeups)
 }
 
 /// The kinds of flood frame, in the order they rotate (weights by repetition).
