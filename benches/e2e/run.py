@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +28,8 @@ from oxr import Topology  # noqa: E402
 CLIENT = "10.1.0.2:40000"
 LISTEN = "10.1.0.1:5000"
 UPSTREAM = "10.2.0.2:7000"
+# Round trips per second of the paced run: 100K forwarded packets/s, below every contender's saturation here.
+PACED_RATE = 50_000
 
 
 def busy_ticks():
@@ -64,6 +67,8 @@ def process_ticks(pids):
 class Contender:
     name = ""
     target = LISTEN
+    # Commands it runs beyond the rig's own (ip, perf), with the Debian package that has each.
+    needs = {}
     # RX/TX queues of every veth in the rig: RSS-like spreading, as on the NICs operators run.
     queues = 2
 
@@ -162,6 +167,7 @@ class BareForwarder(Process):
 
 class Nginx(Process):
     name, slug = "nginx stream", "nginx"
+    needs = {"nginx": "nginx-light libnginx-mod-stream"}
 
     def command(self, topo, args):
         conf = os.path.join(topo.workdir, "nginx.conf")
@@ -185,6 +191,7 @@ stream {{
 
 class Socat(Process):
     name, slug = "socat", "socat"
+    needs = {"socat": "socat"}
 
     def command(self, topo, args):
         host, port = LISTEN.split(":")
@@ -193,6 +200,7 @@ class Socat(Process):
 
 class Nftables(Contender):
     name, slug = "nftables DNAT/SNAT", "nftables"
+    needs = {"nft": "nftables"}
 
     def start(self, topo, args):
         topo.exec("relay", "sysctl", "-qw", "net.ipv4.ip_forward=1")
@@ -232,14 +240,19 @@ def generate(topo, args, contender, size, count, rate):
     return json.loads(topo.exec("client", *cmd).strip().splitlines()[-1])
 
 
-def measure(topo, args, contender, size, count, rate):
-    """One run: the generator's view plus the relay's CPU time and syscalls over the run."""
+def measure(topo, args, contender, size, count, rate, profile=False):
+    """One run: the generator's view plus the relay's CPU time and syscalls over the run;
+    with `profile`, also where the relay's CPU time went (sampled, user and kernel symbols)."""
     pids = contender.pids(topo)
-    perf = None
+    perf = record = None
     if pids:
         perf_out = os.path.join(topo.workdir, "perf.txt")
         perf = subprocess.Popen(["perf", "stat", "-x", ",", "-e", "task-clock,raw_syscalls:sys_enter",
                                  "-p", ",".join(map(str, pids)), "-o", perf_out])
+        if profile:
+            samples = os.path.join(topo.workdir, f"{contender.slug}.perf.data")
+            record = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "2999", "-o", samples,
+                                       "-p", ",".join(map(str, pids))], stderr=subprocess.DEVNULL)
         time.sleep(0.3)
     busy_before, cpus_before, process_before = busy_ticks(), cpu_ticks(), process_ticks(pids)
     result = generate(topo, args, contender, size, count, rate)
@@ -254,6 +267,12 @@ def measure(topo, args, contender, size, count, rate):
                       for cpu in cpus_after}
     result["relay_process_cpu_seconds"] = None
     result["syscalls"] = 0
+    if record:
+        record.send_signal(signal.SIGINT)
+        record.wait(timeout=30)
+        report = subprocess.run(["perf", "report", "-i", samples, "--stdio", "--no-children", "--sort", "dso,sym",
+                                 "--percent-limit", "1"], capture_output=True, text=True).stdout
+        result["profile"] = [line.strip() for line in report.splitlines() if line.strip() and not line.startswith("#")]
     if perf:
         perf.send_signal(signal.SIGINT)
         perf.wait(timeout=10)
@@ -290,8 +309,10 @@ def run_contender(args, contender):
         try:
             generate(topo, args, contender, 64, 2000, 20000)  # warm-up: sessions, ARP, forks
             results = {
-                "max_64": measure(topo, args, contender, 64, args.count_small, 0),
+                "max_64": measure(topo, args, contender, 64, args.count_small, 0, profile=args.profile),
                 "max_1400": measure(topo, args, contender, 1400, args.count_large, 0),
+                # Below everyone's saturation, so CPU per packet is compared without loss skewing it.
+                "paced_64": measure(topo, args, contender, 64, args.paced_count, PACED_RATE),
                 "latency_64": measure(topo, args, contender, 64, args.latency_count, args.latency_rate),
             }
             if isinstance(contender, Oxidize):
@@ -340,20 +361,29 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer packets per run")
     parser.add_argument("--only", help="comma-separated contender slugs")
     parser.add_argument("--tag", help="suffix of the results file name (e2e-DATE-TAG.json)")
+    parser.add_argument("--profile", action="store_true",
+                        help="sample where each user-space contender's CPU time goes in the 64 B saturation run")
     args = parser.parse_args()
     args.count_small = 100_000 if args.quick else 1_000_000
     args.count_large = 50_000 if args.quick else 300_000
     args.latency_count, args.latency_rate = (5_000, 5_000) if args.quick else (20_000, 10_000)
+    args.paced_count = 100_000 if args.quick else 500_000
     contenders = [Oxidize("af_xdp"), Oxidize("af_xdp", queues=2), Oxidize("af_xdp", "busy_poll"), Oxidize("socket"),
                   BareForwarder(), Nginx(), Socat(), Nftables(), Direct()]
     if args.only:
         contenders = [c for c in contenders if c.slug in args.only.split(",")]
+    needed = {"perf": "linux-perf"}
+    for contender in contenders:
+        needed.update(contender.needs)
+    missing = sorted({package for tool, package in needed.items() if not shutil.which(tool)})
+    if missing:
+        sys.exit(f"missing for these contenders: apt-get install {' '.join(missing)}")
     date = datetime.date.today().isoformat()
     report = {"date": date, "machine": machine(), "quick": args.quick, "contenders": {}}
     for contender in contenders:
         print(f"== {contender.name}", flush=True)
         report["contenders"][contender.name] = result = run_contender(args, contender)
-        for run in ("max_64", "max_1400", "latency_64"):
+        for run in ("max_64", "max_1400", "paced_64", "latency_64"):
             r = result[run]
             print(f"   {run:<11} {r['forwarded_pps'] / 1e3:9.1f} Kpps forwarded, loss {100 * r['loss_ratio']:.2f}%, "
                   f"p50 {r['rtt_p50_us']:.0f} us, p99 {r['rtt_p99_us']:.0f} us, "
@@ -362,6 +392,8 @@ def main():
                   f"syscalls/fwd {r.get('syscalls_per_forward') or 0:.3f}", flush=True)
             cpus = ", ".join(f"{cpu} usr {t['user']:.2f} sys {t['system']:.2f} si {t['softirq']:.2f} s" for cpu, t in r["cpus"].items())
             print(f"   {'':<11} machine: {cpus}", flush=True)
+            for line in r.get("profile", []):
+                print(f"   {'':<11} {line}", flush=True)
     os.makedirs(os.path.join(ROOT, "benches", "results"), exist_ok=True)
     path = os.path.join(ROOT, "benches", "results", f"e2e-{date}" + (f"-{args.tag}" if args.tag else "") + ".json")
     with open(path, "w") as f:

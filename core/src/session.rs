@@ -126,6 +126,9 @@ pub struct SessionTable {
     idle_timeout: Millis,
     unreplied_timeout: Millis,
     sweep_cursor: usize,
+    /// The clock reading of the latest sweep: slots are swept at most once per millisecond,
+    /// however many bursts a busy worker runs in it (a sweep reads `budget` slots' cache lines).
+    swept_at: Option<Millis>,
     /// Sessions in creation order (slot, created): the eviction candidates when the table is full.
     /// Entries of sessions that ended or became established are skipped when met.
     by_age: VecDeque<(u16, Millis)>,
@@ -166,6 +169,7 @@ impl SessionTable {
             idle_timeout: timeouts.idle,
             unreplied_timeout: timeouts.unreplied.min(timeouts.idle),
             sweep_cursor: 0,
+            swept_at: None,
             by_age: VecDeque::with_capacity(slot_count),
             retired: Vec::with_capacity(MAX_RETIRED),
             directory,
@@ -286,9 +290,13 @@ impl SessionTable {
     }
 
     /// Removes sessions idle (in both directions, on every worker) for at least
-    /// the timeout, examining at most `budget` slots from where the previous call
-    /// stopped; `on_expired` sees each removed session. Returns how many expired.
+    /// the timeout, examining at most `budget` slots from where the previous sweep
+    /// stopped, once per millisecond of `now` (later calls in the same millisecond
+    /// do nothing); `on_expired` sees each removed session. Returns how many expired.
     pub fn expire(&mut self, now: Millis, budget: usize, mut on_expired: impl FnMut(&Session)) -> usize {
+        if self.swept_at.replace(now) == Some(now) {
+            return 0;
+        }
         let mut expired = 0;
         for _ in 0..budget.min(self.slots.len()) {
             let slot = self.sweep_cursor;
@@ -433,6 +441,10 @@ mod tests {
         directory.touch(answered.nat_port, 950);
         assert_eq!(table.expire(999, 10, |_| {}), 0, "nothing is idle for a full timeout yet");
         assert_eq!(table.expire(1000, 10, |_| {}), 1);
+        let stale = admit(&mut table, "10.0.0.7:4");
+        assert_eq!(table.expire(1000, 10, |_| {}), 0, "one sweep per millisecond, however many bursts");
+        assert!(table.find(&stale.flow).is_some());
+        assert_eq!(table.expire(1001, 10, |_| {}), 1, "and the next millisecond's sweep takes it");
         assert!(table.find(&idle.flow).is_none());
         assert_eq!(directory.binding(idle.nat_port), None, "the expired binding is withdrawn");
         assert!(table.find(&busy.flow).is_some() && table.find(&answered.flow).is_some());
