@@ -16,7 +16,7 @@ use oxidize_relay_core::{NextHop, NoHop, Relay};
 pub const IDLE_POLL: Duration = Duration::from_millis(100);
 /// Session slots examined for expiry per millisecond with traffic (or per idle poll): a 10,000-port
 /// share is swept every 40 ms under load. Sweeping per burst instead read 256 slots' cache lines
-/// for every burst, however small: most of the relay's own CPU time per packet in the end-to-end benchmark.
+/// for every burst, however small.
 pub const EXPIRY_BUDGET: usize = 256;
 /// Room in each channel between the control thread and a worker. A worker never blocks on a
 /// full one: an unresolved upstream it cannot report now is reported by its next packet, and
