@@ -78,6 +78,80 @@ pub fn too_big_in_place(
     Some(end)
 }
 
+/// The most of a datagram an ICMP error quotes (RFC 1812 4.3.2.3: the error within 576
+/// bytes; RFC 4443 2.4: within the IPv6 minimum MTU), less the headers around it.
+const MAX_QUOTED_PAYLOAD_V4: usize = 576 - 20 - 8 - 20 - 8;
+const MAX_QUOTED_PAYLOAD_V6: usize = 1280 - 40 - 8 - 40 - 8;
+
+/// What a connected socket's error queue keeps of an ICMP error about one of its datagrams:
+/// the message's type, code and info (the MTU of a too-big error), and who sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueuedError {
+    pub kind: u8,
+    pub code: u8,
+    pub info: u32,
+    pub from: IpAddr,
+}
+
+/// The frame `error` arrived in (to `dst_mac`), about the datagram `nat` sent to `upstream`
+/// carrying `payload` (as much as the error quoted): the socket backend's kernel took the
+/// error off the wire, and this puts it back together so it goes through the same
+/// [`IcmpError`] translation as on the AF_XDP backend. Checksums are left to that translation,
+/// which rewrites every one. `None` for mixed address families. Allocates: errors are rare and rate limited.
+pub fn rebuild_frame(
+    error: &QueuedError,
+    dst_mac: MacAddr,
+    nat: SocketAddr,
+    upstream: SocketAddr,
+    payload: &[u8],
+) -> Option<Vec<u8>> {
+    let ipv6 = nat.is_ipv6();
+    if upstream.is_ipv6() != ipv6 || error.from.is_ipv6() != ipv6 {
+        return None;
+    }
+    let quoted_len = payload.len().min(if ipv6 { MAX_QUOTED_PAYLOAD_V6 } else { MAX_QUOTED_PAYLOAD_V4 });
+    let datagram = crate::wire::build::udp_frame([0; 6], [0; 6], nat, upstream, &payload[..quoted_len]);
+    let quoted = &datagram[field::ETH_HEADER_LEN..];
+    let rest = match (ipv6, error.kind, error.code) {
+        (false, ICMPV4_DEST_UNREACHABLE, ICMPV4_FRAGMENTATION_NEEDED) => (error.info & 0xffff).to_be_bytes(),
+        (true, ICMPV6_PACKET_TOO_BIG, _) => error.info.to_be_bytes(),
+        _ => [0; 4],
+    };
+    let message_len = 8 + quoted.len();
+    let mut frame = Vec::with_capacity(field::ETH_HEADER_LEN + 40 + message_len);
+    frame.extend_from_slice(&dst_mac);
+    frame.extend_from_slice(&[0; 6]);
+    match (error.from, nat.ip()) {
+        (IpAddr::V4(from), IpAddr::V4(to)) => {
+            frame.extend_from_slice(&field::ETHERTYPE_IPV4.to_be_bytes());
+            let mut ip = [0u8; 20];
+            ip[0] = 0x45;
+            ip[2..4].copy_from_slice(&((20 + message_len) as u16).to_be_bytes());
+            ip[8] = 64;
+            ip[9] = IPPROTO_ICMP;
+            ip[12..16].copy_from_slice(&from.octets());
+            ip[16..20].copy_from_slice(&to.octets());
+            frame.extend_from_slice(&ip);
+        }
+        (IpAddr::V6(from), IpAddr::V6(to)) => {
+            frame.extend_from_slice(&field::ETHERTYPE_IPV6.to_be_bytes());
+            let mut ip = [0u8; 40];
+            ip[0] = 0x60;
+            ip[4..6].copy_from_slice(&(message_len as u16).to_be_bytes());
+            ip[6] = IPPROTO_ICMPV6;
+            ip[7] = 64;
+            ip[8..24].copy_from_slice(&from.octets());
+            ip[24..40].copy_from_slice(&to.octets());
+            frame.extend_from_slice(&ip);
+        }
+        _ => return None,
+    }
+    frame.extend_from_slice(&[error.kind, error.code, 0, 0]);
+    frame.extend_from_slice(&rest);
+    frame.extend_from_slice(quoted);
+    Some(frame)
+}
+
 #[cfg(test)]
 mod tests {
     use core::net::SocketAddr;
@@ -97,6 +171,27 @@ mod tests {
         let len = too_big_in_place(&mut frame, layout, RELAY_MAC, SENDER_MAC, dst.ip(), mtu).expect("written");
         frame.truncate(len);
         (original, frame)
+    }
+
+    #[test]
+    fn a_rebuilt_error_parses_as_one_about_the_nat_endpoints_datagram() {
+        let nat: SocketAddr = "10.2.0.1:20007".parse().expect("nat");
+        let upstream: SocketAddr = "10.2.0.2:7000".parse().expect("upstream");
+        let refused = QueuedError { kind: 3, code: 3, info: 0, from: "10.2.0.2".parse().expect("ip") };
+        let frame = rebuild_frame(&refused, RELAY_MAC, nat, upstream, &[9; 2000]).expect("built");
+        let parsed = IcmpError::parse(&frame).expect("an ICMP error about UDP");
+        assert_eq!((parsed.quoted_src, parsed.quoted_dst, parsed.dst_mac), (nat, upstream, RELAY_MAC));
+        assert_eq!(frame.len(), 576 + 14, "quoted within 576 bytes, as a router would");
+        assert_eq!(&frame[26..30], &[10, 2, 0, 2], "from the host that sent it");
+
+        let nat6: SocketAddr = "[fd00:2::1]:20007".parse().expect("nat");
+        let upstream6: SocketAddr = "[fd00:2::2]:7000".parse().expect("upstream");
+        let too_big = QueuedError { kind: 2, code: 0, info: 1400, from: "fd00:2::9".parse().expect("ip") };
+        let frame = rebuild_frame(&too_big, RELAY_MAC, nat6, upstream6, &[9; 100]).expect("built");
+        let parsed = IcmpError::parse(&frame).expect("an ICMPv6 error about UDP");
+        assert_eq!((parsed.quoted_src, parsed.quoted_dst), (nat6, upstream6));
+        assert_eq!(u32::from_be_bytes(frame[58..62].try_into().expect("4")), 1400, "the MTU where ICMPv6 keeps it");
+        assert_eq!(rebuild_frame(&too_big, RELAY_MAC, nat, upstream, &[]), None, "families must agree");
     }
 
     #[test]

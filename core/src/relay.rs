@@ -1220,6 +1220,25 @@ mod tests {
     }
 
     #[test]
+    fn an_error_rebuilt_from_a_sockets_error_queue_is_translated_like_one_off_the_wire() {
+        let (mut relay, counters) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
+        let original = client_frame(40000);
+        let mut sent = original.clone();
+        relay.relay_whole_frame(1, IfaceId(0), &mut sent);
+        let refused = icmp::QueuedError { kind: 3, code: 3, info: 0, from: "10.1.0.2".parse().expect("ip") };
+        let mut error =
+            icmp::rebuild_frame(&refused, RELAY_UPSTREAM_SIDE, source_of(&sent), addr("10.1.0.2:7000"), &sent[42..])
+                .expect("rebuilt");
+        assert_eq!(relay.relay_whole_frame(2, IfaceId(1), &mut error), Verdict::Forward(IfaceId(0)));
+        assert_eq!((&error[26..30], &error[30..34]), (&[10, 0, 0, 1][..], &[10, 0, 0, 2][..]), "listen -> client");
+        assert_eq!(crate::checksum::checksum(&error[14..34]), 0, "outer IPv4 checksum");
+        assert_eq!(crate::checksum::checksum(&error[34..]), 0, "ICMP checksum");
+        assert_eq!(&error[42..62], &original[14..34], "the client's IP header as it sent it");
+        assert_eq!(&error[62..66], &original[34..38], "and its ports");
+        assert_eq!(counters.icmp_errors_relayed.get(), 1);
+    }
+
+    #[test]
     fn a_draining_relay_serves_its_sessions_and_opens_none() {
         let (mut relay, _) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
         let nat = request(&mut relay, 1, 40000);

@@ -35,7 +35,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut relay = Relay::new(Arc::new(routes), settings, counters.clone());
     for (id, ip) in [(0, "10.1.0.1"), (1, "10.1.0.1"), (2, "fd01::1")] {
-        relay.set_next_hop(UpstreamId(id), Ok(NextHop { iface: IfaceId(1), src_ip: ip.parse().expect("ip"), dst_mac: [2, 0, 0, 0, 0, 3] }));
+        relay.set_next_hop(
+            UpstreamId(id),
+            Ok(NextHop { iface: IfaceId(1), src_ip: ip.parse().expect("ip"), dst_mac: [2, 0, 0, 0, 0, 3] }),
+        );
     }
     // Input: [len_hi, len_lo, time_step, ingress, frame...]*
     let mut rest = data.get(1..).unwrap_or_default();

@@ -2,10 +2,11 @@
 
 use std::io;
 use std::mem::{size_of, zeroed};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
 
-use socket2::SockAddr;
+use oxidize_relay_core::icmp::QueuedError;
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 /// Largest datagram a slot holds (a 1500-byte MTU payload fits with room to spare).
 pub const SLOT_SIZE: usize = 2048;
@@ -186,6 +187,132 @@ impl SendBatch {
     }
 }
 
+/// Where a queued error came from (`sock_extended_err.ee_origin`).
+const SO_EE_ORIGIN_ICMP: u8 = 2;
+const SO_EE_ORIGIN_ICMP6: u8 = 3;
+
+/// Has the kernel queue the ICMP errors about `fd`'s datagrams, with their details
+/// (IP_RECVERR), instead of only failing the next receive.
+pub fn queue_icmp_errors(fd: RawFd, ipv6: bool) -> io::Result<()> {
+    let (level, name) =
+        if ipv6 { (libc::IPPROTO_IPV6, libc::IPV6_RECVERR) } else { (libc::IPPROTO_IP, libc::IP_RECVERR) };
+    let on: libc::c_int = 1;
+    // SAFETY: an int option, passed with its size.
+    let result = unsafe {
+        libc::setsockopt(fd, level, name, (&raw const on).cast(), size_of::<libc::c_int>() as libc::socklen_t)
+    };
+    if result == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// One entry of a socket's error queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    /// The queue is empty.
+    Empty,
+    /// An ICMP error, its quoted payload's first `payload_len` bytes copied out.
+    Icmp { error: QueuedError, payload_len: usize },
+    /// Something local (no ICMP message behind it): taken off the queue, nothing to relay.
+    Local,
+}
+
+/// Takes the oldest entry of `fd`'s error queue (see [`queue_icmp_errors`]), its quoted payload into `payload`.
+pub fn take_queued_error(fd: RawFd, payload: &mut [u8]) -> io::Result<Queued> {
+    // Room for a cmsghdr, a sock_extended_err and the offender's sockaddr_in6, aligned.
+    let mut control = [0u64; 16];
+    let mut iovec = libc::iovec { iov_base: payload.as_mut_ptr().cast(), iov_len: payload.len() };
+    // SAFETY: msghdr is plain data; all-zero is valid and the fields that matter are set below.
+    let mut message: libc::msghdr = unsafe { zeroed() };
+    message.msg_iov = &mut iovec;
+    message.msg_iovlen = 1;
+    message.msg_control = control.as_mut_ptr().cast();
+    message.msg_controllen = size_of::<[u64; 16]>();
+    // SAFETY: the iovec and control buffer are live for the call and sized as declared.
+    let received = unsafe { libc::recvmsg(fd, &mut message, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT) };
+    if received < 0 {
+        let error = io::Error::last_os_error();
+        return if error.kind() == io::ErrorKind::WouldBlock { Ok(Queued::Empty) } else { Err(error) };
+    }
+    let payload_len = (received as usize).min(payload.len());
+    // SAFETY: the kernel filled `control` up to msg_controllen; CMSG_FIRSTHDR/NXTHDR stay within it.
+    let mut header = unsafe { libc::CMSG_FIRSTHDR(&message) };
+    while !header.is_null() {
+        // SAFETY: a non-null header from CMSG_FIRSTHDR/NXTHDR points at a whole cmsghdr in `control`.
+        let (level, kind) = unsafe { ((*header).cmsg_level, (*header).cmsg_type) };
+        if (level, kind) == (libc::SOL_IP, libc::IP_RECVERR) || (level, kind) == (libc::SOL_IPV6, libc::IPV6_RECVERR) {
+            // SAFETY: an IP(V6)_RECVERR cmsg carries a sock_extended_err followed by the offender's
+            // address (SO_EE_OFFENDER); both are read unaligned, as cmsg data need not be aligned for them.
+            let (extended, offender) = unsafe {
+                let data = libc::CMSG_DATA(header);
+                let extended = std::ptr::read_unaligned(data.cast::<libc::sock_extended_err>());
+                let offender_at = data.add(size_of::<libc::sock_extended_err>());
+                (extended, offender_address(offender_at))
+            };
+            if !matches!(extended.ee_origin, SO_EE_ORIGIN_ICMP | SO_EE_ORIGIN_ICMP6) {
+                return Ok(Queued::Local);
+            }
+            let Some(from) = offender else { return Ok(Queued::Local) };
+            let error = QueuedError { kind: extended.ee_type, code: extended.ee_code, info: extended.ee_info, from };
+            return Ok(Queued::Icmp { error, payload_len });
+        }
+        // SAFETY: `header` is a valid cmsghdr of `message`.
+        header = unsafe { libc::CMSG_NXTHDR(&message, header) };
+    }
+    Ok(Queued::Local)
+}
+
+/// The address at `at` (a sockaddr_in or sockaddr_in6, by its family).
+///
+/// # Safety
+/// `at` must point at a sockaddr the kernel wrote, with room for a sockaddr_in6.
+unsafe fn offender_address(at: *const u8) -> Option<IpAddr> {
+    // SAFETY: the caller guarantees a sockaddr at `at`; every read is unaligned and within a sockaddr_in6.
+    unsafe {
+        match i32::from(std::ptr::read_unaligned(at.cast::<libc::sa_family_t>())) {
+            libc::AF_INET => {
+                let v4 = std::ptr::read_unaligned(at.cast::<libc::sockaddr_in>());
+                Some(IpAddr::from(u32::from_be(v4.sin_addr.s_addr).to_be_bytes()))
+            }
+            libc::AF_INET6 => {
+                let v6 = std::ptr::read_unaligned(at.cast::<libc::sockaddr_in6>());
+                Some(IpAddr::from(v6.sin6_addr.s6_addr))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Raw sockets that send whole IP packets (IPPROTO_RAW: the header is the caller's, and the
+/// socket receives nothing), opened during setup while CAP_NET_RAW is held.
+#[derive(Debug)]
+pub struct RawSender {
+    v4: Option<Socket>,
+    v6: Option<Socket>,
+}
+
+impl RawSender {
+    /// Either family may be missing (no CAP_NET_RAW, no IPv6): its sends then fail.
+    pub fn open() -> io::Result<Self> {
+        let open = |domain| {
+            let socket = Socket::new(domain, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW)))?;
+            socket.set_nonblocking(true)?;
+            Ok::<_, io::Error>(socket)
+        };
+        let v4 = open(Domain::IPV4);
+        let v6 = open(Domain::IPV6).ok();
+        Ok(RawSender { v4: Some(v4?), v6 })
+    }
+
+    /// Sends the IP packet `packet` (headers included) to `to`.
+    pub fn send(&self, packet: &[u8], to: IpAddr) -> io::Result<()> {
+        let socket = match to {
+            IpAddr::V4(_) => self.v4.as_ref(),
+            IpAddr::V6(_) => self.v6.as_ref(),
+        };
+        let socket = socket.ok_or_else(|| io::Error::from(io::ErrorKind::Unsupported))?;
+        socket.send_to(packet, &SockAddr::from(SocketAddr::new(to, 0))).map(drop)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,5 +340,31 @@ mod tests {
             assert_eq!(data, &vec![i as u8; 100 + i]);
         }
         assert_eq!(batch.receive(receiver.as_raw_fd()).expect("empty"), 0);
+    }
+
+    #[test]
+    fn a_closed_port_queues_the_kernels_port_unreachable_with_the_payload() {
+        // The loopback kernel answers a datagram to a closed port with ICMP port unreachable.
+        let closed = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let target = closed.local_addr().expect("addr");
+        drop(closed);
+        let sender = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        sender.connect(target).expect("connect");
+        queue_icmp_errors(sender.as_raw_fd(), false).expect("IP_RECVERR");
+        sender.send(b"hello").expect("send");
+        let mut payload = [0u8; 64];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let queued = loop {
+            match take_queued_error(sender.as_raw_fd(), &mut payload).expect("recvmsg") {
+                Queued::Empty if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                other => break other,
+            }
+        };
+        let expected = QueuedError { kind: 3, code: 3, info: 0, from: "127.0.0.1".parse().expect("ip") };
+        assert_eq!(queued, Queued::Icmp { error: expected, payload_len: 5 });
+        assert_eq!(&payload[..5], b"hello");
+        assert_eq!(take_queued_error(sender.as_raw_fd(), &mut payload).expect("recvmsg"), Queued::Empty);
     }
 }

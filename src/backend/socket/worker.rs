@@ -6,23 +6,24 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
 use mio::net::UdpSocket as MioUdpSocket;
 use mio::{Events, Interest, Poll, Token};
-use oxidize_relay_core::Relay;
 use oxidize_relay_core::config::WaitMode;
 use oxidize_relay_core::counters::Counters;
+use oxidize_relay_core::icmp;
 use oxidize_relay_core::relay::{Datagram, Destination, Upstreamward};
 use oxidize_relay_core::route::UpstreamId;
 use oxidize_relay_core::session::Session;
-use oxidize_relay_core::{DropReason, IfaceId};
+use oxidize_relay_core::wire::field::ETH_HEADER_LEN;
+use oxidize_relay_core::{DropReason, IfaceId, Relay, Verdict};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::backend::worker_core::{EXPIRY_BUDGET, IDLE_POLL, WorkerCore};
-use crate::sys::udp::{RecvBatch, SendBatch};
+use crate::sys::udp::{self, Queued, RawSender, RecvBatch, SendBatch};
 
 /// Batches read from one socket before the others get their turn (fairness between
 /// a flooded listen socket and the session sockets carrying replies).
@@ -31,6 +32,8 @@ const DRAIN_BATCHES: usize = 4;
 const SESSION_TOKEN_BASE: usize = 1 << 20;
 /// How often a worker closes the NAT sockets it opened for other workers' sessions that ended.
 const FOREIGN_SWEEP_MS: u64 = 1000;
+/// Queued ICMP errors taken from one session socket per wakeup (the core rate-limits what is sent on).
+const ICMP_ERRORS_PER_DRAIN: usize = 64;
 /// Ethernet + IP + UDP header bytes, so byte counters compare with the AF_XDP backend's frame bytes.
 const IPV4_FRAME_OVERHEAD: u64 = 14 + 20 + 8;
 const IPV6_FRAME_OVERHEAD: u64 = 14 + 40 + 8;
@@ -63,6 +66,9 @@ pub struct SocketWorker {
     poll: Poll,
     listeners: Vec<Listener>,
     sessions: HashMap<u16, SessionSocket>,
+    /// Sends the ICMP errors upstreams return about relayed datagrams on to their clients;
+    /// `None` without CAP_NET_RAW at setup (the errors then end at the NAT socket).
+    icmp_out: Option<RawSender>,
 }
 
 impl std::fmt::Debug for SocketWorker {
@@ -92,7 +98,14 @@ impl SocketWorker {
                 .map_err(|source| SocketSetupError { what: "listen", address, source })?;
             listeners.push(Listener { address, socket, replies: SendBatch::new(core.batch_size) });
         }
-        Ok(SocketWorker { core, poll, listeners, sessions: HashMap::new() })
+        let icmp_out = match RawSender::open() {
+            Ok(sender) => Some(sender),
+            Err(error) => {
+                tracing::warn!(worker = core.id, %error, "no raw socket (CAP_NET_RAW): ICMP errors from upstreams are not relayed to clients");
+                None
+            }
+        };
+        Ok(SocketWorker { core, poll, listeners, sessions: HashMap::new(), icmp_out })
     }
 
     pub fn run(mut self) -> Relay {
@@ -168,8 +181,11 @@ impl SocketWorker {
             let received = match receive_whole(&self.core.counters, batch, fd) {
                 Ok(0) => return false,
                 Ok(n) => n,
-                // An ICMP error from the upstream is reported once; the next read continues.
-                Err(error) if error.raw_os_error() == Some(libc::ECONNREFUSED) => continue,
+                // An ICMP error about a datagram the session sent: relay it to the client, read on.
+                Err(_) if let Source::Session(port) = source => {
+                    self.relay_icmp_errors(port);
+                    continue;
+                }
                 Err(error) => {
                     tracing::debug!(worker = self.core.id, %error, "recvmmsg failed");
                     return false;
@@ -184,6 +200,45 @@ impl SocketWorker {
             }
         }
         true
+    }
+
+    /// The ICMP errors queued on a session socket (the upstream's port is closed, a router
+    /// found no route or a smaller MTU): each is rebuilt as it arrived and translated by the
+    /// core, which finds its session and client and applies the ICMP rate, then sent on raw.
+    fn relay_icmp_errors(&mut self, nat_port: u16) {
+        let Some(session) = self.sessions.get(&nat_port) else { return };
+        let fd = session.socket.as_raw_fd();
+        let (Ok(nat), Ok(upstream)) = (session.socket.local_addr(), session.socket.peer_addr()) else { return };
+        let mut payload = [0u8; udp::SLOT_SIZE];
+        for _ in 0..ICMP_ERRORS_PER_DRAIN {
+            let (error, payload_len) = match udp::take_queued_error(fd, &mut payload) {
+                Ok(Queued::Icmp { error, payload_len }) => (error, payload_len),
+                Ok(Queued::Local) => continue,
+                Ok(Queued::Empty) => return,
+                Err(error) => {
+                    tracing::debug!(worker = self.core.id, %error, "reading a NAT socket's error queue failed");
+                    return;
+                }
+            };
+            // The socket backend's one interface, with the placeholder MAC its relay core was given.
+            let Some(mut frame) = icmp::rebuild_frame(&error, [0; 6], nat, upstream, &payload[..payload_len]) else {
+                continue;
+            };
+            let now = self.core.now();
+            let len = frame.len();
+            let (verdict, len) = self.core.relay.relay_frame(now, IfaceId(0), &mut frame, len);
+            if verdict != Verdict::Forward(IfaceId(0)) {
+                continue;
+            }
+            let packet = &frame[ETH_HEADER_LEN..len];
+            let client = match packet[0] >> 4 {
+                4 => IpAddr::from(<[u8; 4]>::try_from(&packet[16..20]).unwrap_or_default()),
+                _ => IpAddr::from(<[u8; 16]>::try_from(&packet[24..40]).unwrap_or_default()),
+            };
+            if let Some(Err(error)) = self.icmp_out.as_ref().map(|out| out.send(packet, client)) {
+                tracing::debug!(worker = self.core.id, %error, %client, "sending a translated ICMP error failed");
+            }
+        }
     }
 
     /// Client datagrams: find or create the session, queue the payload on its socket.
@@ -280,6 +335,9 @@ impl SocketWorker {
                     return None;
                 }
             };
+            if let Err(error) = udp::queue_icmp_errors(socket.as_raw_fd(), local.is_ipv6()) {
+                tracing::debug!(worker = self.core.id, %local, %error, "IP_RECVERR refused: ICMP errors of this session are not relayed");
+            }
             let token = Token(SESSION_TOKEN_BASE + usize::from(session.nat_port));
             if self.poll.registry().register(&mut socket, token, Interest::READABLE).is_err() {
                 return None;
