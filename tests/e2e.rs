@@ -144,6 +144,7 @@ scenarios! { socket:
     a_draining_relay_serves_sessions_and_opens_none => "drain",
     a_dead_upstream_is_routed_around_and_taken_back => "upstream-health",
     upstreams_get_the_real_client_address_in_proxy_v2 => "proxy-protocol",
+    datagrams_too_big_for_the_egress_get_icmp_too_big => "path-mtu",
     icmp_errors_reach_the_client_translated => "icmp-errors",
     a_restart_keeps_every_session => "restart-continuity",
     oversize_datagrams_are_counted_never_cut => "oversize",

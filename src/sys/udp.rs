@@ -150,8 +150,8 @@ impl SendBatch {
         self.lengths.push(length);
     }
 
-    /// Sends everything queued with sendmmsg; returns (datagrams sent, payload bytes sent, datagrams dropped).
-    pub fn flush(&mut self, fd: RawFd) -> (usize, usize, usize) {
+    /// Sends everything queued with sendmmsg.
+    pub fn flush(&mut self, fd: RawFd) -> Flushed {
         let queued = self.lengths.len();
         self.iovecs.clear();
         self.headers.clear();
@@ -170,38 +170,71 @@ impl SendBatch {
             header.msg_hdr.msg_iovlen = 1;
             self.headers.push(header);
         }
-        let mut sent = 0;
-        while sent < queued {
-            // SAFETY: headers[sent..] point at live iovecs and addresses owned by this batch.
-            let result = unsafe { libc::sendmmsg(fd, self.headers[sent..].as_mut_ptr(), (queued - sent) as u32, 0) };
-            if result <= 0 {
-                // A full socket buffer or an ICMP error from a previous send: drop the rest, counted by the caller.
-                break;
+        let (mut next, mut sent, mut bytes, mut oversize) = (0, 0, 0, 0);
+        while next < queued {
+            // SAFETY: headers[next..] point at live iovecs and addresses owned by this batch.
+            let result = unsafe { libc::sendmmsg(fd, self.headers[next..].as_mut_ptr(), (queued - next) as u32, 0) };
+            if result > 0 {
+                let done = result as usize;
+                bytes += self.lengths[next..next + done].iter().sum::<usize>();
+                (next, sent) = (next + done, sent + done);
+                continue;
             }
-            sent += result as usize;
+            // Larger than the path takes (the socket refuses to fragment): only this one is refused.
+            if io::Error::last_os_error().raw_os_error() == Some(libc::EMSGSIZE) {
+                (next, oversize) = (next + 1, oversize + 1);
+                continue;
+            }
+            // A full socket buffer or an ICMP error from a previous send: drop the rest, counted by the caller.
+            break;
         }
-        let bytes = self.lengths[..sent].iter().sum();
         self.destinations.clear();
         self.lengths.clear();
-        (sent, bytes, queued - sent)
+        Flushed { sent, bytes, oversize, dropped: queued - next }
     }
 }
 
+/// What one [`SendBatch::flush`] did with the queued datagrams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flushed {
+    pub sent: usize,
+    /// Payload bytes of the sent datagrams.
+    pub bytes: usize,
+    /// Refused as larger than the path MTU (EMSGSIZE); the rest of the batch still went.
+    pub oversize: usize,
+    /// Not sent (a full socket buffer, a pending error).
+    pub dropped: usize,
+}
+
 /// Where a queued error came from (`sock_extended_err.ee_origin`).
+const SO_EE_ORIGIN_LOCAL: u8 = 1;
 const SO_EE_ORIGIN_ICMP: u8 = 2;
 const SO_EE_ORIGIN_ICMP6: u8 = 3;
 
-/// Has the kernel queue the ICMP errors about `fd`'s datagrams, with their details
-/// (IP_RECVERR), instead of only failing the next receive.
-pub fn queue_icmp_errors(fd: RawFd, ipv6: bool) -> io::Result<()> {
-    let (level, name) =
-        if ipv6 { (libc::IPPROTO_IPV6, libc::IPV6_RECVERR) } else { (libc::IPPROTO_IP, libc::IP_RECVERR) };
-    let on: libc::c_int = 1;
-    // SAFETY: an int option, passed with its size.
-    let result = unsafe {
-        libc::setsockopt(fd, level, name, (&raw const on).cast(), size_of::<libc::c_int>() as libc::socklen_t)
+/// Makes `fd` report what the path does to its datagrams, as the AF_XDP backend's MTU check
+/// and ICMP steering do: the kernel queues ICMP errors about them with their details
+/// (IP_RECVERR), and sends them with DF, never fragmented here (PMTUDISC_DO): a datagram
+/// larger than the path MTU is refused with EMSGSIZE and reported on the queue with that MTU.
+pub fn report_path_errors(fd: RawFd, ipv6: bool) -> io::Result<()> {
+    let options = if ipv6 {
+        [
+            (libc::IPPROTO_IPV6, libc::IPV6_RECVERR, 1),
+            (libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_DO),
+        ]
+    } else {
+        [(libc::IPPROTO_IP, libc::IP_RECVERR, 1), (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DO)]
     };
-    if result == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    for (level, name, value) in options {
+        let value: libc::c_int = value;
+        // SAFETY: an int option, passed with its size.
+        let result = unsafe {
+            libc::setsockopt(fd, level, name, (&raw const value).cast(), size_of::<libc::c_int>() as libc::socklen_t)
+        };
+        if result != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// One entry of a socket's error queue.
@@ -211,11 +244,13 @@ pub enum Queued {
     Empty,
     /// An ICMP error, its quoted payload's first `payload_len` bytes copied out.
     Icmp { error: QueuedError, payload_len: usize },
-    /// Something local (no ICMP message behind it): taken off the queue, nothing to relay.
-    Local,
+    /// A datagram this host refused to send as larger than the path MTU `mtu` (EMSGSIZE).
+    TooBig { mtu: u32, payload_len: usize },
+    /// Anything else: taken off the queue, nothing to relay.
+    Other,
 }
 
-/// Takes the oldest entry of `fd`'s error queue (see [`queue_icmp_errors`]), its quoted payload into `payload`.
+/// Takes the oldest entry of `fd`'s error queue (see [`report_path_errors`]), its quoted payload into `payload`.
 pub fn take_queued_error(fd: RawFd, payload: &mut [u8]) -> io::Result<Queued> {
     // Room for a cmsghdr, a sock_extended_err and the offender's sockaddr_in6, aligned.
     let mut control = [0u64; 16];
@@ -247,17 +282,20 @@ pub fn take_queued_error(fd: RawFd, payload: &mut [u8]) -> io::Result<Queued> {
                 let offender_at = data.add(size_of::<libc::sock_extended_err>());
                 (extended, offender_address(offender_at))
             };
-            if !matches!(extended.ee_origin, SO_EE_ORIGIN_ICMP | SO_EE_ORIGIN_ICMP6) {
-                return Ok(Queued::Local);
+            if extended.ee_origin == SO_EE_ORIGIN_LOCAL && extended.ee_errno == libc::EMSGSIZE as u32 {
+                return Ok(Queued::TooBig { mtu: extended.ee_info, payload_len });
             }
-            let Some(from) = offender else { return Ok(Queued::Local) };
+            if !matches!(extended.ee_origin, SO_EE_ORIGIN_ICMP | SO_EE_ORIGIN_ICMP6) {
+                return Ok(Queued::Other);
+            }
+            let Some(from) = offender else { return Ok(Queued::Other) };
             let error = QueuedError { kind: extended.ee_type, code: extended.ee_code, info: extended.ee_info, from };
             return Ok(Queued::Icmp { error, payload_len });
         }
         // SAFETY: `header` is a valid cmsghdr of `message`.
         header = unsafe { libc::CMSG_NXTHDR(&message, header) };
     }
-    Ok(Queued::Local)
+    Ok(Queued::Other)
 }
 
 /// The address at `at` (a sockaddr_in or sockaddr_in6, by its family).
@@ -328,7 +366,7 @@ mod tests {
         for i in 0..5u8 {
             out.push(Some(receiver.local_addr().expect("addr")), &vec![i; 100 + usize::from(i)]);
         }
-        assert_eq!(out.flush(sender.as_raw_fd()), (5, 510, 0));
+        assert_eq!(out.flush(sender.as_raw_fd()), Flushed { sent: 5, bytes: 510, oversize: 0, dropped: 0 });
         let mut batch = RecvBatch::new(8);
         let mut got = Vec::new();
         while got.len() < 5 {
@@ -350,7 +388,7 @@ mod tests {
         drop(closed);
         let sender = UdpSocket::bind("127.0.0.1:0").expect("bind");
         sender.connect(target).expect("connect");
-        queue_icmp_errors(sender.as_raw_fd(), false).expect("IP_RECVERR");
+        report_path_errors(sender.as_raw_fd(), false).expect("IP_RECVERR");
         sender.send(b"hello").expect("send");
         let mut payload = [0u8; 64];
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);

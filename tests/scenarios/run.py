@@ -21,8 +21,7 @@ from oxr import NAT_PORTS, Relay, Topology, metric, peer_report, ready_status, r
 SCENARIOS = {}
 # Scenarios that only make sense for one backend.
 AF_XDP_ONLY = {"sigkill-fallback", "flood", "tx-pressure", "unserved-queues", "never-sessions", "stale-neighbour",
-               "interface-deleted", "restart-after-sigkill", "exhaustion", "route-deleted", "under-attack",
-               "path-mtu"}
+               "interface-deleted", "restart-after-sigkill", "exhaustion", "route-deleted", "under-attack"}
 # Client sockets (flows) of the traffic scenarios: enough for RSS to use every queue.
 FLOWS = 64
 # What runs with the relay in a QEMU guest (--guest): the scenarios that need no process of their own
@@ -524,8 +523,8 @@ def path_mtu(binary, prefix, backend):
     """The upstream side has a smaller MTU (1400): a datagram that fits the client's link but not
     the relay's egress is answered with ICMP fragmentation needed / packet too big carrying the
     usable MTU, which the client's kernel learns (IP_MTU, then EMSGSIZE); with a PROXY header the
-    advertised MTU leaves room for it; what fits is relayed. IPv4 and IPv6. (AF_XDP only: on
-    the socket backend the kernel sends, and fragments, the relay's datagrams itself.)"""
+    advertised MTU leaves room for it; what fits is relayed. IPv4 and IPv6. (Socket backend: its
+    NAT sockets refuse to fragment, and the refusal is answered the same way.)"""
     for ipv6 in (False, True):
         with Topology(prefix, arm="two_arm", ipv6=ipv6) as topo:
             family, ip_udp = ("IPv6", 48) if ipv6 else ("IPv4", 28)
@@ -1174,13 +1173,10 @@ def chain(binary, prefix, backend):
                "A's keepalives are answered by B")
         expect(relay_b.stats()["tunnel_keepalives"] > 0, "B counts the keepalives it answered")
         full = topo.peer("client", "pmtu", "--to", topo.listen, "--size", "1472")
-        if backend == "af_xdp":
-            expect(full["mtu"] < 1500 and full["emsgsize"],
-                   f"a full-size incompressible datagram the tunnel header would push past the hop's MTU is refused "
-                   f"with ICMP, not lost: the client learned MTU {full['mtu']}")
-            topo.exec("client", "ip", "route", "flush", "cache")  # forget it: later steps send full-size datagrams
-        else:
-            expect(full["echoed"], "socket backend: the kernel fragments the sealed full-size datagram on the hop; it comes back")
+        expect(full["mtu"] < 1500 and full["emsgsize"],
+               f"a full-size incompressible datagram the tunnel header would push past the hop's MTU is refused "
+               f"with ICMP, not lost: the client learned MTU {full['mtu']}")
+        topo.exec("client", "ip", "route", "flush", "cache")  # forget it: later steps send full-size datagrams
 
         finish(topo, relay_b, ("bc0", "bu0"))
         relay_b = Relay(topo, binary, config_b(key_wrong).replace("{mode}", backend), role="relay2").start()

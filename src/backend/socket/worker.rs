@@ -119,6 +119,7 @@ impl SocketWorker {
         // edge-triggered, so they are revisited without waiting for another edge.
         let mut backlog: Vec<Token> = Vec::with_capacity(64);
         let mut tokens: Vec<Token> = Vec::with_capacity(1024);
+        let mut errored: Vec<u16> = Vec::with_capacity(64);
         let mut foreign_sweep_at = 0;
         while self.core.running() {
             let timeout = if backlog.is_empty() { idle_timeout } else { Some(Duration::ZERO) };
@@ -132,10 +133,19 @@ impl SocketWorker {
             self.core.counters.wakeups.add(1);
             tokens.clear();
             tokens.append(&mut backlog);
+            errored.clear();
             for event in events.iter() {
                 if !tokens.contains(&event.token()) {
                     tokens.push(event.token());
                 }
+                // Something on a session socket's error queue: an ICMP error, or a datagram
+                // refused as larger than the path (which fails no receive).
+                if event.is_error() && event.token().0 >= SESSION_TOKEN_BASE {
+                    errored.push((event.token().0 - SESSION_TOKEN_BASE) as u16);
+                }
+            }
+            for &port in &errored {
+                self.relay_icmp_errors(port);
             }
             for &token in &tokens {
                 let source = if token.0 < SESSION_TOKEN_BASE {
@@ -213,7 +223,12 @@ impl SocketWorker {
         for _ in 0..ICMP_ERRORS_PER_DRAIN {
             let (error, payload_len) = match udp::take_queued_error(fd, &mut payload) {
                 Ok(Queued::Icmp { error, payload_len }) => (error, payload_len),
-                Ok(Queued::Local) => continue,
+                // Refused here as larger than the path: answered as a router on the path would.
+                Ok(Queued::TooBig { mtu, payload_len }) => {
+                    let (kind, code) = if nat.is_ipv6() { (2, 0) } else { (3, 4) };
+                    (icmp::QueuedError { kind, code, info: mtu, from: nat.ip() }, payload_len)
+                }
+                Ok(Queued::Other) => continue,
                 Ok(Queued::Empty) => return,
                 Err(error) => {
                     tracing::debug!(worker = self.core.id, %error, "reading a NAT socket's error queue failed");
@@ -335,8 +350,8 @@ impl SocketWorker {
                     return None;
                 }
             };
-            if let Err(error) = udp::queue_icmp_errors(socket.as_raw_fd(), local.is_ipv6()) {
-                tracing::debug!(worker = self.core.id, %local, %error, "IP_RECVERR refused: ICMP errors of this session are not relayed");
+            if let Err(error) = udp::report_path_errors(socket.as_raw_fd(), local.is_ipv6()) {
+                tracing::debug!(worker = self.core.id, %local, %error, "IP_RECVERR/PMTUDISC_DO refused: path errors of this session are not relayed");
             }
             let token = Token(SESSION_TOKEN_BASE + usize::from(session.nat_port));
             if self.poll.registry().register(&mut socket, token, Interest::READABLE).is_err() {
@@ -400,11 +415,15 @@ fn send_queued(counters: &Counters, batch: &mut SendBatch, socket: &MioUdpSocket
         Ok(local) if local.is_ipv6() => IPV6_FRAME_OVERHEAD,
         _ => IPV4_FRAME_OVERHEAD,
     };
-    let (sent, bytes, dropped) = batch.flush(socket.as_raw_fd());
-    counters.tx_packets.add(sent as u64);
-    counters.tx_bytes.add(bytes as u64 + sent as u64 * overhead);
-    for _ in 0..dropped {
+    let flushed = batch.flush(socket.as_raw_fd());
+    counters.tx_packets.add(flushed.sent as u64);
+    counters.tx_bytes.add(flushed.bytes as u64 + flushed.sent as u64 * overhead);
+    for _ in 0..flushed.dropped {
         counters.count_drop(DropReason::TxRingFull);
+    }
+    // Each is also on the socket's error queue, from where its sender gets a too-big error.
+    for _ in 0..flushed.oversize {
+        counters.count_drop(DropReason::MtuExceeded);
     }
 }
 
