@@ -198,4 +198,12 @@ guest_scenarios! { bookworm, trixie, bullseye: {
     relay_chain_over_an_oxtunnel_hop => "chain",
     reloads_lose_nothing_and_bad_ones_are_refused => "reload",
     a_draining_relay_serves_sessions_and_opens_none => "drain",
+    icmp_errors_reach_the_client_translated => "icmp-errors",
+    datagrams_too_big_for_the_egress_get_icmp_too_big => "path-mtu",
+    upstreams_get_the_real_client_address_in_proxy_v2 => "proxy-protocol",
+    oversize_datagrams_are_counted_never_cut => "oversize",
+    a_dead_upstream_is_routed_around_and_taken_back => "upstream-health",
+    an_upstream_back_with_a_new_mac_is_found_again => "stale-neighbour",
+    a_deleted_route_counts_as_no_route => "route-deleted",
+    foreign_macs_and_own_sources_create_no_session => "never-sessions",
 }}

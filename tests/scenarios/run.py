@@ -25,9 +25,13 @@ AF_XDP_ONLY = {"sigkill-fallback", "flood", "tx-pressure", "unserved-queues", "n
 # Client sockets (flows) of the traffic scenarios: enough for RSS to use every queue.
 FLOWS = 64
 # What runs with the relay in a QEMU guest (--guest): the scenarios that need no process of their own
-# on the relay's host. Emulation is slow: their traffic is a tenth of the native count.
+# on the relay's host (capsh, a Python decoy) and no more than an emulated two-queue NIC gives (not
+# four-queues, unserved-queues, or the speed tx-pressure, exhaustion, under-attack and
+# restart-continuity measure). Emulation is slow: their traffic is a tenth of the native count.
 GUEST_SCENARIOS = {"ipv4-one-arm", "ipv6-one-arm", "ipv4-two-arm", "ipv6-two-arm", "many-clients", "session-expiry",
-                   "sigkill-fallback", "flood", "tcp-coexistence", "chain", "reload", "drain"}
+                   "sigkill-fallback", "flood", "tcp-coexistence", "chain", "reload", "drain", "icmp-errors",
+                   "path-mtu", "proxy-protocol", "oversize", "upstream-health", "stale-neighbour", "route-deleted",
+                   "never-sessions"}
 
 
 def scaled(count):
@@ -689,13 +693,19 @@ def never_sessions(binary, prefix, backend):
         topo.peer("client", "raw", "--interface", "c0", "--dst-mac", relay_mac, "--src", client, "--dst", topo.listen,
                   "--vlan", "100")
         named = ("foreign_destination_mac", "own_source_address", "vlan_tagged")
-        stats = relay.wait_stats(lambda s: sum(s["drops"][n] for n in named) >= 30)
+        stats = relay.wait_stats(lambda s: sum(s["drops"][n] for n in named) >= (20 if oxr.GUEST else 30))
         drops = {k: v for k, v in stats["drops"].items() if v}
         xdp = {n: c for i in stats["interfaces"].values() for n, c in i["xdp_counters"].items() if c}
         print(f"  relay drops: {drops}, xdp: {xdp}")
-        expect(stats["drops"]["foreign_destination_mac"] == 15, "15 frames for other MACs dropped as foreign_destination_mac")
+        # A NIC filters unicast frames for another host's MAC and tags of VLANs nobody configured
+        # (virtio-net in the guest does, as hardware does); veth hands the relay everything.
+        nic_filters = bool(oxr.GUEST)
+        foreign, tagged = (10, 0) if nic_filters else (15, 5)
+        expect(stats["drops"]["foreign_destination_mac"] == foreign,
+               f"{foreign} frames for other MACs dropped as foreign_destination_mac ({stats['drops']['foreign_destination_mac']})")
         expect(stats["drops"]["own_source_address"] == 10, "10 frames from the relay's own addresses dropped as own_source_address")
-        expect(stats["drops"]["vlan_tagged"] == 5, "5 802.1Q-tagged frames dropped as vlan_tagged, not relayed with the tag")
+        expect(stats["drops"]["vlan_tagged"] == tagged,
+               f"{tagged} 802.1Q-tagged frames dropped as vlan_tagged, not relayed with the tag ({stats['drops']['vlan_tagged']})")
         expect(stats["sessions_created"] == 0, "and none of them created a session")
         legit = topo.peer("client", "client", "--to", topo.listen, "--count", "100")
         expect(legit["received"] == 100, "while a real client is relayed")
