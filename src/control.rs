@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use oxidize_relay_core::NextHop;
 use oxidize_relay_core::config::Config;
 use oxidize_relay_core::counters::Counters;
 use oxidize_relay_core::route::UpstreamId;
+use oxidize_relay_core::{IfaceId, NextHop};
 use serde_json::{Map, Value, json};
 
 use crate::backend::Attached;
@@ -105,10 +105,12 @@ impl ControlPlane<'_> {
         let mut last_summary = (Instant::now(), Totals::collect(stats.counters));
         let mut last_refresh = Instant::now();
         let mut watchdog = (Instant::now(), worker_loops(stats.counters));
+        let mut mtus: Vec<u16> = stats.attached.iter().map(|a| a.info.mtu).collect();
         while !self.stop.load(Ordering::Relaxed) {
             if let Some(gone) = stats.attached.iter().find(|a| !a.info.still_present()) {
                 return Err(SetupError::InterfaceGone(gone.info.name.clone()));
             }
+            self.follow_mtus(&mut mtus);
             // A worker that met an unresolved upstream wakes us early.
             let asked = self.unresolved.recv_timeout(CONTROL_TICK).is_ok();
             while self.unresolved.try_recv().is_ok() {}
@@ -147,6 +149,18 @@ impl ControlPlane<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Tells the workers when an interface's MTU changed (`ip link set … mtu`), so datagrams
+    /// that no longer fit are answered with too-big instead of leaving to be dropped.
+    fn follow_mtus(&self, mtus: &mut [u16]) {
+        for (index, (attached, known)) in self.stats.attached.iter().zip(mtus.iter_mut()).enumerate() {
+            let Some(mtu) = attached.info.current_mtu().filter(|mtu| mtu != known) else { continue };
+            tracing::info!(interface = %attached.info.name, from = *known, to = mtu, "interface MTU changed");
+            crate::backend::af_xdp::warn_if_beyond_frame(&attached.info.name, mtu, self.config.pool.frame_size);
+            *known = mtu;
+            self.broadcast(WorkerUpdate::Mtu(IfaceId(index as u8), mtu), "MTU change");
+        }
     }
 
     /// Reload, drain and resume, as the signals asked since the last tick.

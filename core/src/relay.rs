@@ -333,6 +333,13 @@ impl Relay {
     }
 
     /// Stops (false) or resumes (true) opening new sessions; existing ones are always served.
+    /// The MTU of interface `iface` now: datagrams that would leave it larger are answered with too-big.
+    pub fn set_mtu(&mut self, iface: IfaceId, mtu: u16) {
+        if let Some(slot) = self.iface_mtus.get_mut(usize::from(iface.0)) {
+            *slot = mtu;
+        }
+    }
+
     pub fn set_accepting_sessions(&mut self, accepting: bool) {
         self.accepting_sessions = accepting;
     }
@@ -1174,6 +1181,13 @@ mod tests {
             Verdict::Forward(IfaceId(1)),
             "what fits is relayed"
         );
+        // The operator lowers the upstream side's MTU while the relay runs.
+        relay.set_mtu(IfaceId(1), 1300);
+        let mut buffer = small.clone();
+        buffer.resize(2048, 0);
+        let (verdict, _) = relay.relay_frame(3, IfaceId(0), &mut buffer, small.len());
+        assert_eq!(verdict, Verdict::Forward(IfaceId(0)), "now too big: an error back to the client");
+        assert_eq!(u16::from_be_bytes([buffer[40], buffer[41]]), 1300 - 28, "advertising the new MTU");
     }
 
     /// An ICMPv4 error of `kind` (type, code) from `from` quoting the IP and UDP headers of `sent`.

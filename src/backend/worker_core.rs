@@ -10,7 +10,7 @@ use oxidize_relay_core::config::WaitMode;
 use oxidize_relay_core::counters::Counters;
 use oxidize_relay_core::relay::ReloadedLimits;
 use oxidize_relay_core::route::{RouteTable, UpstreamId};
-use oxidize_relay_core::{NextHop, NoHop, Relay};
+use oxidize_relay_core::{IfaceId, NextHop, NoHop, Relay};
 
 /// How long an idle worker in event mode sleeps before checking for shutdown and updates.
 pub const IDLE_POLL: Duration = Duration::from_millis(100);
@@ -33,6 +33,8 @@ pub enum WorkerUpdate {
     AcceptSessions(bool),
     /// The health checks' verdict on an upstream (true: up).
     Health(UpstreamId, bool),
+    /// An interface's MTU changed while the relay ran.
+    Mtu(IfaceId, u16),
 }
 
 /// What every worker has, whichever backend drives it.
@@ -69,6 +71,7 @@ impl WorkerCore {
                 WorkerUpdate::Reconfigure(routes, limits) => self.relay.reconfigure(routes, &limits),
                 WorkerUpdate::AcceptSessions(accepting) => self.relay.set_accepting_sessions(accepting),
                 WorkerUpdate::Health(upstream, up) => self.relay.set_upstream_health(upstream, up),
+                WorkerUpdate::Mtu(iface, mtu) => self.relay.set_mtu(iface, mtu),
             }
         }
     }

@@ -63,6 +63,11 @@ impl IfaceInfo {
         index_of(&self.name) == Some(self.index)
     }
 
+    /// The interface's IP MTU now (an operator may change it while the relay runs).
+    pub fn current_mtu(&self) -> Option<u16> {
+        read_mtu(&self.name)
+    }
+
     pub fn lookup(name: &str) -> Result<Self, IfaceError> {
         let index = index_of(name).unwrap_or(0);
         if index == 0 {
@@ -81,9 +86,15 @@ impl IfaceInfo {
             .unwrap_or(1)
             .max(1);
         let driver = ethtool_driver(name).unwrap_or_else(|| "unknown".into());
-        let mtu = fs::read_to_string(format!("{sysfs}/mtu")).ok().and_then(|m| m.trim().parse().ok()).unwrap_or(1500);
+        let mtu = read_mtu(name).unwrap_or(1500);
         Ok(IfaceInfo { name: name.to_owned(), index, mac, rx_queues, driver, mtu })
     }
+}
+
+/// `/sys/class/net/NAME/mtu`, within what a u16 holds (IP MTUs above 65535 do not exist).
+fn read_mtu(name: &str) -> Option<u16> {
+    let text = fs::read_to_string(format!("/sys/class/net/{name}/mtu")).ok()?;
+    text.trim().parse::<u32>().ok().map(|mtu| u16::try_from(mtu).unwrap_or(u16::MAX))
 }
 
 /// The driver name as `ethtool -i` reports it (ETHTOOL_GDRVINFO), for physical and virtual devices alike.

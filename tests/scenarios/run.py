@@ -527,8 +527,9 @@ def path_mtu(binary, prefix, backend):
     """The upstream side has a smaller MTU (1400): a datagram that fits the client's link but not
     the relay's egress is answered with ICMP fragmentation needed / packet too big carrying the
     usable MTU, which the client's kernel learns (IP_MTU, then EMSGSIZE); with a PROXY header the
-    advertised MTU leaves room for it; what fits is relayed. IPv4 and IPv6. (Socket backend: its
-    NAT sockets refuse to fragment, and the refusal is answered the same way.)"""
+    advertised MTU leaves room for it; what fits is relayed; an MTU lowered while the relay runs
+    is followed. IPv4 and IPv6. (Socket backend: its NAT sockets refuse to fragment, and the
+    refusal is answered the same way.)"""
     for ipv6 in (False, True):
         with Topology(prefix, arm="two_arm", ipv6=ipv6) as topo:
             family, ip_udp = ("IPv6", 48) if ipv6 else ("IPv4", 28)
@@ -548,6 +549,14 @@ def path_mtu(binary, prefix, backend):
                    f"{family}: with a PROXY header the advertised MTU leaves room for it ({proxied['mtu']})")
             stats = relay.wait_stats(lambda s: s["drops"]["mtu_exceeded"] >= 2)
             expect(stats["drops"]["mtu_exceeded"] >= 2, f"{family}: counted as mtu_exceeded ({stats['drops']['mtu_exceeded']})")
+            # The operator lowers the upstream side's MTU while the relay runs: it follows.
+            for role, dev in (("relay", "ru0"), ("upstream", "u0")):
+                topo.ip(role, "link", "set", dev, "mtu", "1280")
+            topo.exec("client", "ip", "-6" if ipv6 else "-4", "route", "flush", "cache")
+            time.sleep(1)
+            lowered = topo.peer("client", "pmtu", "--to", topo.listen, "--size", str(1400 - ip_udp))
+            expect(lowered["mtu"] == max(1280 - header, 1280 if ipv6 else 68),
+                   f"{family}: after the MTU fell to 1280 at run time the client learned {lowered['mtu']}")
             stop_peer(echo)
             finish(topo, relay)
 

@@ -33,11 +33,7 @@ pub(crate) fn build(config: &Config, report: &HostReport, shared: &WorkerShared)
     let iface_macs: Vec<_> = attached.iter().map(|a| a.info.mac).collect();
     let iface_mtus: Vec<_> = attached.iter().map(|a| a.info.mtu).collect();
     for a in &attached {
-        // A frame holds at most this much: larger datagrams are dropped by XDP and counted.
-        let carried = xsk::max_frame_len(config.pool.frame_size).saturating_sub(14);
-        if u32::from(a.info.mtu) > carried {
-            tracing::warn!(interface = %a.info.name, mtu = a.info.mtu, carried, "the interface's MTU is above what an AF_XDP frame holds: larger datagrams are dropped and counted as datagram_too_large (set pool.frame_size = 4096 or lower the MTU)");
-        }
+        warn_if_beyond_frame(&a.info.name, a.info.mtu, config.pool.frame_size);
     }
     let mut backend = Backend::new("af_xdp");
     for queue in 0..queues {
@@ -71,6 +67,20 @@ pub(crate) fn build(config: &Config, report: &HostReport, shared: &WorkerShared)
     }
     backend.attached = attached;
     Ok(backend)
+}
+
+/// Says so when `mtu` is more than a UMEM frame of `frame_size` carries: larger datagrams are
+/// dropped by XDP and counted (never truncated), at start and when the MTU changes.
+pub(crate) fn warn_if_beyond_frame(interface: &str, mtu: u16, frame_size: u32) {
+    let carried = xsk::max_frame_len(frame_size).saturating_sub(14);
+    if u32::from(mtu) > carried {
+        tracing::warn!(
+            interface,
+            mtu,
+            carried,
+            "the interface's MTU is above what an AF_XDP frame holds: larger datagrams are dropped and counted as datagram_too_large (set pool.frame_size = 4096 or lower the MTU)"
+        );
+    }
 }
 
 /// What the XDP program needs of the config (set at start and by every reload).
