@@ -332,7 +332,6 @@ impl Relay {
         }
     }
 
-    /// Stops (false) or resumes (true) opening new sessions; existing ones are always served.
     /// The MTU of interface `iface` now: datagrams that would leave it larger are answered with too-big.
     pub fn set_mtu(&mut self, iface: IfaceId, mtu: u16) {
         if let Some(slot) = self.iface_mtus.get_mut(usize::from(iface.0)) {
@@ -340,6 +339,7 @@ impl Relay {
         }
     }
 
+    /// Stops (false) or resumes (true) opening new sessions; existing ones are always served.
     pub fn set_accepting_sessions(&mut self, accepting: bool) {
         self.accepting_sessions = accepting;
     }
