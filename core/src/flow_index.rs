@@ -83,11 +83,7 @@ impl FlowIndex {
         for _ in 0..self.buckets.len() {
             if let Some(entry) = self.buckets[at].entries.iter_mut().find(|e| **e == 0) {
                 *entry = tag | u32::from(slot);
-                let mut passed = home;
-                while passed != at {
-                    self.buckets[passed].overflowed += 1;
-                    passed = (passed + 1) & self.mask;
-                }
+                self.count_passed(home, at, |overflowed| overflowed + 1);
                 self.len += 1;
                 return true;
             }
@@ -105,11 +101,7 @@ impl FlowIndex {
             let bucket = &mut self.buckets[at];
             if let Some(entry) = bucket.entries.iter_mut().find(|e| **e == wanted) {
                 *entry = 0;
-                let mut passed = home;
-                while passed != at {
-                    self.buckets[passed].overflowed -= 1;
-                    passed = (passed + 1) & self.mask;
-                }
+                self.count_passed(home, at, |overflowed| overflowed - 1);
                 self.len -= 1;
                 return true;
             }
@@ -119,6 +111,17 @@ impl FlowIndex {
             at = (at + 1) & self.mask;
         }
         false
+    }
+
+    /// Applies `change` to the overflow count of every bucket from `home` up to (not including)
+    /// `at`: the buckets a flow living in `at` was pushed past.
+    fn count_passed(&mut self, home: usize, at: usize, change: impl Fn(u32) -> u32) {
+        let mut passed = home;
+        while passed != at {
+            let bucket = &mut self.buckets[passed];
+            bucket.overflowed = change(bucket.overflowed);
+            passed = (passed + 1) & self.mask;
+        }
     }
 }
 
