@@ -36,46 +36,66 @@ pub fn too_big_in_place(
     buffer.get_mut(..field::ETH_HEADER_LEN)?;
     buffer[field::ETH_DST].copy_from_slice(&dst_mac);
     buffer[field::ETH_SRC].copy_from_slice(&src_mac);
-    let (ethertype, ip_len) = if layout.is_ipv6() { (field::ETHERTYPE_IPV6, 40) } else { (field::ETHERTYPE_IPV4, 20) };
+    let ipv6 = layout.is_ipv6();
+    let (ethertype, ip_len) = network_header(ipv6);
     buffer[field::ETH_TYPE].copy_from_slice(&ethertype.to_be_bytes());
     let icmp_len = 8 + quote_len;
     let end = field::ETH_HEADER_LEN + ip_len + icmp_len;
     let (ip, icmp) = buffer.get_mut(field::ETH_HEADER_LEN..end)?.split_at_mut(ip_len);
     icmp[8..].copy_from_slice(quote);
-    match from {
-        IpAddr::V4(from) if !layout.is_ipv6() => {
-            let sender: [u8; 4] = quote[12..16].try_into().ok()?;
-            ip.fill(0);
+    // Back to whoever sent the quoted datagram.
+    let sender = if ipv6 {
+        IpAddr::from(<[u8; 16]>::try_from(&quote[8..24]).ok()?)
+    } else {
+        IpAddr::from(<[u8; 4]>::try_from(&quote[12..16]).ok()?)
+    };
+    write_ip_header(ip, from, sender, icmp_len)?;
+    if ipv6 {
+        icmp[..8].copy_from_slice(&[ICMPV6_PACKET_TOO_BIG, 0, 0, 0, 0, 0, 0, 0]);
+        icmp[4..8].copy_from_slice(&u32::from(mtu.max(MIN_MTU_V6)).to_be_bytes());
+        let sum = icmpv6_checksum(ip_bytes(from), ip_bytes(sender), icmp);
+        icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    } else {
+        icmp[..8].copy_from_slice(&[ICMPV4_DEST_UNREACHABLE, ICMPV4_FRAGMENTATION_NEEDED, 0, 0, 0, 0, 0, 0]);
+        icmp[6..8].copy_from_slice(&mtu.max(MIN_MTU_V4).to_be_bytes());
+        let sum = checksum::checksum(icmp);
+        icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    }
+    Some(end)
+}
+
+/// The ethertype and IP header length of an ICMP error of either family (no options, no extensions).
+fn network_header(ipv6: bool) -> (u16, usize) {
+    if ipv6 { (field::ETHERTYPE_IPV6, 40) } else { (field::ETHERTYPE_IPV4, 20) }
+}
+
+/// Writes into `ip` (as long as [`network_header`] says) the header of an ICMP message of
+/// `message_len` bytes from `from` to `to`, IPv4 with its checksum; `None` when the families
+/// differ from each other or from `ip`'s length.
+fn write_ip_header(ip: &mut [u8], from: IpAddr, to: IpAddr, message_len: usize) -> Option<()> {
+    ip.fill(0);
+    match (from, to, ip.len()) {
+        (IpAddr::V4(from), IpAddr::V4(to), 20) => {
             ip[0] = 0x45;
-            ip[2..4].copy_from_slice(&((ip_len + icmp_len) as u16).to_be_bytes());
+            ip[2..4].copy_from_slice(&((20 + message_len) as u16).to_be_bytes());
             ip[8] = 64;
             ip[9] = IPPROTO_ICMP;
             ip[12..16].copy_from_slice(&from.octets());
-            ip[16..20].copy_from_slice(&sender);
+            ip[16..20].copy_from_slice(&to.octets());
             let sum = checksum::checksum(ip);
             ip[10..12].copy_from_slice(&sum.to_be_bytes());
-            icmp[..8].copy_from_slice(&[ICMPV4_DEST_UNREACHABLE, ICMPV4_FRAGMENTATION_NEEDED, 0, 0, 0, 0, 0, 0]);
-            icmp[6..8].copy_from_slice(&mtu.max(MIN_MTU_V4).to_be_bytes());
-            let sum = checksum::checksum(icmp);
-            icmp[2..4].copy_from_slice(&sum.to_be_bytes());
         }
-        IpAddr::V6(from) if layout.is_ipv6() => {
-            let sender: [u8; 16] = quote[8..24].try_into().ok()?;
-            ip.fill(0);
+        (IpAddr::V6(from), IpAddr::V6(to), 40) => {
             ip[0] = 0x60;
-            ip[4..6].copy_from_slice(&(icmp_len as u16).to_be_bytes());
+            ip[4..6].copy_from_slice(&(message_len as u16).to_be_bytes());
             ip[6] = IPPROTO_ICMPV6;
             ip[7] = 64;
             ip[8..24].copy_from_slice(&from.octets());
-            ip[24..40].copy_from_slice(&sender);
-            icmp[..8].copy_from_slice(&[ICMPV6_PACKET_TOO_BIG, 0, 0, 0, 0, 0, 0, 0]);
-            icmp[4..8].copy_from_slice(&u32::from(mtu.max(MIN_MTU_V6)).to_be_bytes());
-            let sum = icmpv6_checksum(from.octets(), sender, icmp);
-            icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+            ip[24..40].copy_from_slice(&to.octets());
         }
         _ => return None,
     }
-    Some(end)
+    Some(())
 }
 
 /// The most of a datagram an ICMP error quotes (RFC 1812 4.3.2.3: the error within 576
@@ -96,8 +116,8 @@ pub struct QueuedError {
 /// The frame `error` arrived in (to `dst_mac`), about the datagram `nat` sent to `upstream`
 /// carrying `payload` (as much as the error quoted): the socket backend's kernel took the
 /// error off the wire, and this puts it back together so it goes through the same
-/// [`IcmpError`] translation as on the AF_XDP backend. Checksums are left to that translation,
-/// which rewrites every one. `None` for mixed address families. Allocates: errors are rare and rate limited.
+/// [`IcmpError`] translation as on the AF_XDP backend. The ICMP checksum is left to that
+/// translation, which rewrites every checksum. `None` for mixed address families. Allocates: errors are rare and rate limited.
 pub fn rebuild_frame(
     error: &QueuedError,
     dst_mac: MacAddr,
@@ -118,34 +138,14 @@ pub fn rebuild_frame(
         _ => [0; 4],
     };
     let message_len = 8 + quoted.len();
-    let mut frame = Vec::with_capacity(field::ETH_HEADER_LEN + 40 + message_len);
+    let (ethertype, ip_len) = network_header(ipv6);
+    let mut ip = [0u8; 40];
+    write_ip_header(&mut ip[..ip_len], error.from, nat.ip(), message_len)?;
+    let mut frame = Vec::with_capacity(field::ETH_HEADER_LEN + ip_len + message_len);
     frame.extend_from_slice(&dst_mac);
     frame.extend_from_slice(&[0; 6]);
-    match (error.from, nat.ip()) {
-        (IpAddr::V4(from), IpAddr::V4(to)) => {
-            frame.extend_from_slice(&field::ETHERTYPE_IPV4.to_be_bytes());
-            let mut ip = [0u8; 20];
-            ip[0] = 0x45;
-            ip[2..4].copy_from_slice(&((20 + message_len) as u16).to_be_bytes());
-            ip[8] = 64;
-            ip[9] = IPPROTO_ICMP;
-            ip[12..16].copy_from_slice(&from.octets());
-            ip[16..20].copy_from_slice(&to.octets());
-            frame.extend_from_slice(&ip);
-        }
-        (IpAddr::V6(from), IpAddr::V6(to)) => {
-            frame.extend_from_slice(&field::ETHERTYPE_IPV6.to_be_bytes());
-            let mut ip = [0u8; 40];
-            ip[0] = 0x60;
-            ip[4..6].copy_from_slice(&(message_len as u16).to_be_bytes());
-            ip[6] = IPPROTO_ICMPV6;
-            ip[7] = 64;
-            ip[8..24].copy_from_slice(&from.octets());
-            ip[24..40].copy_from_slice(&to.octets());
-            frame.extend_from_slice(&ip);
-        }
-        _ => return None,
-    }
+    frame.extend_from_slice(&ethertype.to_be_bytes());
+    frame.extend_from_slice(&ip[..ip_len]);
     frame.extend_from_slice(&[error.kind, error.code, 0, 0]);
     frame.extend_from_slice(&rest);
     frame.extend_from_slice(quoted);
