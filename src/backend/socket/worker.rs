@@ -18,7 +18,7 @@ use oxidize_relay_core::icmp;
 use oxidize_relay_core::relay::{Datagram, Destination, Upstreamward};
 use oxidize_relay_core::route::UpstreamId;
 use oxidize_relay_core::session::Session;
-use oxidize_relay_core::wire::field::ETH_HEADER_LEN;
+use oxidize_relay_core::wire::field::{self, ETH_HEADER_LEN};
 use oxidize_relay_core::{DropReason, IfaceId, Relay, Verdict};
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -191,11 +191,9 @@ impl SocketWorker {
             let received = match receive_whole(&self.core.counters, batch, fd) {
                 Ok(0) => return false,
                 Ok(n) => n,
-                // An ICMP error about a datagram the session sent: relay it to the client, read on.
-                Err(_) if let Source::Session(port) = source => {
-                    self.relay_icmp_errors(port);
-                    continue;
-                }
+                // An ICMP error about a datagram the session sent fails one receive: read on. The
+                // error itself is on the socket's error queue, relayed when poll reports it (EPOLLERR).
+                Err(_) if matches!(source, Source::Session(_)) => continue,
                 Err(error) => {
                     tracing::debug!(worker = self.core.id, %error, "recvmmsg failed");
                     return false;
@@ -246,9 +244,9 @@ impl SocketWorker {
                 continue;
             }
             let packet = &frame[ETH_HEADER_LEN..len];
-            let client = match packet[0] >> 4 {
-                4 => IpAddr::from(<[u8; 4]>::try_from(&packet[16..20]).unwrap_or_default()),
-                _ => IpAddr::from(<[u8; 16]>::try_from(&packet[24..40]).unwrap_or_default()),
+            let client = match nat {
+                SocketAddr::V4(_) => IpAddr::from(<[u8; 4]>::try_from(&packet[field::IPV4_DST]).unwrap_or_default()),
+                SocketAddr::V6(_) => IpAddr::from(<[u8; 16]>::try_from(&packet[field::IPV6_DST]).unwrap_or_default()),
             };
             if let Some(Err(error)) = self.icmp_out.as_ref().map(|out| out.send(packet, client)) {
                 tracing::debug!(worker = self.core.id, %error, %client, "sending a translated ICMP error failed");
