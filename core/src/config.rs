@@ -338,6 +338,12 @@ struct RawNeighbor {
     mac: Spanned<String>,
 }
 
+/// `[runtime] batch_size`, `[pool] frame_size` and `[pool] frames_per_worker` when unset (whatever
+/// the preset); the benchmark's bare forwarder uses them too.
+pub const DEFAULT_BATCH_SIZE: usize = 64;
+pub const DEFAULT_FRAME_SIZE: u32 = 2048;
+pub const DEFAULT_FRAMES_PER_WORKER: u32 = 4096;
+
 /// Defaults a preset sets; explicit keys override them.
 struct PresetDefaults {
     wait: WaitMode,
@@ -440,7 +446,7 @@ impl RawRuntime {
                 return Err(pos.at(b.span(), format!("batch_size must be between 1 and 256, not {}", b.get_ref())));
             }
             Some(b) => b.into_inner(),
-            None => 64,
+            None => DEFAULT_BATCH_SIZE,
         };
         Ok(Runtime {
             mode: self.mode.unwrap_or(Mode::Auto),
@@ -459,7 +465,7 @@ impl RawPool {
                 return Err(pos.at(s.span(), format!("frame_size must be 2048 or 4096, not {}", s.get_ref())));
             }
             Some(s) => s.into_inner(),
-            None => 2048,
+            None => DEFAULT_FRAME_SIZE,
         };
         let frames_per_worker = match self.frames_per_worker {
             Some(f) if !f.get_ref().is_power_of_two() || *f.get_ref() < 256 => {
@@ -469,7 +475,7 @@ impl RawPool {
                 ));
             }
             Some(f) => f.into_inner(),
-            None => 4096,
+            None => DEFAULT_FRAMES_PER_WORKER,
         };
         Ok(Pool { frames_per_worker, frame_size, hugepages: self.hugepages.unwrap_or(defaults.hugepages) })
     }

@@ -19,7 +19,9 @@ use oxidize_relay::sys::bpf_abi::RelayConfig;
 use oxidize_relay::sys::iface::IfaceInfo;
 use oxidize_relay::sys::xdp::XdpProgram;
 use oxidize_relay::sys::xsk::{self, Frame, FramePool, QueueSocket};
-use oxidize_relay_core::config::{XdpMode, parse_mac};
+use oxidize_relay_core::config::{
+    DEFAULT_BATCH_SIZE, DEFAULT_FRAME_SIZE, DEFAULT_FRAMES_PER_WORKER, XdpMode, parse_mac,
+};
 use oxidize_relay_core::wire::{MacAddr, UdpFrame, build::udp_frame};
 use serde_json::json;
 
@@ -103,6 +105,19 @@ enum Command {
     },
 }
 
+/// Loads the relay's XDP program on `interface`, taking traffic to `endpoints` only.
+fn steer(interface: &str, endpoints: &[SocketAddr]) -> anyhow::Result<(XdpProgram, IfaceInfo)> {
+    let info = IfaceInfo::lookup(interface)?;
+    let mut program = XdpProgram::load(1)?;
+    for endpoint in endpoints {
+        program.add_listen(*endpoint)?;
+    }
+    // Keep the NAT range empty so only the endpoints are taken.
+    program.configure(&RelayConfig { nat_port_first: 1, nat_port_last: 0, ..RelayConfig::default() })?;
+    program.attach(info.index, XdpMode::Auto)?;
+    Ok((program, info))
+}
+
 /// The AF_XDP plumbing every mode shares: a socket (with its own frames) on
 /// every RX queue of the interface, since the relay's workers answer on theirs.
 struct Port {
@@ -119,14 +134,9 @@ struct Queue {
 impl Port {
     /// Takes traffic to `ports` consecutive ports from `listen`'s.
     fn open(interface: &str, listen: SocketAddr, ports: u16) -> anyhow::Result<(Self, IfaceInfo)> {
-        let info = IfaceInfo::lookup(interface)?;
-        let mut program = XdpProgram::load(1)?;
-        for offset in 0..ports {
-            program.add_listen(SocketAddr::new(listen.ip(), listen.port().wrapping_add(offset)))?;
-        }
-        // Keep the NAT range empty so only `listen` is taken.
-        program.configure(&RelayConfig { nat_port_first: 1, nat_port_last: 0, ..RelayConfig::default() })?;
-        program.attach(info.index, XdpMode::Auto)?;
+        let endpoints: Vec<SocketAddr> =
+            (0..ports).map(|offset| SocketAddr::new(listen.ip(), listen.port().wrapping_add(offset))).collect();
+        let (program, info) = steer(interface, &endpoints)?;
         let mut queues = Vec::new();
         for queue in 0..info.rx_queues.max(1) {
             let pool = FramePool::new(FRAMES, 2048, false, 1)?;
@@ -318,10 +328,6 @@ fn reflect(interface: &str, listen: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The relay's defaults (`[pool]`, `[runtime] batch_size`), so the ceiling uses what the relay uses.
-const RELAY_FRAMES: u32 = 4096;
-const RELAY_FRAME_SIZE: u32 = 2048;
-
 /// One side of the forwarder: an interface, the endpoints its XDP program takes, and the MAC
 /// of the host behind it (the destination of frames the forwarder sends out of it).
 type Side<'a> = (&'a String, &'a [SocketAddr], MacAddr);
@@ -334,13 +340,7 @@ fn forward(sides: [Side; 2]) -> anyhow::Result<()> {
     let mut programs = Vec::new();
     let mut infos = Vec::new();
     for (interface, endpoints, _) in &sides {
-        let info = IfaceInfo::lookup(interface)?;
-        let mut program = XdpProgram::load(1)?;
-        for endpoint in *endpoints {
-            program.add_listen(*endpoint)?;
-        }
-        program.configure(&RelayConfig { nat_port_first: 1, nat_port_last: 0, ..RelayConfig::default() })?;
-        program.attach(info.index, XdpMode::Auto)?;
+        let (program, info) = steer(interface, endpoints)?;
         programs.push(program);
         infos.push(info);
     }
@@ -355,7 +355,8 @@ fn forward(sides: [Side; 2]) -> anyhow::Result<()> {
     }
     let mut workers = Vec::new();
     for queue in 0..infos[0].rx_queues.max(1) {
-        let pool = FramePool::new(RELAY_FRAMES, RELAY_FRAME_SIZE, true, 2)?;
+        // The relay's defaults, so the ceiling is measured with what the relay runs with.
+        let pool = FramePool::new(DEFAULT_FRAMES_PER_WORKER, DEFAULT_FRAME_SIZE, true, 2)?;
         let mut sockets = Vec::new();
         for (domain, (info, program)) in infos.iter().zip(&programs).enumerate() {
             let socket = QueueSocket::bind(&pool, &info.name, queue, domain)?;
@@ -384,9 +385,10 @@ fn forward_queue(
     headers: [[u8; 12]; 2],
     stop: &AtomicBool,
 ) -> (u64, u64) {
-    let backlog = 2 * BATCH;
+    let batch = DEFAULT_BATCH_SIZE;
+    let backlog = 2 * batch;
     let mut outgoing: [Vec<Frame>; 2] = [Vec::with_capacity(backlog), Vec::with_capacity(backlog)];
-    let mut received = Vec::with_capacity(BATCH);
+    let mut received = Vec::with_capacity(batch);
     let fds: Vec<_> = sockets.iter().map(QueueSocket::fd).collect();
     let share = pool.capacity(0) / 2;
     for socket in &mut sockets {
@@ -396,12 +398,12 @@ fn forward_queue(
     while !stop.load(Ordering::Relaxed) {
         for socket in &mut sockets {
             socket.reclaim(&mut pool);
-            socket.refill(&mut pool, BATCH);
+            socket.refill(&mut pool, batch);
         }
         let mut got = 0;
         for (ingress, socket) in sockets.iter_mut().enumerate() {
             let egress = 1 - ingress;
-            let room = BATCH.min(backlog - outgoing[egress].len());
+            let room = batch.min(backlog - outgoing[egress].len());
             got += socket.receive(room, &mut received);
             for mut frame in received.drain(..) {
                 let mut data = pool.packet_mut(&mut frame);
