@@ -1208,13 +1208,15 @@ mod tests {
         [frame, ip, message].concat()
     }
 
-    #[test]
-    fn an_icmp_error_about_a_relayed_datagram_goes_back_to_its_client_translated() {
+    /// Relays a client datagram, then the port unreachable `error_about(sent datagram)` makes of it,
+    /// and checks the error reached the client as about the datagram it sent; returns the relay
+    /// and the datagram as it left toward the upstream.
+    fn port_unreachable_reaches_the_client(error_about: impl Fn(&[u8]) -> Vec<u8>) -> (Relay, Vec<u8>) {
         let (mut relay, counters) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
         let original = client_frame(40000);
         let mut sent = original.clone();
         relay.relay_whole_frame(1, IfaceId(0), &mut sent);
-        let mut error = icmp_about(&sent, [10, 1, 0, 2], [3, 3]);
+        let mut error = error_about(&sent);
         assert_eq!(relay.relay_whole_frame(2, IfaceId(1), &mut error), Verdict::Forward(IfaceId(0)));
         assert_eq!(&error[0..12], &[CLIENT_MAC, RELAY_CLIENT_SIDE].concat()[..]);
         assert_eq!((&error[26..30], &error[30..34]), (&[10, 0, 0, 1][..], &[10, 0, 0, 2][..]), "listen -> client");
@@ -1223,7 +1225,12 @@ mod tests {
         assert_eq!(&error[34..36], &[3, 3], "still port unreachable");
         assert_eq!(&error[42..70], &original[14..42], "quoting the datagram exactly as the client sent it");
         assert_eq!(counters.icmp_errors_relayed.get(), 1);
+        (relay, sent)
+    }
 
+    #[test]
+    fn an_icmp_error_about_a_relayed_datagram_goes_back_to_its_client_translated() {
+        let (mut relay, sent) = port_unreachable_reaches_the_client(|sent| icmp_about(sent, [10, 1, 0, 2], [3, 3]));
         let mut stranger = icmp_about(&sent, [10, 1, 0, 2], [3, 3]);
         stranger[14 + 28 + 20] ^= 0x55; // another NAT port
         let inner_ip = 14 + 28;
@@ -1235,21 +1242,11 @@ mod tests {
 
     #[test]
     fn an_error_rebuilt_from_a_sockets_error_queue_is_translated_like_one_off_the_wire() {
-        let (mut relay, counters) = two_arm_relay("10.0.0.1:5000", "10.1.0.2:7000", "10.1.0.1");
-        let original = client_frame(40000);
-        let mut sent = original.clone();
-        relay.relay_whole_frame(1, IfaceId(0), &mut sent);
         let refused = icmp::QueuedError { kind: 3, code: 3, info: 0, from: "10.1.0.2".parse().expect("ip") };
-        let mut error =
-            icmp::rebuild_frame(&refused, RELAY_UPSTREAM_SIDE, source_of(&sent), addr("10.1.0.2:7000"), &sent[42..])
-                .expect("rebuilt");
-        assert_eq!(relay.relay_whole_frame(2, IfaceId(1), &mut error), Verdict::Forward(IfaceId(0)));
-        assert_eq!((&error[26..30], &error[30..34]), (&[10, 0, 0, 1][..], &[10, 0, 0, 2][..]), "listen -> client");
-        assert_eq!(crate::checksum::checksum(&error[14..34]), 0, "outer IPv4 checksum");
-        assert_eq!(crate::checksum::checksum(&error[34..]), 0, "ICMP checksum");
-        assert_eq!(&error[42..62], &original[14..34], "the client's IP header as it sent it");
-        assert_eq!(&error[62..66], &original[34..38], "and its ports");
-        assert_eq!(counters.icmp_errors_relayed.get(), 1);
+        port_unreachable_reaches_the_client(|sent| {
+            icmp::rebuild_frame(&refused, RELAY_UPSTREAM_SIDE, source_of(sent), addr("10.1.0.2:7000"), &sent[42..])
+                .expect("rebuilt")
+        });
     }
 
     #[test]
